@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers only: tensors in, tensors out (imported lazily)."""

@@ -1,0 +1,16 @@
+"""Custom ops (autograd, registration, dispatch) and the reference of every op."""
+
+from medgrpo.ops import _library  # noqa: F401  (defines the medgrpo:: op schemas first)
+from medgrpo.ops.group_advantages import group_advantages
+from medgrpo.ops.normalize_rewards import normalize_rewards
+from medgrpo.ops.policy_loss import PolicyLossConfig, policy_loss
+from medgrpo.ops.reference import GroupAdvantagesOutput, PolicyLossOutput
+
+__all__ = [
+    "GroupAdvantagesOutput",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "group_advantages",
+    "normalize_rewards",
+    "policy_loss",
+]

@@ -1,0 +1,316 @@
+"""The plain-PyTorch reference of every medgrpo op: the spec.
+
+Every kernel (Triton in ``medgrpo/kernels``, C++ in ``csrc/``) is tested against these
+functions, and the benchmarks time them as the eager baseline. Nobody writes a second
+reference: tests and benchmarks import this module.
+
+Conventions shared by all ops:
+
+* Accumulation happens in fp32 (fp64 when the input is fp64, so ``gradcheck`` works).
+* A reward of NaN means "unscorable"; it stays NaN through normalization and is
+  excluded from every group statistic; its advantage is 0.
+* Masked-out tokens contribute exactly 0, even if their log-probs are NaN/inf padding.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+# TRL flags a group as zero-std with torch.isclose(std, 0), i.e. std <= 1e-8.
+ZERO_STD_ATOL = 1e-8
+
+
+class PolicyLossOutput(NamedTuple):
+    """Loss and detached, device-side metrics of one policy-loss evaluation.
+
+    ``kl`` is None without ``ref_logp``; ``clip_fraction_dual`` is None without
+    ``dual_clip``; ``entropy`` is None unless the op computed it (fused lm-head).
+    Fractions are token-weighted over masked-in tokens.
+    """
+
+    loss: Tensor
+    kl: Optional[Tensor]
+    clip_fraction: Tensor
+    clip_fraction_low: Tensor
+    clip_fraction_high: Tensor
+    clip_fraction_dual: Optional[Tensor]
+    entropy: Optional[Tensor] = None
+
+
+class GroupAdvantagesOutput(NamedTuple):
+    """Advantages plus per-group statistics for logging, all on the input's device.
+
+    ``rewards`` are the rewards the advantages were computed from (normalized when
+    keys/stats were given). Group tensors have one slot per group: ``N // group_size``
+    slots for contiguous groups, ``N`` slots (one per possible id) for ``group_ids``;
+    unused slots have count 0. ``zero_std_fraction`` is over non-empty groups.
+    """
+
+    advantages: Tensor
+    rewards: Tensor
+    group_mean: Tensor
+    group_std: Tensor
+    group_count: Tensor
+    zero_std_fraction: Tensor
+    nan_fraction: Tensor
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (for gradcheck); every other float dtype accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# normalize_rewards
+# --------------------------------------------------------------------------------------
+def normalize_rewards(rewards: Tensor, keys: Tensor, stats: Tensor, *, k: float = 3.0) -> Tensor:
+    """``sigmoid(k * (r - p50) / (p75 - p25))`` with the (p25, p50, p75) row of each key.
+
+    A degenerate key (IQR <= 0) takes the limit IQR -> 0+ of the same sigmoid: a step
+    that maps rewards above the median to 1, below to 0 and the median itself to 0.5,
+    so every key's median still maps to 0.5 and the output stays finite.
+    A key outside ``[0, K)`` gives NaN (an unscorable reward), never a wrong row.
+    """
+    acc = accumulation_dtype(rewards.dtype)
+    r = rewards.to(acc)
+    num_keys = stats.shape[0]
+    key_valid = (keys >= 0) & (keys < num_keys)
+    rows = stats.to(acc)[keys.long().clamp(0, max(num_keys - 1, 0))]
+    p25, p50, p75 = rows.unbind(-1)
+    iqr = p75 - p25
+    degenerate = ~(iqr > 0)
+    smooth = torch.sigmoid(k * (r - p50) / torch.where(degenerate, torch.ones_like(iqr), iqr))
+    step = torch.where(r > p50, 1.0, torch.where(r < p50, 0.0, 0.5)).to(acc)
+    out = torch.where(degenerate, step, smooth)
+    return torch.where(key_valid & ~torch.isnan(r), out, torch.full_like(out, float("nan")))
+
+
+# --------------------------------------------------------------------------------------
+# group_advantages
+# --------------------------------------------------------------------------------------
+def _group_index(n: int, group_size: Optional[int], group_ids: Optional[Tensor], device) -> tuple[Tensor, int]:
+    if group_ids is not None:
+        return group_ids.long(), n
+    assert group_size is not None and group_size > 0
+    return torch.arange(n, device=device) // group_size, n // group_size
+
+
+def _masked_std(values: Tensor, valid: Tensor) -> Tensor:
+    """Bessel-corrected std over the valid entries; 0 with fewer than two."""
+    count = valid.sum()
+    mean = torch.where(valid, values, 0).sum() / count.clamp(min=1)
+    sq = torch.where(valid, values - mean, 0).square().sum()
+    return torch.where(count >= 2, (sq / (count - 1).clamp(min=1)).sqrt(), torch.zeros_like(sq))
+
+
+def group_advantages(
+    rewards: Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    keys: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
+    k: float = 3.0,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> GroupAdvantagesOutput:
+    """Group-relative advantages ``(r - mean_g) / (std_g + eps)`` (TRL / verl semantics).
+
+    ``scale="batch"`` divides by the std of all (non-NaN) rewards, ``"none"`` does not
+    divide (Dr. GRPO). std is Bessel-corrected; a group with fewer than two scorable
+    members has std 0. NaN rewards get advantage 0 and are left out of every statistic.
+    """
+    acc = accumulation_dtype(rewards.dtype)
+    r = rewards.to(acc)
+    if keys is not None:
+        r = normalize_rewards(r, keys, stats, k=k)
+    n = r.shape[0]
+    gid, num_groups = _group_index(n, group_size, group_ids, r.device)
+    valid = ~torch.isnan(r)
+    zeros = torch.zeros(num_groups, dtype=acc, device=r.device)
+    count = zeros.index_add(0, gid, valid.to(acc))
+    mean = zeros.index_add(0, gid, torch.where(valid, r, 0)) / count.clamp(min=1)
+    deviation = torch.where(valid, r - mean[gid], 0)
+    sq = zeros.index_add(0, gid, deviation.square())
+    std = torch.where(count >= 2, (sq / (count - 1).clamp(min=1)).sqrt(), zeros)
+
+    if scale == "group":
+        denom = std[gid] + eps
+    elif scale == "batch":
+        denom = (_masked_std(r, valid) + eps).expand(n)
+    else:
+        denom = torch.ones_like(r)
+    divisible = valid & (denom > 0)
+    advantages = torch.where(divisible, deviation / torch.where(divisible, denom, 1), 0)
+
+    nonempty = count >= 1
+    zero_std = nonempty & (std <= ZERO_STD_ATOL)
+    return GroupAdvantagesOutput(
+        advantages=advantages,
+        rewards=r,
+        group_mean=torch.where(nonempty, mean, 0),
+        group_std=std,
+        group_count=count.to(torch.int32),
+        zero_std_fraction=zero_std.sum().to(acc) / nonempty.sum().clamp(min=1).to(acc),
+        nan_fraction=(~valid).sum().to(acc) / max(n, 1),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# policy_loss
+# --------------------------------------------------------------------------------------
+def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str = "k3") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) at tokens sampled from pi.
+
+    k1 = logp - ref, k2 = (logp - ref)^2 / 2, k3 = exp(ref - logp) - (ref - logp) - 1
+    (k3 is TRL's and Liger's estimator; unclamped, as they do).
+    """
+    delta = ref_logp - logp
+    if estimator == "k1":
+        return -delta
+    if estimator == "k2":
+        return 0.5 * delta.square()
+    return torch.exp(delta) - delta - 1.0
+
+
+class PerTokenPolicyLoss(NamedTuple):
+    """Masked per-token loss (B, T) plus the masked indicator maps behind the metrics."""
+
+    loss: Tensor
+    kl: Optional[Tensor]
+    clipped_low: Tensor
+    clipped_high: Tensor
+    clipped_dual: Tensor
+
+
+def per_token_policy_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    importance_sampling: str = "token",
+    dual_clip: Optional[float] = None,
+) -> PerTokenPolicyLoss:
+    """The clipped surrogate per token, already multiplied by the mask (differentiable in logp).
+
+    ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)`` with
+    ratio = exp(logp - old_logp) per token, or exp of the masked mean log-ratio of the
+    row for ``importance_sampling="sequence"`` (GSPO). ``dual_clip`` = c > 1 further
+    bounds the loss of negative-advantage tokens by ``-c * A`` (verl's clip_ratio_c).
+    """
+    acc = accumulation_dtype(logp.dtype)
+    lp = logp.to(acc)
+    weight = mask.to(acc)
+    active = mask != 0
+    old = lp.detach() if old_logp is None else old_logp.to(acc)
+    adv = advantages.to(acc)
+    adv = adv.unsqueeze(-1).expand_as(lp) if adv.dim() == 1 else adv
+
+    log_ratio = torch.where(active, lp - old, 0)
+    if importance_sampling == "sequence":
+        log_ratio = (log_ratio * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp(min=1.0)
+    ratio = torch.exp(log_ratio).expand_as(lp)
+    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    loss = torch.maximum(-adv * ratio, -adv * clipped_ratio)
+    clipped_dual = torch.zeros_like(active)
+    if dual_clip is not None:
+        clipped_dual = (adv < 0) & (ratio > dual_clip)
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+
+    kl = None
+    if ref_logp is not None:
+        kl = kl_penalty(lp, ref_logp.to(acc), kl_estimator)
+        if beta != 0.0:
+            loss = loss + beta * kl
+        kl = torch.where(active, kl.detach() * weight, 0)
+
+    def masked(x: Tensor) -> Tensor:
+        return torch.where(active, x.to(acc) * weight, 0)
+
+    return PerTokenPolicyLoss(
+        loss=masked(loss),
+        kl=kl,
+        clipped_low=masked((ratio < 1.0 - epsilon_low) & (adv < 0)),
+        clipped_high=masked((ratio > 1.0 + epsilon_high) & (adv > 0)),
+        clipped_dual=masked(clipped_dual),
+    )
+
+
+def loss_row_weights(
+    mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    max_completion_length: Optional[int] = None,
+    num_items: Union[Tensor, float, None] = None,
+) -> Tensor:
+    """Weight (B,) by which each row's masked per-token loss sum enters the scalar loss.
+
+    grpo: mean over rows of each row's token mean; bnpo: token mean over the batch;
+    dr_grpo: sum / (B * max_completion_length); dapo: sum / num_items (default: the
+    batch's masked token count), each denominator clamped at 1 like TRL and Liger.
+    """
+    acc = torch.float32
+    weight = mask.to(acc)
+    batch = weight.shape[0]
+    row_tokens = weight.sum(-1)
+    if loss_type == "grpo":
+        return 1.0 / (batch * row_tokens.clamp(min=1.0))
+    if loss_type == "bnpo":
+        return (1.0 / weight.sum().clamp(min=1.0)).expand(batch)
+    if loss_type == "dr_grpo":
+        return torch.full((batch,), 1.0 / (batch * max_completion_length), dtype=acc, device=mask.device)
+    normalizer = weight.sum() if num_items is None else torch.as_tensor(num_items, dtype=acc, device=mask.device)
+    return (1.0 / normalizer.clamp(min=1.0)).expand(batch)
+
+
+def policy_loss(
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    old_logp: Optional[Tensor] = None,
+    ref_logp: Optional[Tensor] = None,
+    loss_type: str = "dapo",
+    epsilon_low: float = 0.2,
+    epsilon_high: float = 0.2,
+    beta: float = 0.0,
+    kl_estimator: str = "k3",
+    importance_sampling: str = "token",
+    dual_clip: Optional[float] = None,
+    max_completion_length: Optional[int] = None,
+    num_items: Union[Tensor, float, None] = None,
+) -> PolicyLossOutput:
+    """Reference clipped policy loss; same semantics as medgrpo.policy_loss (see there)."""
+    per_token = per_token_policy_loss(
+        logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp,
+        epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+        kl_estimator=kl_estimator, importance_sampling=importance_sampling, dual_clip=dual_clip,
+    )
+    weights = loss_row_weights(
+        mask, loss_type=loss_type, max_completion_length=max_completion_length, num_items=num_items
+    ).to(per_token.loss.dtype)
+    loss = (per_token.loss.sum(-1) * weights).sum()
+    tokens = mask.to(per_token.loss.dtype).sum().clamp(min=1.0)
+    low = per_token.clipped_low.sum() / tokens
+    high = per_token.clipped_high.sum() / tokens
+    return PolicyLossOutput(
+        loss=loss,
+        kl=None if per_token.kl is None else per_token.kl.sum() / tokens,
+        clip_fraction=low + high,
+        clip_fraction_low=low,
+        clip_fraction_high=high,
+        clip_fraction_dual=None if dual_clip is None else per_token.clipped_dual.sum() / tokens,
+    )
