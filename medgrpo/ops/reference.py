@@ -212,14 +212,19 @@ def per_token_policy_loss(
     bounds the loss of negative-advantage tokens by ``-c * A`` (verl's clip_ratio_c).
     """
     acc = accumulation_dtype(logp.dtype)
-    lp = logp.to(acc)
     weight = mask.to(acc)
     active = mask != 0
-    old = lp.detach() if old_logp is None else old_logp.to(acc)
+
+    def on_mask(x: Tensor) -> Tensor:
+        # Select (not multiply) so NaN/inf padding never reaches a value or a gradient.
+        return torch.where(active, x.to(acc), 0)
+
+    lp = on_mask(logp)
+    old = lp.detach() if old_logp is None else on_mask(old_logp)
     adv = advantages.to(acc)
     adv = adv.unsqueeze(-1).expand_as(lp) if adv.dim() == 1 else adv
 
-    log_ratio = torch.where(active, lp - old, 0)
+    log_ratio = lp - old
     if importance_sampling == "sequence":
         log_ratio = (log_ratio * weight).sum(-1, keepdim=True) / weight.sum(-1, keepdim=True).clamp(min=1.0)
     ratio = torch.exp(log_ratio).expand_as(lp)
@@ -232,7 +237,7 @@ def per_token_policy_loss(
 
     kl = None
     if ref_logp is not None:
-        kl = kl_penalty(lp, ref_logp.to(acc), kl_estimator)
+        kl = kl_penalty(lp, on_mask(ref_logp), kl_estimator)
         if beta != 0.0:
             loss = loss + beta * kl
         kl = torch.where(active, kl.detach() * weight, 0)

@@ -1,0 +1,1 @@
+"""Oracles and helpers shared by tests and benchmarks."""
