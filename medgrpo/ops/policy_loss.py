@@ -78,7 +78,7 @@ class PolicyLossConfig:
 def _fake_forward(logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes):
     dtype = reference.accumulation_dtype(logp.dtype)
     return (logp.new_empty((), dtype=dtype), logp.new_empty(6, dtype=dtype),
-            logp.new_empty(logp.shape[0], dtype=torch.float32))
+            logp.new_empty(logp.shape[0], dtype=dtype))
 
 
 @_library.register_fake("policy_loss_backward")
@@ -99,7 +99,8 @@ def _reference_forward(logp, advantages, mask, old_logp, ref_logp, num_items, hp
         zero if out.clip_fraction_dual is None else out.clip_fraction_dual, tokens,
     ])
     row_weight = reference.loss_row_weights(mask, loss_type=config.loss_type, num_items=items,
-                                            max_completion_length=config.max_completion_length)
+                                            max_completion_length=config.max_completion_length,
+                                            dtype=out.loss.dtype)
     return out.loss.detach(), metrics.detach(), row_weight.contiguous()
 
 

@@ -81,8 +81,10 @@ def normalize_rewards(rewards: Tensor, keys: Tensor, stats: Tensor, *, k: float 
     acc = accumulation_dtype(rewards.dtype)
     r = rewards.to(acc)
     num_keys = stats.shape[0]
+    if num_keys == 0:
+        return torch.full_like(r, float("nan"))
     key_valid = (keys >= 0) & (keys < num_keys)
-    rows = stats.to(acc)[keys.long().clamp(0, max(num_keys - 1, 0))]
+    rows = stats.to(acc)[keys.long().clamp(0, num_keys - 1)]
     p25, p50, p75 = rows.unbind(-1)
     iqr = p75 - p25
     degenerate = ~(iqr > 0)
@@ -260,6 +262,7 @@ def loss_row_weights(
     loss_type: str = "dapo",
     max_completion_length: Optional[int] = None,
     num_items: Union[Tensor, float, None] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Weight (B,) by which each row's masked per-token loss sum enters the scalar loss.
 
@@ -267,7 +270,7 @@ def loss_row_weights(
     dr_grpo: sum / (B * max_completion_length); dapo: sum / num_items (default: the
     batch's masked token count), each denominator clamped at 1 like TRL and Liger.
     """
-    acc = torch.float32
+    acc = dtype
     weight = mask.to(acc)
     batch = weight.shape[0]
     row_tokens = weight.sum(-1)
@@ -304,9 +307,8 @@ def policy_loss(
         epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
         kl_estimator=kl_estimator, importance_sampling=importance_sampling, dual_clip=dual_clip,
     )
-    weights = loss_row_weights(
-        mask, loss_type=loss_type, max_completion_length=max_completion_length, num_items=num_items
-    ).to(per_token.loss.dtype)
+    weights = loss_row_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length,
+                               num_items=num_items, dtype=per_token.loss.dtype)
     loss = (per_token.loss.sum(-1) * weights).sum()
     tokens = mask.to(per_token.loss.dtype).sum().clamp(min=1.0)
     low = per_token.clipped_low.sum() / tokens

@@ -1,0 +1,132 @@
+"""Build of medgrpo and its native CPU extension medgrpo._C (csrc/*.cpp).
+
+Build it against the torch already installed, WITHOUT build isolation:
+
+    pip install --no-build-isolation -e .
+
+An isolated build environment would download a fresh (CUDA) torch to build against,
+and the extension must match the ABI of the torch it is imported with. That is also why
+there is no [build-system] table in a pyproject.toml.
+
+The extension holds CPU kernels only (a CppExtension, no nvcc), on CPU and CUDA
+machines alike; the CUDA kernels are Triton. Environment:
+
+* MEDGRPO_SKIP_EXTENSION=1  build the pure-Python package (the ops fall back to the
+  PyTorch reference on CPU).
+* MAX_JOBS                  parallel compile jobs (default: from free memory and cores).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import tempfile
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SKIP_EXTENSION = os.environ.get("MEDGRPO_SKIP_EXTENSION", "0") == "1"
+# One translation unit including ATen peaks around 1 GiB of compiler memory.
+MEMORY_PER_JOB = 1.5 * 2**30
+
+
+def available_memory() -> float | None:
+    """MemAvailable in bytes (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def default_max_jobs() -> int:
+    """min(usable cores, free memory / MEMORY_PER_JOB), at least 1."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    memory = available_memory()
+    by_memory = cores if memory is None else int(memory // MEMORY_PER_JOB)
+    return max(1, min(cores, by_memory))
+
+
+def compiler_supports(flag: str) -> bool:
+    """Whether the C++ compiler accepts ``flag`` when compiling and linking a tiny program."""
+    compiler = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "probe.cpp")
+        with open(source, "w") as f:
+            f.write("int main() { return 0; }\n")
+        try:
+            result = subprocess.run(
+                [compiler, flag, source, "-o", os.path.join(tmp, "probe")],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
+        except OSError:
+            return False
+    return result.returncode == 0
+
+
+def cxx_standard_flag() -> str:
+    """-std=c++17, or C++20 where torch's headers need it (torch >= 2.12 builds extensions
+    as C++20 and torch 2.14's ATen refuses anything older). csrc/ itself is plain C++17."""
+    import torch
+
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 12) else "-std=c++17"
+
+
+def openmp_flags() -> list[str]:
+    # ATen's parallel_for is an inline template: it only runs in parallel when this code
+    # is itself compiled with OpenMP (and torch uses the OpenMP backend, as Linux wheels do).
+    import torch
+
+    if sys.platform == "win32" or not torch._C.has_openmp:
+        return []
+    return ["-fopenmp"] if compiler_supports("-fopenmp") else []
+
+
+def extension_build():
+    """(ext_modules, cmdclass) of medgrpo._C; empty when MEDGRPO_SKIP_EXTENSION=1."""
+    if SKIP_EXTENSION:
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    openmp = openmp_flags()
+    sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    extension = CppExtension(
+        name="medgrpo._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=["-O3", cxx_standard_flag(), *openmp],
+        extra_link_args=openmp,
+    )
+    return [extension], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extension_build()
+
+setup(
+    name="medgrpo",
+    version="0.1.0",
+    description="GRPO ops with Triton (CUDA) and C++ (CPU) kernels",
+    packages=find_packages(include=["medgrpo", "medgrpo.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "gpu": ["triton>=3.0", "flash-attn"],
+        "video": ["decord", "nvidia-dali-cuda120", "av", "pillow"],
+        "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "liger-kernel"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
