@@ -97,7 +97,13 @@ def extension_build():
     """(ext_modules, cmdclass) of medgrpo._C; empty when MEDGRPO_SKIP_EXTENSION=1."""
     if SKIP_EXTENSION:
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError as error:
+        raise SystemExit(
+            "medgrpo: torch is not importable in the build environment. Install torch first, then "
+            "build with `pip install --no-build-isolation -e .` (or set MEDGRPO_SKIP_EXTENSION=1)."
+        ) from error
 
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     openmp = openmp_flags()

@@ -201,10 +201,10 @@ def _policy_loss_backward_kernel(
         dratio = tl.zeros([BLOCK_T], dtype=tl.float32)
         for start in range(0, T, BLOCK_T):
             cols = start + tl.arange(0, BLOCK_T)
-            _, _, _, adv, weight, active = _load_row(
-                logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF)
-            _, low, high, dual = _clip_state(tl.zeros([BLOCK_T], dtype=tl.float32) + ratio, adv, eps_low, eps_high,
-                                             dual_clip)
+            _, _, _, adv, weight, active = _load_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
+                                                     adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF)
+            row_ratio = tl.zeros([BLOCK_T], dtype=tl.float32) + ratio
+            _, low, high, dual = _clip_state(row_ratio, adv, eps_low, eps_high, dual_clip)
             dratio += tl.where(active & ~(low | high | dual), -adv * weight, 0.0)
         seq_factor = ratio * tl.sum(dratio, axis=0) / tl.maximum(n, 1.0)
     for start in range(0, T, BLOCK_T):

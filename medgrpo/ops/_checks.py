@@ -10,7 +10,8 @@ out-of-range group id leaves the member out with advantage 0).
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

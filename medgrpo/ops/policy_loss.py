@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -57,7 +58,7 @@ class PolicyLossConfig:
                 int(self.importance_sampling == "sequence")]
 
     @classmethod
-    def unpack(cls, hparams: Sequence[float], modes: Sequence[int]) -> "PolicyLossConfig":
+    def unpack(cls, hparams: Sequence[float], modes: Sequence[int]) -> PolicyLossConfig:
         loss_types = {code: name for name, code in LOSS_TYPE_CODES.items()}
         estimators = {code: name for name, code in KL_CODES.items()}
         return cls(

@@ -43,4 +43,6 @@ def assert_within_reference_error(
     scale = max(1.0, float(finite_exact.abs().max())) if finite_exact.numel() else 1.0
     allowed = factor * _max_error(same_dtype, exact) + atol * scale
     error = _max_error(actual, exact)
-    assert error <= allowed, f"{name}: error {error:.3e} > allowed {allowed:.3e} (torch same-dtype error x{factor} + atol)"
+    assert error <= allowed, (
+        f"{name}: error {error:.3e} > allowed {allowed:.3e} (torch same-dtype error x{factor} + atol)"
+    )
