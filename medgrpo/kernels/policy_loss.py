@@ -145,7 +145,8 @@ def _policy_loss_finalize_kernel(
     columns = tl.arange(0, 8)
     for start in range(0, B, BLOCK_B):
         rows = start + tl.arange(0, BLOCK_B)
-        block = tl.load(partial_ptr + rows[:, None] * 8 + columns[None, :], mask=rows[:, None] < B, other=0.0)
+        written = (rows[:, None] < B) & (columns[None, :] < 6)  # columns 6, 7 are padding, never written
+        block = tl.load(partial_ptr + rows[:, None] * 8 + columns[None, :], mask=written, other=0.0)
         sums += tl.sum(block, axis=0)
     tokens = tl.sum(tl.where(columns == 1, sums, 0.0), axis=0)
     denom = tl.maximum(tokens, 1.0)
