@@ -62,7 +62,7 @@ def check_index_range(name: str, t: Tensor, upper: int, upper_name: str) -> None
     """Values of ``t`` must lie in [0, upper) (checked where that costs no host sync)."""
     if t.numel() == 0 or not _values_checkable(t):
         return
-    low, high = int(t.min()), int(t.max())
+    low, high = (int(v) for v in torch.aminmax(t))
     if low < 0 or high >= upper:
         raise ValueError(f"{name} must lie in [0, {upper}) ({upper_name}); found values in [{low}, {high}]")
 

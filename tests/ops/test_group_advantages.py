@@ -59,7 +59,7 @@ def _device(backend, request) -> str:
 @pytest.mark.parametrize("grouping", ["contiguous", "ids"])
 @pytest.mark.parametrize("num_groups,group_size", [(1, 1), (7, 1), (1, 8), (3, 2), (97, 8), (13, 7), (5, 16),
                                                    (129, 8)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_kernels_match_reference(backend, scale, normalize, grouping, num_groups, group_size, dtype, request):
     device = _device(backend, request)
     rewards, keys, stats = make_rewards(num_groups, group_size, seed=num_groups + group_size)
