@@ -35,6 +35,24 @@ SCHEMAS = {
         "policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor advantages, Tensor mask, "
         "Tensor? old_logp, Tensor? ref_logp, Tensor row_weight, float[] hparams, int[] modes) -> Tensor"
     ),
+    # The lm-head over row chunks (medgrpo/ops/linear_logprob.py); returns (logp, lse, entropy).
+    "linear_logprob_forward": (
+        "linear_logprob_forward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature, "
+        "int chunk_rows) -> (Tensor, Tensor, Tensor)"
+    ),
+    # needs = which of (hidden, weight, bias) want a gradient; returns those gradients.
+    "linear_logprob_backward": (
+        "linear_logprob_backward(Tensor grad_logp, Tensor? grad_entropy, Tensor hidden, Tensor weight, "
+        "Tensor targets, Tensor? bias, Tensor lse, Tensor entropy, float temperature, int chunk_rows, "
+        "bool[] needs) -> (Tensor, Tensor, Tensor)"
+    ),
+    # lm-head + policy loss (medgrpo/ops/fused_linear_policy_loss.py): (loss, metrics[6 + entropy],
+    # grad_hidden, grad_weight, grad_bias), the gradients computed for d loss = 1 during the forward.
+    "fused_linear_policy_loss": (
+        "fused_linear_policy_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor mask, Tensor advantages, "
+        "Tensor? bias, Tensor? old_logp, Tensor? ref_logp, Tensor? num_items, float temperature, float[] hparams, "
+        "int[] modes, int chunk_rows, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 
 

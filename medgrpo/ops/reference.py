@@ -321,3 +321,48 @@ def policy_loss(
         clip_fraction_high=high,
         clip_fraction_dual=None if dual_clip is None else per_token.clipped_dual.sum() / tokens,
     )
+
+
+# --------------------------------------------------------------------------------------
+# linear_logprob and fused_linear_policy_loss (the lm-head)
+# --------------------------------------------------------------------------------------
+def linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """log softmax(hidden @ weight.T + bias) / temperature at ``targets``, with the full logits.
+
+    The logits GEMM runs in the inputs' dtype (as the model's lm-head would); the softmax,
+    log-probs and entropy in fp32 (fp64 for fp64). Returns fp32 (..., ) log-probs and the
+    entropy of each row's distribution (None unless ``return_entropy``).
+    """
+    acc = accumulation_dtype(hidden.dtype)
+    logits = torch.nn.functional.linear(hidden, weight, bias).to(acc) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if return_entropy else None
+    return logp, entropy
+
+
+def fused_linear_policy_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    advantages: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    **policy_loss_options,
+) -> PolicyLossOutput:
+    """policy_loss(linear_logprob(hidden, weight, targets), ...) with the masked mean entropy."""
+    logp, entropy = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True)
+    out = policy_loss(logp, advantages, mask, **policy_loss_options)
+    weight_mask = mask.to(entropy.dtype)
+    mean_entropy = torch.where(mask != 0, entropy.detach() * weight_mask, 0).sum() / weight_mask.sum().clamp(min=1)
+    return out._replace(entropy=mean_entropy)

@@ -1,0 +1,267 @@
+"""linear_logprob: lm-head token log-probs (and entropy) that never hold the full logits.
+
+The head runs over row chunks: one GEMM writes a (rows x V) logits chunk, a row kernel
+reduces it to log-prob, log-sum-exp and entropy, and the backward recomputes the chunk
+and turns it into d loss / d logits in place for the two backward GEMMs. Extra memory
+is one chunk, bounded by ``CHUNK_BYTES`` whatever the number of tokens. On CUDA the row
+kernels are Triton; on CPU the same steps run as PyTorch ops on the chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from medgrpo.ops import _checks, _library
+from medgrpo.ops.reference import accumulation_dtype
+
+# Bytes of one logits chunk: bounds the head's extra memory (plus the chunk's gradients).
+CHUNK_BYTES = 256 * 2**20
+
+
+# ------------------------------------------------------------------------------ chunk math
+@dataclass(frozen=True)
+class ChunkKernels:
+    """The two row kernels of one logits chunk (Triton or PyTorch)."""
+
+    stats: Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor, Tensor]]
+    grad_: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], float], Tensor]
+
+
+def _torch_stats(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    z = logits.to(accumulation_dtype(logits.dtype)) / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = lse - (torch.softmax(z, dim=-1) * z.nan_to_num(neginf=0.0)).sum(-1)
+    return logp, lse, entropy
+
+
+def _torch_grad_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
+                 grad_entropy: Optional[Tensor], temperature: float) -> Tensor:
+    z = logits.to(accumulation_dtype(logits.dtype)) / temperature
+    p = torch.exp(z - lse.unsqueeze(-1))
+    grad_z = -grad_logp.unsqueeze(-1) * p
+    grad_z.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1).to(z.dtype))
+    if grad_entropy is not None:
+        centered = torch.where(p > 0, z - (lse - entropy).unsqueeze(-1), 0.0)
+        grad_z -= grad_entropy.unsqueeze(-1) * p * centered
+    return logits.copy_(grad_z / temperature)
+
+
+TORCH_CHUNK = ChunkKernels(_torch_stats, _torch_grad_)
+
+
+def triton_chunk() -> ChunkKernels:
+    from medgrpo.kernels import linear_logprob as kernels
+
+    return ChunkKernels(kernels.logprob_forward, kernels.logprob_backward_)
+
+
+def chunk_kernels_for(hidden: Tensor) -> ChunkKernels:
+    """Triton on CUDA (fp32 math); PyTorch on CPU and for fp64 (gradcheck) anywhere."""
+    return triton_chunk() if hidden.is_cuda and hidden.dtype != torch.float64 else TORCH_CHUNK
+
+
+def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    """Rows per chunk so the logits chunk stays within CHUNK_BYTES (a multiple of 64 when large)."""
+    rows = CHUNK_BYTES // max(vocab * torch.finfo(dtype).bits // 8, 1)
+    return max(1, rows // 64 * 64 if rows >= 64 else rows)
+
+
+def chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """One chunk of logits, in the inputs' dtype (as the model's lm-head computes them)."""
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def add_matmul_fp32_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out (fp32) += a @ b without an fp32 copy of a or b (bf16 GEMM, fp32 accumulate on CUDA)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b)
+    elif out.is_cuda:
+        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+    else:
+        out.addmm_(a.float(), b.float())
+
+
+# ------------------------------------------------------------------------------ the head
+def head_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
+                 chunk_rows: int, kernels: ChunkKernels) -> tuple[Tensor, Tensor, Tensor]:
+    """(M, H) hidden -> fp32 (log-prob, log-sum-exp, entropy) of each row, chunk by chunk."""
+    m = hidden.shape[0]
+    dtype = accumulation_dtype(hidden.dtype)
+    logp, lse, entropy = (torch.empty(m, dtype=dtype, device=hidden.device) for _ in range(3))
+    for start in range(0, m, chunk_rows):
+        end = min(start + chunk_rows, m)
+        logits = chunk_logits(hidden[start:end], weight, bias)
+        logp[start:end], lse[start:end], entropy[start:end] = kernels.stats(logits, targets[start:end], temperature)
+    return logp, lse, entropy
+
+
+class HeadGradients:
+    """fp32 accumulators of the head's weight / bias gradients and the per-row hidden gradient."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: tuple[bool, bool, bool]):
+        self.needs = needs
+        self.hidden = torch.empty_like(hidden) if needs[0] else hidden.new_empty(0)
+        dtype = accumulation_dtype(weight.dtype)
+        self.weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None
+        self.bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if needs[2] and bias is not None else None
+
+    def add_chunk(self, start: int, grad_logits: Tensor, hidden_chunk: Tensor, weight: Tensor) -> None:
+        """Consume one chunk's d loss / d logits: the two backward GEMMs (and the bias sum)."""
+        if self.needs[0]:
+            torch.mm(grad_logits, weight.to(grad_logits.dtype), out=self.hidden[start:start + grad_logits.shape[0]])
+        if self.weight is not None:
+            add_matmul_fp32_(self.weight, grad_logits.t(), hidden_chunk.to(grad_logits.dtype))
+        if self.bias is not None:
+            self.bias += grad_logits.to(self.bias.dtype).sum(0)
+
+    def result(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        grad_weight = self.weight.to(weight.dtype) if self.weight is not None else weight.new_empty(0)
+        grad_bias = self.bias.to(bias.dtype) if self.bias is not None else weight.new_empty(0)
+        return self.hidden, grad_weight, grad_bias
+
+
+def head_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor, targets: Tensor,
+                  bias: Optional[Tensor], lse: Tensor, entropy: Tensor, temperature: float, chunk_rows: int,
+                  kernels: ChunkKernels, grads: HeadGradients) -> None:
+    """Recompute each logits chunk, turn it into d loss / d logits, feed the backward GEMMs."""
+    for start in range(0, hidden.shape[0], chunk_rows):
+        end = min(start + chunk_rows, hidden.shape[0])
+        logits = chunk_logits(hidden[start:end], weight, bias)
+        kernels.grad_(logits, targets[start:end], lse[start:end], entropy[start:end], grad_logp[start:end],
+                      None if grad_entropy is None else grad_entropy[start:end], temperature)
+        grads.add_chunk(start, logits, hidden[start:end], weight)
+
+
+# ------------------------------------------------------------------------------ custom ops
+def _forward_impl(hidden, weight, targets, bias, temperature, chunk_rows):
+    return head_forward(hidden, weight, targets, bias, temperature, chunk_rows, chunk_kernels_for(hidden))
+
+
+def _backward_impl(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
+                   needs):
+    grads = HeadGradients(hidden, weight, bias, tuple(needs))
+    head_backward(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
+                  chunk_kernels_for(hidden), grads)
+    return grads.result(weight, bias)
+
+
+for _key in ("CPU", "CUDA"):
+    _library.LIBRARY.impl("linear_logprob_forward", _forward_impl, _key)
+    _library.LIBRARY.impl("linear_logprob_backward", _backward_impl, _key)
+
+
+@_library.register_fake("linear_logprob_forward")
+def _fake_forward(hidden, weight, targets, bias, temperature, chunk_rows):
+    return tuple(hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype)) for _ in range(3))
+
+
+@_library.register_fake("linear_logprob_backward")
+def _fake_backward(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
+                   needs):
+    grad_hidden = torch.empty_like(hidden) if needs[0] else hidden.new_empty(0)
+    grad_weight = torch.empty_like(weight) if needs[1] else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if needs[2] and bias is not None else weight.new_empty(0)
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    hidden, weight, targets, bias, temperature, chunk_rows = inputs
+    _, lse, entropy = output
+    ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
+    ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_logp, _grad_lse, grad_entropy):
+    hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
+    if not any(needs):
+        return None, None, None, None, None, None
+    grad_hidden, grad_weight, grad_bias = torch.ops.medgrpo.linear_logprob_backward(
+        grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, ctx.temperature, ctx.chunk_rows, needs
+    )
+    return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, None,
+            grad_bias if needs[2] else None, None, None)
+
+
+torch.library.register_autograd(
+    "medgrpo::linear_logprob_forward", _backward, setup_context=_setup_context, lib=_library.LIBRARY
+)
+
+
+# ------------------------------------------------------------------------------ public API
+def full_weight(weight: Tensor) -> Tensor:
+    """The whole lm-head weight: a DTensor shard (FSDP2 outside forward) is gathered, with autograd."""
+    from torch.distributed.tensor import DTensor
+
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+
+
+def check_head_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
+                      temperature: float) -> None:
+    _checks.check_floating("hidden", hidden)
+    _checks.check_floating("weight", weight)
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+                         f"got {tuple(weight.shape)}")
+    _checks.check_integer("targets", targets)
+    _checks.check_shape("targets", targets, hidden.shape[:-1], "one target token per hidden row")
+    if bias is not None:
+        _checks.check_floating("bias", bias)
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match weight dtype {weight.dtype}")
+        _checks.check_shape("bias", bias, (weight.shape[0],), "one per vocabulary entry")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _checks.check_same_device("hidden", hidden, weight=weight, targets=targets, bias=bias)
+    _checks.check_index_range("targets", targets, weight.shape[0], "vocabulary size V")
+
+
+def linear_logprob(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_rows: Optional[int] = None,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Log-prob of each target token under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Never materializes the (tokens x V) logits: the head runs over row chunks whose
+    logits fit in ``CHUNK_BYTES`` (256 MiB), so extra memory is bounded as tokens grow.
+    Pass only the rows that need a log-prob (completion tokens): every row costs a
+    vocab-sized GEMM row.
+
+    Args:
+        hidden: (M, H) or (B, T, H) final hidden states (fp32/bf16/fp16).
+        weight: (V, H) lm-head weight (a DTensor shard is gathered; tied embeddings work).
+        targets: (M,) or (B, T) integer token ids in [0, V).
+        bias: optional (V,) bias.
+        temperature: logits are divided by it (the sampling temperature).
+        return_entropy: also return the entropy of each row's distribution.
+        chunk_rows: rows per chunk (default: from CHUNK_BYTES and V).
+
+    Returns:
+        (logp, entropy): fp32 tensors of targets' shape; entropy is None unless asked.
+        Differentiable w.r.t. hidden, weight and bias (weight gradient accumulated in
+        fp32 across chunks, returned in weight's dtype).
+    """
+    weight = full_weight(weight)
+    check_head_inputs(hidden, weight, targets, bias, temperature)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], flat_hidden.dtype)
+    logp, _, entropy = torch.ops.medgrpo.linear_logprob_forward(
+        flat_hidden, weight, targets.reshape(-1), bias, float(temperature), int(rows)
+    )
+    shape = targets.shape
+    return logp.view(shape), (entropy.view(shape) if return_entropy else None)
+
