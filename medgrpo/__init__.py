@@ -6,13 +6,17 @@ CPU runs the C++ kernels of csrc/, or the PyTorch reference without them)::
     medgrpo.normalize_rewards(rewards, keys, stats, k=3.0)
     medgrpo.group_advantages(rewards, group_size=8, keys=keys, stats=stats)
     medgrpo.policy_loss(logp, advantages, mask, old_logp=..., loss_type="dapo")
+    medgrpo.linear_logprob(hidden, weight, targets, return_entropy=True)
+    medgrpo.fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp=...)
 """
 
 from medgrpo.ops import (
     GroupAdvantagesOutput,
     PolicyLossConfig,
     PolicyLossOutput,
+    fused_linear_policy_loss,
     group_advantages,
+    linear_logprob,
     normalize_rewards,
     policy_loss,
 )
@@ -24,8 +28,10 @@ __all__ = [
     "GroupAdvantagesOutput",
     "PolicyLossConfig",
     "PolicyLossOutput",
+    "fused_linear_policy_loss",
     "group_advantages",
     "has_native_cpu_kernels",
+    "linear_logprob",
     "normalize_rewards",
     "policy_loss",
 ]

@@ -37,6 +37,7 @@ from medgrpo.ops.linear_logprob import (
 from medgrpo.ops.policy_loss import NO_NUM_ITEMS, PolicyLossConfig, _check_inputs
 from medgrpo.ops.reference import PolicyLossOutput, accumulation_dtype
 
+
 class PackedTokens:
     """Masked-in (row, column) positions of a (B, T) batch and per-token views of (B, T) data."""
 

@@ -9,8 +9,10 @@ kernels are Triton; on CPU the same steps run as PyTorch ops on the chunk.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -60,9 +62,24 @@ def triton_chunk() -> ChunkKernels:
     return ChunkKernels(kernels.logprob_forward, kernels.logprob_backward_)
 
 
+_TRITON_ON_CPU = False
+
+
+@contextlib.contextmanager
+def triton_chunks_on_cpu() -> Iterator[None]:
+    """Testing hook: run the Triton row kernels on CPU tensors too (needs TRITON_INTERPRET=1)."""
+    global _TRITON_ON_CPU
+    previous, _TRITON_ON_CPU = _TRITON_ON_CPU, True
+    try:
+        yield
+    finally:
+        _TRITON_ON_CPU = previous
+
+
 def chunk_kernels_for(hidden: Tensor) -> ChunkKernels:
     """Triton on CUDA (fp32 math); PyTorch on CPU and for fp64 (gradcheck) anywhere."""
-    return triton_chunk() if hidden.is_cuda and hidden.dtype != torch.float64 else TORCH_CHUNK
+    use_triton = (hidden.is_cuda or _TRITON_ON_CPU) and hidden.dtype != torch.float64
+    return triton_chunk() if use_triton else TORCH_CHUNK
 
 
 def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
