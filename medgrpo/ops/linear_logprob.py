@@ -93,14 +93,30 @@ def chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tens
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
+_FUSED_OUT_DTYPE_GEMM = True  # cleared if this torch build has no fp32-output bf16 GEMM
+ACCUMULATE_BLOCK_ROWS = 8192  # rows of `out` per fallback GEMM: bounds its fp32 temporary
+
+
 def add_matmul_fp32_(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out (fp32) += a @ b without an fp32 copy of a or b (bf16 GEMM, fp32 accumulate on CUDA)."""
+    """out (fp32) += a @ b for low-precision a, b, without an fp32 copy of a or b.
+
+    On CUDA one cuBLAS GEMM reads bf16/fp16 and accumulates into ``out`` in fp32; where the
+    torch build lacks that GEMM, blocks of ``out``'s rows are computed (fp32 accumulate
+    inside cuBLAS, one rounding) and added, with a bounded temporary.
+    """
+    global _FUSED_OUT_DTYPE_GEMM
     if a.dtype == out.dtype:
         out.addmm_(a, b)
-    elif out.is_cuda:
-        torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
-    else:
-        out.addmm_(a.float(), b.float())
+        return
+    if out.is_cuda and _FUSED_OUT_DTYPE_GEMM:
+        try:
+            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _FUSED_OUT_DTYPE_GEMM = False
+    for start in range(0, out.shape[0], ACCUMULATE_BLOCK_ROWS):
+        block = slice(start, start + ACCUMULATE_BLOCK_ROWS)
+        out[block] += (a[block] @ b).to(out.dtype) if out.is_cuda else a[block].to(out.dtype) @ b.to(out.dtype)
 
 
 # ------------------------------------------------------------------------------ the head
