@@ -111,7 +111,12 @@ def _fused_impl(hidden, weight, targets, mask, advantages, bias, old_logp, ref_l
                 modes, chunk_rows, needs):
     config = PolicyLossConfig.unpack(hparams, modes)
     tokens = PackedTokens(mask)
-    grads = HeadGradients(hidden.new_empty(tokens.count, hidden.shape[-1]), weight, bias, tuple(needs))
+    grad_hidden = torch.zeros_like(hidden) if needs[0] else hidden.new_empty(0)
+
+    def place_hidden(start: int, end: int, rows: Tensor) -> None:
+        grad_hidden[tokens.rows[start:end], tokens.cols[start:end]] = rows
+
+    grads = HeadGradients(hidden, weight, bias, tuple(needs), place_hidden)
     common = (hidden, weight, targets, bias, temperature, chunk_rows, tokens, mask, advantages, old_logp, ref_logp)
     if config.importance_sampling == "token":
         items = num_items if num_items is not None else (hparams[4] if hparams[4] >= 0 else None)
@@ -125,11 +130,7 @@ def _fused_impl(hidden, weight, targets, mask, advantages, bias, old_logp, ref_l
                                                              mask, old_logp, ref_logp, num_items, hparams, modes)
     token_weight = tokens.take(mask).to(entropy.dtype)
     mean_entropy = (entropy * token_weight).sum() / token_weight.sum().clamp(min=1.0)
-    packed_grad_hidden, grad_weight, grad_bias = grads.result(weight, bias)
-    grad_hidden = hidden.new_empty(0)
-    if needs[0]:
-        grad_hidden = torch.zeros_like(hidden)
-        grad_hidden[tokens.rows, tokens.cols] = packed_grad_hidden
+    _, grad_weight, grad_bias = grads.result(weight, bias)
     all_metrics = torch.cat([metrics.to(loss.dtype), mean_entropy.reshape(1).to(loss.dtype)])
     return loss, all_metrics, grad_hidden, grad_weight, grad_bias
 

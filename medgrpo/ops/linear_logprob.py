@@ -134,19 +134,28 @@ def head_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
 
 
 class HeadGradients:
-    """fp32 accumulators of the head's weight / bias gradients and the per-row hidden gradient."""
+    """Gradient sinks of the head: hidden rows, and fp32 accumulators of weight and bias.
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: tuple[bool, bool, bool]):
+    ``place_hidden(start, end, rows)`` stores a chunk's hidden gradient; by default into a
+    (M, H) buffer, the fused loss scatters it straight into the (B, T, H) gradient instead.
+    """
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: tuple[bool, bool, bool],
+                 place_hidden: Optional[Callable[[int, int, Tensor], None]] = None):
         self.needs = needs
-        self.hidden = torch.empty_like(hidden) if needs[0] else hidden.new_empty(0)
+        self.hidden = torch.empty_like(hidden) if needs[0] and place_hidden is None else hidden.new_empty(0)
+        self.place_hidden = place_hidden or self._store_rows
         dtype = accumulation_dtype(weight.dtype)
         self.weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None
         self.bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if needs[2] and bias is not None else None
 
+    def _store_rows(self, start: int, end: int, rows: Tensor) -> None:
+        self.hidden[start:end] = rows
+
     def add_chunk(self, start: int, grad_logits: Tensor, hidden_chunk: Tensor, weight: Tensor) -> None:
         """Consume one chunk's d loss / d logits: the two backward GEMMs (and the bias sum)."""
         if self.needs[0]:
-            torch.mm(grad_logits, weight.to(grad_logits.dtype), out=self.hidden[start:start + grad_logits.shape[0]])
+            self.place_hidden(start, start + grad_logits.shape[0], grad_logits @ weight.to(grad_logits.dtype))
         if self.weight is not None:
             add_matmul_fp32_(self.weight, grad_logits.t(), hidden_chunk.to(grad_logits.dtype))
         if self.bias is not None:
