@@ -42,7 +42,7 @@ inline void check_numel(const at::Tensor& t, int64_t numel, const char* name) {
 
 // `t` as a contiguous tensor of `dtype`; no copy when it already is one.
 inline at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
-  return t.to(dtype).contiguous();
+  return t.scalar_type() == dtype ? t.contiguous() : t.to(dtype).contiguous();
 }
 
 // Checks the (keys, stats) pair of reward normalization and returns (int64 keys, acc stats).
