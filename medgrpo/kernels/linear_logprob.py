@@ -90,8 +90,11 @@ def _block_v(V: int) -> int:
     return min(max(triton.next_power_of_2(V), 16), MAX_BLOCK_V)
 
 
-def logprob_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """(rows, V) logits chunk -> fp32 (log-prob of target, log-sum-exp, entropy) per row."""
+def logprob_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = True):
+    """(rows, V) logits chunk -> fp32 (log-prob of target, log-sum-exp, entropy) per row.
+
+    The entropy costs one FMA per logit in the same pass, so it is always computed.
+    """
     rows, V = logits.shape
     out = [torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3)]
     if rows:

@@ -35,10 +35,11 @@ SCHEMAS = {
         "policy_loss_backward(Tensor grad_loss, Tensor logp, Tensor advantages, Tensor mask, "
         "Tensor? old_logp, Tensor? ref_logp, Tensor row_weight, float[] hparams, int[] modes) -> Tensor"
     ),
-    # The lm-head over row chunks (medgrpo/ops/linear_logprob.py); returns (logp, lse, entropy).
+    # The lm-head over row chunks (medgrpo/ops/linear_logprob.py); returns (logp, lse, entropy);
+    # without with_entropy the entropy is not computed (zeros) and gets no gradient.
     "linear_logprob_forward": (
         "linear_logprob_forward(Tensor hidden, Tensor weight, Tensor targets, Tensor? bias, float temperature, "
-        "int chunk_rows) -> (Tensor, Tensor, Tensor)"
+        "int chunk_rows, bool with_entropy) -> (Tensor, Tensor, Tensor)"
     ),
     # needs = which of (hidden, weight, bias) want a gradient; returns those gradients.
     "linear_logprob_backward": (

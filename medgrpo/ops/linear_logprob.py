@@ -29,28 +29,37 @@ CHUNK_BYTES = 256 * 2**20
 class ChunkKernels:
     """The two row kernels of one logits chunk (Triton or PyTorch)."""
 
-    stats: Callable[[Tensor, Tensor, float], tuple[Tensor, Tensor, Tensor]]
+    stats: Callable[[Tensor, Tensor, float, bool], tuple[Tensor, Tensor, Tensor]]
     grad_: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], float], Tensor]
 
 
-def _torch_stats(logits: Tensor, targets: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+def _torch_stats(logits: Tensor, targets: Tensor, temperature: float,
+                 with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     z = logits.to(accumulation_dtype(logits.dtype)) / temperature
     lse = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    entropy = lse - (torch.softmax(z, dim=-1) * z.nan_to_num(neginf=0.0)).sum(-1)
+    log_p = z.sub_(lse.unsqueeze(-1))
+    logp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    if not with_entropy:
+        return logp, lse, torch.zeros_like(lse)
+    # entropy = -sum p log p; p = 0 entries (log p = -inf) contribute 0
+    entropy = -torch.linalg.vecdot(log_p.exp(), log_p.nan_to_num(neginf=0.0))
     return logp, lse, entropy
 
 
 def _torch_grad_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
                  grad_entropy: Optional[Tensor], temperature: float) -> Tensor:
-    z = logits.to(accumulation_dtype(logits.dtype)) / temperature
-    p = torch.exp(z - lse.unsqueeze(-1))
-    grad_z = -grad_logp.unsqueeze(-1) * p
-    grad_z.scatter_add_(-1, targets.unsqueeze(-1), grad_logp.unsqueeze(-1).to(z.dtype))
+    # d/dz [g log p_t + h H] = g (onehot - p) - h p (log p + H), with log p = z - lse.
+    log_p = logits.to(accumulation_dtype(logits.dtype)).div(temperature).sub_(lse.unsqueeze(-1))
+    p = log_p.exp()
+    g = grad_logp.unsqueeze(-1).to(log_p.dtype)
     if grad_entropy is not None:
-        centered = torch.where(p > 0, z - (lse - entropy).unsqueeze(-1), 0.0)
-        grad_z -= grad_entropy.unsqueeze(-1) * p * centered
-    return logits.copy_(grad_z / temperature)
+        h = grad_entropy.unsqueeze(-1).to(log_p.dtype)
+        coefficient = torch.where(p > 0, log_p.add_(entropy.unsqueeze(-1)), 0.0).mul_(h).add_(g)
+    else:
+        coefficient = g
+    grad_z = p.mul_(coefficient).neg_()
+    grad_z.scatter_add_(-1, targets.unsqueeze(-1), g)
+    return logits.copy_(grad_z.div_(temperature))
 
 
 TORCH_CHUNK = ChunkKernels(_torch_stats, _torch_grad_)
@@ -121,7 +130,7 @@ def add_matmul_fp32_(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 # ------------------------------------------------------------------------------ the head
 def head_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
-                 chunk_rows: int, kernels: ChunkKernels) -> tuple[Tensor, Tensor, Tensor]:
+                 chunk_rows: int, kernels: ChunkKernels, with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """(M, H) hidden -> fp32 (log-prob, log-sum-exp, entropy) of each row, chunk by chunk."""
     m = hidden.shape[0]
     dtype = accumulation_dtype(hidden.dtype)
@@ -129,7 +138,8 @@ def head_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
     for start in range(0, m, chunk_rows):
         end = min(start + chunk_rows, m)
         logits = chunk_logits(hidden[start:end], weight, bias)
-        logp[start:end], lse[start:end], entropy[start:end] = kernels.stats(logits, targets[start:end], temperature)
+        logp[start:end], lse[start:end], entropy[start:end] = kernels.stats(logits, targets[start:end], temperature,
+                                                                            with_entropy)
     return logp, lse, entropy
 
 
@@ -180,8 +190,9 @@ def head_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], hidden: Ten
 
 
 # ------------------------------------------------------------------------------ custom ops
-def _forward_impl(hidden, weight, targets, bias, temperature, chunk_rows):
-    return head_forward(hidden, weight, targets, bias, temperature, chunk_rows, chunk_kernels_for(hidden))
+def _forward_impl(hidden, weight, targets, bias, temperature, chunk_rows, with_entropy):
+    return head_forward(hidden, weight, targets, bias, temperature, chunk_rows, chunk_kernels_for(hidden),
+                        with_entropy)
 
 
 def _backward_impl(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
@@ -198,7 +209,7 @@ for _key in ("CPU", "CUDA"):
 
 
 @_library.register_fake("linear_logprob_forward")
-def _fake_forward(hidden, weight, targets, bias, temperature, chunk_rows):
+def _fake_forward(hidden, weight, targets, bias, temperature, chunk_rows, with_entropy):
     return tuple(hidden.new_empty(hidden.shape[0], dtype=accumulation_dtype(hidden.dtype)) for _ in range(3))
 
 
@@ -212,10 +223,10 @@ def _fake_backward(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, 
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    hidden, weight, targets, bias, temperature, chunk_rows = inputs
+    hidden, weight, targets, bias, temperature, chunk_rows, with_entropy = inputs
     _, lse, entropy = output
     ctx.save_for_backward(hidden, weight, targets, bias, lse, entropy)
-    ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+    ctx.temperature, ctx.chunk_rows, ctx.with_entropy = temperature, chunk_rows, with_entropy
     ctx.mark_non_differentiable(lse)
 
 
@@ -223,12 +234,13 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy):
     hidden, weight, targets, bias, lse, entropy = ctx.saved_tensors
     needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[3]]
     if not any(needs):
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad_hidden, grad_weight, grad_bias = torch.ops.medgrpo.linear_logprob_backward(
-        grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, ctx.temperature, ctx.chunk_rows, needs
+        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, targets, bias, lse, entropy,
+        ctx.temperature, ctx.chunk_rows, needs,
     )
     return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, None,
-            grad_bias if needs[2] else None, None, None)
+            grad_bias if needs[2] else None, None, None, None)
 
 
 torch.library.register_autograd(
@@ -302,7 +314,7 @@ def linear_logprob(
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows = chunk_rows or default_chunk_rows(weight.shape[0], flat_hidden.dtype)
     logp, _, entropy = torch.ops.medgrpo.linear_logprob_forward(
-        flat_hidden, weight, targets.reshape(-1), bias, float(temperature), int(rows)
+        flat_hidden, weight, targets.reshape(-1), bias, float(temperature), int(rows), bool(return_entropy)
     )
     shape = targets.shape
     return logp.view(shape), (entropy.view(shape) if return_entropy else None)
