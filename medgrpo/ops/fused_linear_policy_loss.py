@@ -209,7 +209,7 @@ def fused_linear_policy_loss(
         old_logp, ref_logp, loss_type, epsilon_low, epsilon_high, beta, kl_estimator,
         importance_sampling, dual_clip, max_completion_length, num_items: as in
         :func:`medgrpo.policy_loss`.
-        chunk_rows: tokens per logits chunk (default from V and 256 MiB of logits).
+        chunk_rows: tokens per logits chunk (default from V and CHUNK_BYTES of logits).
 
     Returns:
         :class:`PolicyLossOutput` with ``entropy``: the masked mean entropy (detached).
@@ -227,7 +227,7 @@ def fused_linear_policy_loss(
     config.validate(has_ref=ref_logp is not None)
     items_tensor = num_items.reshape(()) if isinstance(num_items, Tensor) else None
     items_value = float(num_items) if isinstance(num_items, (int, float)) else NO_NUM_ITEMS
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, hidden.device)
     grad_mode = torch.is_grad_enabled()
     needs = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, metrics, *_ = torch.ops.medgrpo.fused_linear_policy_loss(

@@ -21,7 +21,10 @@ from medgrpo.ops import _checks, _library
 from medgrpo.ops.reference import accumulation_dtype
 
 # Bytes of one logits chunk: bounds the head's extra memory (plus the chunk's gradients).
-CHUNK_BYTES = 256 * 2**20
+# Bytes of one logits chunk: bounds the head's extra memory. Large on GPUs, where the GEMM
+# wants many rows; small on CPUs, whose GEMMs are efficient at a few hundred rows and whose
+# PyTorch chunk math keeps a few chunk-sized temporaries alive.
+CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
 
 
 # ------------------------------------------------------------------------------ chunk math
@@ -91,10 +94,15 @@ def chunk_kernels_for(hidden: Tensor) -> ChunkKernels:
     return triton_chunk() if use_triton else TORCH_CHUNK
 
 
-def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk so the logits chunk stays within CHUNK_BYTES (a multiple of 64 when large)."""
-    rows = CHUNK_BYTES // max(vocab * torch.finfo(dtype).bits // 8, 1)
-    return max(1, rows // 64 * 64 if rows >= 64 else rows)
+# Every chunk reads the whole (V, H) weight: fewer rows than this starve the GEMM.
+MIN_CHUNK_ROWS = 256
+
+
+def default_chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: logits within CHUNK_BYTES, at least MIN_CHUNK_ROWS, a multiple of 64."""
+    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    rows = budget // max(vocab * torch.finfo(dtype).bits // 8, 1)
+    return max(MIN_CHUNK_ROWS, rows // 64 * 64)
 
 
 def chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -291,7 +299,8 @@ def linear_logprob(
     """Log-prob of each target token under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
     Never materializes the (tokens x V) logits: the head runs over row chunks whose
-    logits fit in ``CHUNK_BYTES`` (256 MiB), so extra memory is bounded as tokens grow.
+    logits fit in ``CHUNK_BYTES`` (256 MiB on CUDA, 32 MiB on CPU), so extra memory is bounded
+    as tokens grow.
     Pass only the rows that need a log-prob (completion tokens): every row costs a
     vocab-sized GEMM row.
 
@@ -312,7 +321,7 @@ def linear_logprob(
     weight = full_weight(weight)
     check_head_inputs(hidden, weight, targets, bias, temperature)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], flat_hidden.dtype)
+    rows = chunk_rows or default_chunk_rows(weight.shape[0], flat_hidden.dtype, flat_hidden.device)
     logp, _, entropy = torch.ops.medgrpo.linear_logprob_forward(
         flat_hidden, weight, targets.reshape(-1), bias, float(temperature), int(rows), bool(return_entropy)
     )

@@ -9,7 +9,7 @@ import torch
 
 import medgrpo
 from medgrpo.ops import reference
-from medgrpo.ops.linear_logprob import CHUNK_BYTES, default_chunk_rows, triton_chunks_on_cpu
+from medgrpo.ops.linear_logprob import CHUNK_BYTES, MIN_CHUNK_ROWS, default_chunk_rows, triton_chunks_on_cpu
 from medgrpo.testing.tolerance import assert_within_reference_error
 
 SHAPES = [(1, 5, 37), (7, 33, 37), (97, 16, 1025), (5, 8, 4099)]  # (M, H, V); V=4099 spans two vocab tiles
@@ -92,7 +92,9 @@ def test_shapes_single_token_and_default_chunking():
     logp, entropy = medgrpo.linear_logprob(hidden, torch.randn(9, 4), torch.zeros(2, 3, dtype=torch.long),
                                            return_entropy=True)
     assert logp.shape == entropy.shape == (2, 3)
-    assert default_chunk_rows(152064, torch.bfloat16) * 152064 * 2 <= CHUNK_BYTES
+    for device in ("cpu", "cuda"):
+        rows = default_chunk_rows(152064, torch.bfloat16, torch.device(device))
+        assert rows % 64 == 0 and (rows == MIN_CHUNK_ROWS or rows * 152064 * 2 <= CHUNK_BYTES[device])
 
 
 def test_gradcheck_fp64():
