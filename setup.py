@@ -199,9 +199,10 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "flash-attn"],
         "video": ["decord", "nvidia-dali-cuda120", "av", "pillow"],
-        # Test oracles: Liger-Kernel (loss semantics), qwen-vl-utils (frame sampling).
+        # Test oracles: Liger-Kernel (loss semantics), qwen-vl-utils (frame sampling),
+        # transformers (the Qwen2-VL processor's patch layout).
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "liger-kernel",
-                "qwen-vl-utils==0.0.14"],
+                "qwen-vl-utils==0.0.14", "transformers>=4.51"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
