@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from medgrpo.kernels.normalize_rewards import normalized_reward
+from medgrpo.ops.reference import ZERO_STD_ATOL
 
-SCALE_GROUP, SCALE_BATCH, SCALE_NONE = 0, 1, 2
-ZERO_STD_ATOL = 1e-8  # TRL: torch.isclose(std, 0)
 BLOCK_N = 1024
 
 
@@ -75,7 +74,7 @@ def _advantage(deviation, valid, std, batch_std, eps, SCALE: tl.constexpr):
 def _group_advantages_contiguous_kernel(
     rewards_ptr, keys_ptr, stats_ptr,
     adv_ptr, used_ptr, mean_ptr, std_ptr, count_ptr, summary_ptr,
-    n, group_size, num_groups, num_keys, k, eps,
+    n, group_size, num_groups, num_keys, k, eps, zero_std_atol,
     NORMALIZE: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
@@ -106,7 +105,7 @@ def _group_advantages_contiguous_kernel(
         tl.store(count_ptr + groups, count.to(tl.int32), mask=group_ok)
         has_members = group_ok & (count >= 1)
         nonempty += has_members.to(tl.float32)
-        zero_std += (has_members & (std <= 1e-8)).to(tl.float32)
+        zero_std += (has_members & (std <= zero_std_atol)).to(tl.float32)
         invalid += tl.sum((inb & ~valid).to(tl.float32), axis=1)
     tl.store(summary_ptr, tl.sum(zero_std, axis=0) / tl.maximum(tl.sum(nonempty, axis=0), 1.0))
     tl.store(summary_ptr + 1, tl.sum(invalid, axis=0) / tl.maximum(n.to(tl.float32), 1.0))
@@ -129,7 +128,7 @@ def _member_group(used_ptr, ids_ptr, sum_ptr, counts_ptr, offsets, n):
 def _group_advantages_ids_kernel(
     rewards_ptr, ids_ptr, keys_ptr, stats_ptr,
     adv_ptr, used_ptr, mean_ptr, std_ptr, count_ptr, summary_ptr, scratch_ptr,
-    n, num_keys, k, eps,
+    n, num_keys, k, eps, zero_std_atol,
     NORMALIZE: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # Per-group slots (n of them): the mean output first accumulates the sum; scratch
@@ -192,7 +191,7 @@ def _group_advantages_ids_kernel(
         tl.store(count_ptr + offsets, count.to(tl.int32), mask=inb)
         has_members = inb & (count >= 1)
         nonempty += has_members.to(tl.float32)
-        zero_std += (has_members & (std <= 1e-8)).to(tl.float32)
+        zero_std += (has_members & (std <= zero_std_atol)).to(tl.float32)
         members += count
     n_float = n.to(tl.float32)
     tl.store(summary_ptr, tl.sum(zero_std, axis=0) / tl.maximum(tl.sum(nonempty, axis=0), 1.0))
@@ -228,14 +227,14 @@ def group_advantages(
         block_groups = max(min(BLOCK_N // block_g, triton.next_power_of_2(max(num_groups, 1))), 1)
         _group_advantages_contiguous_kernel[(1,)](
             rewards, keys_arg, stats_arg, advantages, used, mean, std, count, summary,
-            n, group_size, num_groups, num_keys, float(k), float(eps),
+            n, group_size, num_groups, num_keys, float(k), float(eps), ZERO_STD_ATOL,
             NORMALIZE=normalize, SCALE=scale, BLOCK_GROUPS=block_groups, BLOCK_G=block_g,
         )
     else:
         block = min(BLOCK_N, max(triton.next_power_of_2(max(n, 1)), 16))
         _group_advantages_ids_kernel[(1,)](
             rewards, group_ids.contiguous(), keys_arg, stats_arg, advantages, used, mean, std, count, summary,
-            torch.empty(2 * n, **f32), n, num_keys, float(k), float(eps),
+            torch.empty(2 * n, **f32), n, num_keys, float(k), float(eps), ZERO_STD_ATOL,
             NORMALIZE=normalize, SCALE=scale, BLOCK=block,
         )
     return advantages, used, mean, std, count, summary

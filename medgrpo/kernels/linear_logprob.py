@@ -12,16 +12,13 @@ z = logits / temperature and E_p[z] = lse - H.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from medgrpo.kernels._interpreter import INTERPRETED
+
 MAX_BLOCK_V = 4096
-# Triton's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even: under it
-# the gradient is written to an fp32 copy and torch rounds, so CPU tests see the kernel's math.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -107,7 +104,7 @@ def logprob_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Te
                       grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """In place: the logits chunk becomes d loss / d logits (in its own dtype, for the GEMMs)."""
     rows, V = logits.shape
-    if _INTERPRETED and logits.dtype == torch.bfloat16:
+    if INTERPRETED and logits.dtype == torch.bfloat16:
         return logits.copy_(logprob_backward_(logits.float(), targets, lse, entropy, grad_logp, grad_entropy,
                                               temperature))
     if rows:

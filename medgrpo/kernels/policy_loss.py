@@ -12,18 +12,14 @@ clipped low, clipped high, dual-clipped.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-LOSS_GRPO, LOSS_BNPO, LOSS_DR_GRPO, LOSS_DAPO = 0, 1, 2, 3
-KL_K1, KL_K2, KL_K3 = 1, 2, 3
+from medgrpo.kernels._interpreter import INTERPRETED
+
+# Mode codes (loss type, KL estimator) are PolicyLossConfig.modes() of medgrpo/ops/policy_loss.py.
 PARTIALS = 8
-# Triton's interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even; under it
-# the backward stores fp32 and torch rounds, so CPU tests see the kernel's math, not that cast.
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_BLOCK_T = 1024
 MAX_BLOCK_B = 1024
 
@@ -273,7 +269,7 @@ def policy_loss_backward(grad_loss, logp, advantages, mask, old_logp, ref_logp, 
     _, kl_estimator, sequence_is = modes
     B, T = logp.shape
     logp, advantages, mask, old, ref, (adv_sb, adv_st) = _row_args(logp, advantages, mask, old_logp, ref_logp)
-    round_in_torch = _INTERPRETED and logp.dtype == torch.bfloat16
+    round_in_torch = INTERPRETED and logp.dtype == torch.bfloat16
     grad = torch.empty(logp.shape, dtype=torch.float32 if round_in_torch else logp.dtype, device=logp.device)
     if B > 0 and T > 0:
         _policy_loss_backward_kernel[(B,)](

@@ -100,7 +100,3 @@ def register_fake(name: str):
     """Decorator registering a shape-only kernel so torch.compile can trace the op."""
     return torch.library.register_fake(f"medgrpo::{name}", lib=LIBRARY)
 
-
-def next_power_of_2(n: int) -> int:
-    """Smallest power of two >= n (at least 1)."""
-    return 1 << max(int(n) - 1, 0).bit_length()

@@ -34,7 +34,13 @@ from medgrpo.ops.linear_logprob import (
     head_backward,
     head_forward,
 )
-from medgrpo.ops.policy_loss import NO_NUM_ITEMS, PolicyLossConfig, _check_inputs
+from medgrpo.ops.policy_loss import (
+    PolicyLossConfig,
+    _check_inputs,
+    output_from_metrics,
+    resolve_num_items,
+    split_num_items,
+)
 from medgrpo.ops.reference import PolicyLossOutput, accumulation_dtype
 
 
@@ -119,7 +125,7 @@ def _fused_impl(hidden, weight, targets, mask, advantages, bias, old_logp, ref_l
     grads = HeadGradients(hidden, weight, bias, tuple(needs), place_hidden)
     common = (hidden, weight, targets, bias, temperature, chunk_rows, tokens, mask, advantages, old_logp, ref_logp)
     if config.importance_sampling == "token":
-        items = num_items if num_items is not None else (hparams[4] if hparams[4] >= 0 else None)
+        items = resolve_num_items(num_items, hparams)
         row_weight = reference.loss_row_weights(mask, loss_type=config.loss_type, num_items=items,
                                                 max_completion_length=config.max_completion_length,
                                                 dtype=accumulation_dtype(hidden.dtype))
@@ -225,8 +231,7 @@ def fused_linear_policy_loss(
     config = PolicyLossConfig(loss_type, epsilon_low, epsilon_high, beta, kl_estimator, importance_sampling,
                               dual_clip, max_completion_length)
     config.validate(has_ref=ref_logp is not None)
-    items_tensor = num_items.reshape(()) if isinstance(num_items, Tensor) else None
-    items_value = float(num_items) if isinstance(num_items, (int, float)) else NO_NUM_ITEMS
+    items_tensor, items_value = split_num_items(num_items)
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, hidden.device)
     grad_mode = torch.is_grad_enabled()
     needs = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
@@ -234,12 +239,5 @@ def fused_linear_policy_loss(
         hidden, weight, targets, mask, advantages, bias, old_logp, ref_logp, items_tensor, float(temperature),
         config.hparams(items_value), config.modes(), int(rows), needs,
     )
-    return PolicyLossOutput(
-        loss=loss,
-        kl=metrics[0] if ref_logp is not None else None,
-        clip_fraction=metrics[3],
-        clip_fraction_low=metrics[1],
-        clip_fraction_high=metrics[2],
-        clip_fraction_dual=metrics[4] if dual_clip is not None else None,
-        entropy=metrics[6],
-    )
+    return output_from_metrics(loss, metrics, has_ref=ref_logp is not None, has_dual_clip=dual_clip is not None,
+                               entropy=metrics[6])

@@ -74,6 +74,34 @@ class PolicyLossConfig:
                     dual_clip=self.dual_clip)
 
 
+def split_num_items(num_items: Union[Tensor, float, None]) -> tuple[Optional[Tensor], float]:
+    """The op's (num_items tensor, num_items value) pair: a device tensor is never read on the host."""
+    items_tensor = num_items.reshape(()) if isinstance(num_items, Tensor) else None
+    items_value = float(num_items) if isinstance(num_items, (int, float)) else NO_NUM_ITEMS
+    return items_tensor, items_value
+
+
+def resolve_num_items(num_items: Optional[Tensor], hparams: Sequence[float]) -> Union[Tensor, float, None]:
+    """Inverse of split_num_items inside a kernel: the tensor, else the value, else None."""
+    if num_items is not None:
+        return num_items
+    return hparams[4] if hparams[4] >= 0 else None
+
+
+def output_from_metrics(loss: Tensor, metrics: Tensor, *, has_ref: bool, has_dual_clip: bool,
+                        entropy: Optional[Tensor] = None) -> PolicyLossOutput:
+    """PolicyLossOutput from the op's metrics vector [kl, clip low, clip high, clip region, dual, tokens]."""
+    return PolicyLossOutput(
+        loss=loss,
+        kl=metrics[0] if has_ref else None,
+        clip_fraction=metrics[3],
+        clip_fraction_low=metrics[1],
+        clip_fraction_high=metrics[2],
+        clip_fraction_dual=metrics[4] if has_dual_clip else None,
+        entropy=entropy,
+    )
+
+
 # ------------------------------------------------------------------------------ kernels
 @_library.register_fake("policy_loss_forward")
 def _fake_forward(logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes):
@@ -89,7 +117,7 @@ def _fake_backward(grad_loss, logp, advantages, mask, old_logp, ref_logp, row_we
 
 def _reference_forward(logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes):
     config = PolicyLossConfig.unpack(hparams, modes)
-    items = num_items if num_items is not None else (hparams[4] if hparams[4] >= 0 else None)
+    items = resolve_num_items(num_items, hparams)
     out = reference.policy_loss(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp,
                                 loss_type=config.loss_type, max_completion_length=config.max_completion_length,
                                 num_items=items, **config.per_token_options())
@@ -251,16 +279,9 @@ def policy_loss(
 
 
 def _apply(logp, advantages, mask, old_logp, ref_logp, num_items, config: PolicyLossConfig) -> PolicyLossOutput:
-    items_tensor = num_items.reshape(()) if isinstance(num_items, Tensor) else None
-    items_value = float(num_items) if isinstance(num_items, (int, float)) else NO_NUM_ITEMS
+    items_tensor, items_value = split_num_items(num_items)
     loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(
         logp, advantages, mask, old_logp, ref_logp, items_tensor, config.hparams(items_value), config.modes()
     )
-    return PolicyLossOutput(
-        loss=loss,
-        kl=metrics[0] if ref_logp is not None else None,
-        clip_fraction=metrics[3],
-        clip_fraction_low=metrics[1],
-        clip_fraction_high=metrics[2],
-        clip_fraction_dual=metrics[4] if config.dual_clip is not None else None,
-    )
+    return output_from_metrics(loss, metrics, has_ref=ref_logp is not None,
+                               has_dual_clip=config.dual_clip is not None)
