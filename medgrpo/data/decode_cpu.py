@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from medgrpo.data import sampling
+from medgrpo.data.records import RegionCaptionInfo
+from medgrpo.data.region_box import box_frame_position, draw_region_box_
 from medgrpo.data.sampling import FramePlan
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -250,6 +252,7 @@ def load_video_sample(
     min_pixels: float | None = None,
     max_pixels: float | None = None,
     total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
+    region_box: RegionCaptionInfo | None = None,
 ) -> tuple[torch.Tensor, FramePlan]:
     """A record's video sampled and resized as qwen-vl-utils' ``fetch_video`` would.
 
@@ -263,6 +266,9 @@ def load_video_sample(
             video file; a frame list is already the clip, so these must be None for one.
         min_pixels, max_pixels, total_pixels: pixel budget (``min_pixels`` defaults to
             ``VIDEO_MIN_PIXELS``).
+        region_box: a region-caption record's box, drawn as :mod:`medgrpo.data.region_box`
+            says (frame lists: on the frame after its first resize; video files: on the
+            nearest sampled frame before the resize).
 
     Returns:
         ``(frames, plan)``: uint8 ``(plan.num_frames, plan.height, plan.width, 3)`` and the plan.
@@ -285,11 +291,13 @@ def load_video_sample(
         images = _decode_images(paths, plan.indices, label)
         from PIL import Image
 
-        presized: dict[int, np.ndarray] = {}
+        presized: dict[int, torch.Tensor] = {}
         for index, image in zip(plan.indices, images):
             if index not in presized:
-                presized[index] = np.asarray(image.resize((pre_width, pre_height), Image.BICUBIC))
-        frames = torch.from_numpy(np.stack([presized[i] for i in plan.indices]))
+                presized[index] = torch.from_numpy(np.array(image.resize((pre_width, pre_height), Image.BICUBIC)))
+        if region_box is not None:
+            draw_region_box_(presized[region_box.frame_index], region_box.bbox)
+        frames = torch.stack([presized[i] for i in plan.indices])
         return resize_frames(frames, plan.height, plan.width), plan
 
     path = os.fspath(video)
@@ -300,6 +308,8 @@ def load_video_sample(
         max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
     )  # fmt: skip
     frames = _decode_video(path, plan.indices)
+    if region_box is not None:
+        draw_region_box_(frames[box_frame_position(plan.indices, region_box.frame_index)], region_box.bbox)
     return resize_frames(frames, plan.height, plan.width), plan
 
 

@@ -261,3 +261,36 @@ def test_no_leaked_file_descriptors(sources, tmp_path):
             with pytest.raises(VideoDecodeError):
                 decode_frames(sources["libx264.mp4"], [N + 5])
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_region_box_on_frame_list_is_drawn_after_the_first_resize(sources):
+    from medgrpo.data.records import RegionCaptionInfo
+
+    paths = sorted(os.path.join(sources["jpeg"], name) for name in os.listdir(sources["jpeg"]))[:6]
+    box = RegionCaptionInfo(frame_index=2, bbox=(20.0, 10.0, 120.0, 70.0))
+    plain, plan = load_video_sample(paths, fps=2.0)
+    boxed, boxed_plan = load_video_sample(paths, fps=2.0, region_box=box)
+    assert boxed_plan == plan
+    changed = (boxed.to(torch.int16) - plain.to(torch.int16)).abs().amax(dim=(1, 2, 3))
+    assert changed.nonzero().flatten().tolist() == [2]
+    # The authors' order: PIL presize, PIL rectangle, then the video resize.
+    pre_h, pre_w = sampling.frame_list_presize(SIZE[1], SIZE[0])
+    with Image.open(paths[2]) as image:
+        presized = image.convert("RGB").resize((pre_w, pre_h), Image.BICUBIC)
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(presized).rectangle(box.bbox, outline=(0, 255, 0), width=8)
+    expected = resize_frames(torch.from_numpy(np.array(presized))[None], plan.height, plan.width)
+    assert torch.equal(boxed[2], expected[0])
+
+
+def test_region_box_on_video_goes_on_the_nearest_sampled_frame(sources):
+    from medgrpo.data.records import RegionCaptionInfo
+
+    path = sources["libvpx-vp9.webm"]
+    plain, plan = load_video_sample(path, fps=1.0)
+    target = plan.indices[1] + 1  # not sampled itself: the box goes on sampled frame 1
+    boxed, _ = load_video_sample(path, fps=1.0, region_box=RegionCaptionInfo(target, (0.0, 0.0, 80.0, 60.0)))
+    changed = (boxed.to(torch.int16) - plain.to(torch.int16)).abs().amax(dim=(1, 2, 3))
+    assert changed.nonzero().flatten().tolist() == [1]
+    assert boxed[1, 2, 2].tolist() == [0, 255, 0]
