@@ -24,7 +24,7 @@ import operator
 import os
 from array import array
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
@@ -129,6 +129,13 @@ class VideoRecord:
     rc_info: RegionCaptionInfo | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
+    def __reduce__(self):
+        # MappingProxyType does not pickle; DataLoader workers send records back to the
+        # main process, so pickle a plain copy of ``metadata`` and freeze it again on load.
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["metadata"] = dict(self.metadata)
+        return _unpickle_record, (state,)
+
     @property
     def is_frame_list(self) -> bool:
         return isinstance(self.video, tuple)
@@ -140,6 +147,10 @@ class VideoRecord:
         start = meta.get(START_FRAME_KEYS[0], "") or meta.get(START_FRAME_KEYS[1], "")
         end = meta.get(END_FRAME_KEYS[0], "") or meta.get(END_FRAME_KEYS[1], "")
         return f"{meta.get('video_id', '')}&&{start}&&{end}&&{meta.get('fps', '')}"
+
+
+def _unpickle_record(state: dict[str, Any]) -> VideoRecord:
+    return VideoRecord(**{**state, "metadata": MappingProxyType(state["metadata"])})
 
 
 def normalize_qa_type(qa_type: str) -> str:

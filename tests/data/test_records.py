@@ -362,3 +362,11 @@ def test_records_do_not_alias_the_raw_json(root):
     assert record.metadata["fps"] == original["metadata"]["fps"]
     with pytest.raises(TypeError):
         record.metadata["fps"] = "2.0"
+
+
+def test_records_pickle_for_dataloader_workers(root):
+    record = parse_record(frame_list_record(), index=7, root=root)
+    clone = pickle.loads(pickle.dumps(record))
+    assert clone == record and dict(clone.metadata) == dict(record.metadata)
+    with pytest.raises(TypeError):
+        clone.metadata["fps"] = "2.0"  # still read-only
