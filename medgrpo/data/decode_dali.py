@@ -1,0 +1,563 @@
+"""NVIDIA DALI backend: decode and resize on the GPU (or with DALI's CPU operators), same frames as decode_cpu.
+
+Which frames and what size are decided on the host by :mod:`medgrpo.data.sampling` (a
+:class:`~medgrpo.data.sampling.FramePlan` per source); DALI only reads pixels and resizes
+them, so this backend returns the indices every other backend returns.
+
+Design:
+
+* **Two small graphs, fed from Python.** A video graph (``fn.decoders.video`` on the encoded
+  file bytes, with the plan's frame numbers as its per-sample ``frames`` argument) and an
+  image graph (``fn.decoders.image`` on one frame image per sample). Both end in
+  ``fn.resize(interp_type=CUBIC, antialias=True)`` with per-sample sizes, so the videos of a
+  batch may differ in length and size. Inputs come from ``fn.external_source`` +
+  ``feed_input`` (bytes read on the host, no DALI reader): the loader decides the frames, and a
+  bad sample is known by position. One definition serves both devices: ``device="gpu"`` uses
+  the ``mixed`` decoders (NVDEC, nvJPEG) and GPU resize; ``device="cpu"`` the CPU operators and
+  ``device_id=None`` (DALI's CPU video decoder reads VP8, VP9 and MJPEG only, not H.264).
+* **Frame lists** are decoded once per distinct frame (the even-count padding repeats the last
+  frame; it is repeated on the device afterwards) and resized twice, as qwen-vl-utils does:
+  to :func:`~medgrpo.data.sampling.frame_list_presize` (read from the JPEG header on the host),
+  then to the plan's size.
+* **To PyTorch without a host copy**: each output sample is copied by ``feed_ndarray`` into a
+  preallocated torch tensor on the same device, on torch's current CUDA stream (the stream
+  the pipeline is told to make its outputs ready on). On the CPU the same call fills a CPU tensor.
+* **One pipeline per rank, sharded by rank**: :class:`DaliVideoLoader` takes every source and
+  keeps ``sources[rank::world_size]``; each rank builds its own pipelines on its own GPU.
+  Batches are decoded synchronously (no prefetch queue): ``prefetch_queue_depth=1``.
+* **Bad input never crashes inside DALI**: the host checks what it can cheaply (missing or empty
+  file, empty frame list, indices, a JPEG without its end marker, frames of different sizes);
+  ``pad_mode="none"`` makes an index past the end an error instead of a black frame. When a
+  DALI run still fails, the pipeline is discarded (DALI says it is no longer valid), rebuilt, and
+  the batch is re-run sample by sample to find the bad source; that source is skipped, counted
+  (:attr:`DaliVideoLoader.skipped`) and logged, or raised as
+  :class:`~medgrpo.data.decode_cpu.VideoDecodeError` with ``on_error="raise"``.
+
+Pixels: DALI's CPU JPEG decoder equals PIL's (both libjpeg-turbo); its cubic antialiased resize
+differs from decode_cpu's (torch bicubic antialias) by at most one level on natural or barcode
+frames, a few levels on white noise. Frame lists' first resize uses DALI's cubic where
+qwen-vl-utils uses PIL's bicubic (the tests state the measured difference).
+
+DALI is imported lazily: importing this module works without it, and using it raises an
+ImportError that names the extra to install.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from medgrpo.data import sampling
+from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, list_frame_files
+from medgrpo.data.sampling import FramePlan
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "the DALI backend needs NVIDIA DALI: pip install 'medgrpo[video]' (or nvidia-dali-cuda120)"
+CPU_VIDEO_CODECS = ("vp8", "vp9", "mjpeg")
+_DALI_ERRORS = (RuntimeError, IndexError, ValueError)
+_JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
+_JPEG_TAIL = 4096  # an end-of-image marker must lie this close to the end (allows trailing padding)
+
+Batch = list[tuple[torch.Tensor, FramePlan, int]]
+
+
+def _import_dali() -> SimpleNamespace:
+    try:
+        from nvidia.dali import fn, types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return SimpleNamespace(fn=fn, types=types, Pipeline=Pipeline, feed_ndarray=feed_ndarray)
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI can be imported here."""
+    try:
+        _import_dali()
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: read bytes, check what can be checked before DALI sees the data.
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise VideoDecodeError(path, "no such file")
+    if not os.path.isfile(path):
+        raise VideoDecodeError(path, "not a regular file")
+
+
+def _read_bytes(path: str) -> np.ndarray:
+    _check_file(path)
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise VideoDecodeError(path, f"cannot read file: {error}") from None
+    if data.size == 0:
+        raise VideoDecodeError(path, "empty file")
+    return data
+
+
+def _read_image_bytes(path: str) -> tuple[np.ndarray, tuple[int, int]]:
+    """An image file's bytes and its ``(width, height)`` from the header; truncated JPEGs rejected."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = _read_bytes(path)
+    raw = data.tobytes()
+    end_marker = raw.rfind(_JPEG_END)
+    if raw.startswith(_JPEG_START) and (end_marker < 0 or end_marker < len(raw) - _JPEG_TAIL):
+        raise VideoDecodeError(path, "cannot read image: truncated JPEG (no end-of-image marker)")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            size = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise VideoDecodeError(path, f"cannot read image: {error}") from None
+    return data, size
+
+
+def _frame_paths(source: VideoSource) -> list[str]:
+    if isinstance(source, (str, os.PathLike)):
+        paths = list_frame_files(source)
+        if not paths:
+            raise VideoDecodeError(source, "frame folder holds no images")
+        return paths
+    paths = [os.fspath(p) for p in source]
+    if not paths:
+        raise VideoDecodeError("<frame list>", "empty frame list")
+    return paths
+
+
+def _is_frame_source(source: VideoSource) -> bool:
+    return not isinstance(source, (str, os.PathLike)) or os.path.isdir(source)
+
+
+def _source_label(source: VideoSource) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    return os.fspath(source[0]) if len(source) else "<frame list>"
+
+
+def _check_indices(indices: Sequence[int], label: str, length: int | None = None) -> list[int]:
+    wanted = [int(i) for i in indices]
+    if not wanted:
+        raise VideoDecodeError(label, "no frame indices requested")
+    if min(wanted) < 0:
+        raise VideoDecodeError(label, f"negative frame index {min(wanted)}")
+    if length is not None and max(wanted) >= length:
+        raise VideoDecodeError(label, f"frame index {max(wanted)} is beyond the frame list ({length} frames)")
+    return wanted
+
+
+def _size_input(height: int, width: int) -> np.ndarray:
+    return np.array([height, width], dtype=np.float32)
+
+
+@dataclass
+class _Job:
+    """One source prepared for DALI: its samples (one per video, one per distinct frame image)."""
+
+    index: int
+    label: str
+    kind: str  # "video" or "image"
+    plan: FramePlan
+    samples: list[dict[str, np.ndarray]]
+    inverse: list[int] | None = None  # image jobs: plan position -> decoded distinct frame
+    shape: tuple[int, ...] = field(default=())
+
+
+def _video_job(index: int, path: str, plan: FramePlan) -> _Job:
+    data = _read_bytes(path)
+    wanted = _check_indices(plan.indices, path)
+    sample = {"encoded": data, "frames": np.asarray(wanted, np.int32), "size": _size_input(plan.height, plan.width)}
+    return _Job(index, path, "video", plan, [sample], shape=(len(wanted), plan.height, plan.width, 3))
+
+
+def _image_job(
+    index: int, source: VideoSource, plan: FramePlan, min_pixels: float | None, max_pixels: float | None
+) -> _Job:
+    paths = _frame_paths(source)
+    label = _source_label(source)
+    wanted = _check_indices(plan.indices, label, len(paths))
+    distinct = list(dict.fromkeys(wanted))
+    images = [_read_image_bytes(paths[i]) for i in distinct]
+    sizes = {size for _, size in images}
+    if len(sizes) != 1:
+        raise VideoDecodeError(label, f"frames differ in size: {sorted(sizes)}")
+    width, height = sizes.pop()
+    pre_height, pre_width = sampling.frame_list_presize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    presize, size = _size_input(pre_height, pre_width), _size_input(plan.height, plan.width)
+    samples = [{"encoded": data, "presize": presize, "size": size} for data, _ in images]
+    position = {frame: k for k, frame in enumerate(distinct)}
+    inverse = [position[i] for i in wanted]
+    return _Job(index, label, "image", plan, samples, inverse, (len(distinct), plan.height, plan.width, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI side: the two graphs and a pipeline runner.
+
+
+def _resize(dali: SimpleNamespace, images, size):
+    return dali.fn.resize(images, size=size, interp_type=dali.types.INTERP_CUBIC, antialias=True)
+
+
+def _video_graph(dali: SimpleNamespace, device: str):
+    fn, types = dali.fn, dali.types
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
+    size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    video = fn.decoders.video(encoded, frames=frames, pad_mode="none", device=decoder_device)
+    return _resize(dali, video, size)
+
+
+def _image_graph(dali: SimpleNamespace, device: str):
+    fn, types = dali.fn, dali.types
+    encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+    presize = fn.external_source(name="presize", dtype=types.FLOAT, ndim=1)
+    size = fn.external_source(name="size", dtype=types.FLOAT, ndim=1)
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB, adjust_orientation=False)
+    return _resize(dali, _resize(dali, image, presize), size)
+
+
+_GRAPHS = {
+    "video": (_video_graph, ("encoded", "frames", "size")),
+    "image": (_image_graph, ("encoded", "presize", "size")),
+}
+
+
+class _DaliRunError(Exception):
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+def _dali_reason(error: BaseException) -> str:
+    """The operator's own message out of DALI's error text (which also holds a graph traceback)."""
+    text = str(error)
+    if "encountered:" in text:
+        text = text.split("encountered:", 1)[1]
+    for marker in ("C++ context:", "Current pipeline object is no longer valid"):
+        text = text.split(marker, 1)[0]
+    return " ".join(text.split()) or type(error).__name__
+
+
+class _Runner:
+    """One DALI pipeline of one graph, built on first use and discarded after a failed run."""
+
+    def __init__(self, kind: str, device: str, batch_size: int, num_threads: int, device_id: int | None):
+        self.kind, self.device, self.batch_size = kind, device, batch_size
+        self.num_threads, self.device_id = num_threads, device_id
+        self.graph, self.inputs = _GRAPHS[kind]
+        self.dali = _import_dali()
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:
+            pipe = self.dali.Pipeline(
+                batch_size=self.batch_size, num_threads=self.num_threads,
+                device_id=self.device_id if self.device == "gpu" else None,
+                prefetch_queue_depth=1, exec_dynamic=True,
+            )  # fmt: skip
+            with pipe:
+                pipe.set_outputs(self.graph(self.dali, self.device))
+            pipe.build()
+            self._pipe = pipe
+        return self._pipe
+
+    def close(self) -> None:
+        self._pipe = None
+
+    def run(self, samples: Sequence[dict[str, np.ndarray]], targets: Sequence[torch.Tensor]) -> None:
+        """Decode ``samples`` (at most ``batch_size``) into ``targets``, preallocated to the expected shapes."""
+        stream = torch.cuda.current_stream(self.device_id) if self.device == "gpu" else None
+        try:
+            pipe = self._pipeline()
+            for name in self.inputs:
+                pipe.feed_input(name, [sample[name] for sample in samples])
+            (outputs,) = pipe.run(stream) if stream is not None else pipe.run()
+            for k, target in enumerate(targets):
+                self._copy(outputs[k], target, stream)
+        except _DaliRunError:
+            self.close()
+            raise
+        except _DALI_ERRORS as error:
+            self.close()
+            raise _DaliRunError(_dali_reason(error)) from None
+
+    def _copy(self, tensor, target: torch.Tensor, stream) -> None:
+        shape = tuple(tensor.shape())
+        if shape != tuple(target.shape):
+            raise _DaliRunError(f"decoded shape {shape}, expected {tuple(target.shape)}")
+        self.dali.feed_ndarray(tensor, target, cuda_stream=stream)
+
+
+def _pack(jobs: Sequence[_Job], capacity: int) -> list[list[_Job]]:
+    """Consecutive jobs grouped so each group's samples fit one run (a job larger than one run stays alone)."""
+    groups: list[list[_Job]] = []
+    used = capacity
+    for job in jobs:
+        if used + len(job.samples) > capacity:
+            groups.append([])
+            used = 0
+        groups[-1].append(job)
+        used += len(job.samples)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader.
+
+
+class DaliVideoLoader:
+    """Batches of decoded, resized videos for one rank, decoded by DALI.
+
+    Args:
+        sources: every source of the dataset (all ranks): video file paths, frame folders or
+            lists of frame image paths.
+        plans: one :class:`~medgrpo.data.sampling.FramePlan` per source (from
+            :func:`~medgrpo.data.sampling.plan_frames` / :func:`~medgrpo.data.sampling.plan_frame_list`).
+        rank, world_size: this rank keeps ``sources[rank::world_size]`` (every source belongs to
+            exactly one rank; shards differ in length by at most one).
+        batch_size: sources per batch (and videos per DALI run).
+        device: ``"gpu"`` (NVDEC/nvJPEG, output on ``cuda:device_id``) or ``"cpu"``; default:
+            ``"gpu"`` when CUDA is available.
+        num_threads: DALI worker threads per pipeline.
+        device_id: CUDA device of this rank (default: torch's current device).
+        min_pixels, max_pixels: the pixel budget the frame-list plans were made with (it
+            decides the first, per-image resize of frame lists, as in qwen-vl-utils).
+        frames_per_run: frame images per DALI run of the image pipeline.
+        on_error: ``"skip"`` (count, log, leave the source out of its batch) or ``"raise"``.
+
+    Iterating yields one list per ``batch_size`` sources of the shard, in order, of
+    ``(frames, plan, source_index)``: ``frames`` uint8 ``(plan.num_frames, plan.height,
+    plan.width, 3)`` on the loader's device. Skipped sources are missing from their list (a list
+    may be empty). Iterate as many epochs as wanted; call :meth:`close` (or use ``with``) to free
+    the pipelines.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[VideoSource],
+        plans: Sequence[FramePlan],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 1,
+        device: str | None = None,
+        num_threads: int = 2,
+        device_id: int | None = None,
+        min_pixels: float | None = None,
+        max_pixels: float | None = None,
+        frames_per_run: int = 64,
+        on_error: str = "skip",
+    ):
+        device = device or ("gpu" if torch.cuda.is_available() else "cpu")
+        _check_loader_args(sources, plans, rank, world_size, batch_size, device, on_error)
+        _import_dali()  # fail now, with the install hint, rather than at the first batch
+        self.sources, self.plans = list(sources), list(plans)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.device, self.on_error = device, on_error
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        if device == "gpu":
+            device_id = torch.cuda.current_device() if device_id is None else device_id
+        self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        self.shard = list(range(rank, len(self.sources), world_size))
+        self.skipped_sources: list[tuple[int, str, str]] = []
+        self._runners = {
+            "video": _Runner("video", device, batch_size, num_threads, device_id),
+            "image": _Runner("image", device, frames_per_run, num_threads, device_id),
+        }
+
+    @property
+    def skipped(self) -> int:
+        """Sources skipped so far (over all epochs); :attr:`skipped_sources` holds ``(index, path, reason)``."""
+        return len(self.skipped_sources)
+
+    def __len__(self) -> int:
+        return -(-len(self.shard) // self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for start in range(0, len(self.shard), self.batch_size):
+            yield self._load_batch(self.shard[start : start + self.batch_size])
+
+    def close(self) -> None:
+        """Release the DALI pipelines (their threads and buffers); a later epoch rebuilds them."""
+        for runner in self._runners.values():
+            runner.close()
+
+    def __enter__(self) -> DaliVideoLoader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _prepare(self, index: int) -> _Job:
+        source, plan = self.sources[index], self.plans[index]
+        if _is_frame_source(source):
+            return _image_job(index, source, plan, self.min_pixels, self.max_pixels)
+        return _video_job(index, os.fspath(source), plan)
+
+    def _load_batch(self, positions: Sequence[int]) -> Batch:
+        jobs = []
+        for index in positions:
+            try:
+                jobs.append(self._prepare(index))
+            except VideoDecodeError as error:
+                self._fail(index, error)
+        frames: dict[int, torch.Tensor] = {}
+        for kind in ("video", "image"):
+            group = [job for job in jobs if job.kind == kind]
+            for packed in _pack(group, self._runners[kind].batch_size):
+                frames.update(self._decode(packed))
+        return [(frames[i], self.plans[i], i) for i in positions if i in frames]
+
+    def _decode(self, jobs: list[_Job]) -> dict[int, torch.Tensor]:
+        """Decode ``jobs`` in one run; after a failure, each job alone, skipping the bad ones."""
+        try:
+            return self._run(jobs)
+        except _DaliRunError as failure:
+            if len(jobs) > 1:
+                decoded: dict[int, torch.Tensor] = {}
+                for job in jobs:
+                    decoded.update(self._decode([job]))
+                return decoded
+            self._fail(jobs[0].index, VideoDecodeError(jobs[0].label, self._explain(jobs[0], failure.reason)))
+            return {}
+
+    def _run(self, jobs: list[_Job]) -> dict[int, torch.Tensor]:
+        runner = self._runners[jobs[0].kind]
+        outputs = {job.index: torch.empty(job.shape, dtype=torch.uint8, device=self.torch_device) for job in jobs}
+        samples, targets = [], []
+        for job in jobs:
+            samples.extend(job.samples)
+            out = outputs[job.index]
+            targets.extend([out] if job.kind == "video" else list(out.unbind(0)))
+        for start in range(0, len(samples), runner.batch_size):
+            stop = start + runner.batch_size
+            runner.run(samples[start:stop], targets[start:stop])
+        return {job.index: _finish(job, outputs[job.index]) for job in jobs}
+
+    def _explain(self, job: _Job, reason: str) -> str:
+        if job.kind == "video" and self.device == "cpu":
+            codec = _video_codec(job.label)
+            if codec is not None and codec not in CPU_VIDEO_CODECS:
+                return (
+                    f"DALI's CPU video decoder cannot read {codec} (only {', '.join(CPU_VIDEO_CODECS)}): "
+                    f"decode it with device='gpu' or medgrpo.data.decode_cpu ({reason})"
+                )
+        return f"cannot decode {'video' if job.kind == 'video' else 'image'}: {reason}"
+
+    def _fail(self, index: int, error: VideoDecodeError) -> None:
+        if self.on_error == "raise":
+            raise error
+        self.skipped_sources.append((index, error.path, error.reason))
+        logger.warning("DALI loader (rank %d) skips source %d: %s", self.rank, index, error)
+
+
+def _finish(job: _Job, frames: torch.Tensor) -> torch.Tensor:
+    if job.inverse is None or job.inverse == list(range(frames.shape[0])):
+        return frames
+    return frames[torch.tensor(job.inverse, device=frames.device)]
+
+
+def _video_codec(path: str) -> str | None:
+    """The codec name of ``path``'s first video stream (via PyAV), or None when it cannot tell."""
+    try:
+        import av
+
+        with av.open(path) as container:
+            return container.streams.video[0].codec_context.name if container.streams.video else None
+    except Exception:  # noqa: BLE001 - only used to word an error message better
+        return None
+
+
+def _check_loader_args(
+    sources: Sequence, plans: Sequence, rank: int, world_size: int, batch_size: int, device: str, on_error: str
+) -> None:
+    if len(sources) != len(plans):
+        raise ValueError(f"got {len(sources)} sources but {len(plans)} plans")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One-off use.
+
+
+def load_video_sample(
+    video: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    fps: float = sampling.FPS,
+    nframes: int | None = None,
+    start_frame: int | None = None,
+    end_frame: int | None = None,
+    min_pixels: float | None = None,
+    max_pixels: float | None = None,
+    total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
+    device: str | None = None,
+    num_threads: int = 2,
+) -> tuple[torch.Tensor, FramePlan]:
+    """A record's video sampled and resized as qwen-vl-utils' ``fetch_video`` would, decoded by DALI.
+
+    Same arguments, plan and errors as :func:`medgrpo.data.decode_cpu.load_video_sample` (a video
+    file's frame count and rate are read with PyAV, so the plan is the same), plus ``device``
+    (``"gpu"`` when CUDA is available, else ``"cpu"``) and DALI's ``num_threads``. Builds a
+    one-source :class:`DaliVideoLoader` and frees it before returning; for many samples use the loader.
+
+    Returns:
+        ``(frames, plan)``: uint8 ``(plan.num_frames, plan.height, plan.width, 3)`` on ``device``.
+
+    Raises:
+        VideoDecodeError: unreadable input. ValueError: an impossible sampling request.
+        ImportError: DALI is not installed.
+    """
+    device = device or ("gpu" if torch.cuda.is_available() else "cpu")
+    _import_dali()
+    if _is_frame_source(video):
+        if nframes is not None or start_frame is not None or end_frame is not None:
+            raise ValueError("nframes/start_frame/end_frame apply to video files, not to frame lists")
+        paths = _frame_paths(video)
+        width, height = _read_image_bytes(paths[0])[1]
+        plan = sampling.plan_frame_list(
+            len(paths), height, width, sample_fps=fps, min_pixels=min_pixels, max_pixels=max_pixels,
+            total_pixels=total_pixels,
+        )  # fmt: skip
+        source: VideoSource = paths
+    else:
+        from medgrpo.data.decode_cpu import video_info
+
+        source = os.fspath(video)
+        total, video_fps, height, width = video_info(source)
+        plan = sampling.plan_frames(
+            total, video_fps, height, width, fps=fps, nframes=nframes,
+            min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
+            max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
+        )  # fmt: skip
+    with DaliVideoLoader(
+        [source], [plan], device=device, num_threads=num_threads, min_pixels=min_pixels, max_pixels=max_pixels,
+        on_error="raise",
+    ) as loader:  # fmt: skip
+        ((frames, plan, _),) = next(iter(loader))
+    return frames, plan
+
+
+__all__ = ["CPU_VIDEO_CODECS", "DaliVideoLoader", "INSTALL_HINT", "dali_available", "load_video_sample"]
