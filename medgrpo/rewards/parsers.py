@@ -319,7 +319,11 @@ _CVS_FORMAT = re.compile(
 def cvs_components(text: str) -> dict[str, int]:
     """Component scores as the official CVS evaluator reads them: comma-separated parts,
     lowercased; each part is tested for the components in a fixed order and only the
-    first one it names is read (a later part naming a component again overwrites it)."""
+    first one it names is read (a later part naming a component again overwrites it).
+
+    Official quirk: a part must contain "two structures" before the pattern
+    "two structures?:" is tried, so the singular "Two structure: 1" is not read.
+    """
     components: dict[str, int] = {}
     for part in text.split(","):
         part = part.strip().lower()
