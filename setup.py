@@ -200,9 +200,9 @@ setup(
         "gpu": ["triton>=3.0", "flash-attn"],
         "video": ["decord", "nvidia-dali-cuda120", "av", "pillow"],
         # Test oracles: Liger-Kernel (loss semantics), qwen-vl-utils (frame sampling),
-        # transformers (the Qwen2-VL processor's patch layout).
+        # transformers (the Qwen2-VL processor's patch layout); matplotlib (medgrpo eval --plot).
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "liger-kernel",
-                "qwen-vl-utils==0.0.14", "transformers>=4.51"],
+                "qwen-vl-utils==0.0.14", "transformers>=4.51", "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,0 +1,264 @@
+"""``medgrpo eval``: the paper's MedVidBench table from a file of predictions.
+
+    medgrpo eval --predictions results.json --output metrics.json [--plot runs.png --compare a.json b.json]
+    python -m medgrpo.rewards.evaluate --predictions results.json --output metrics.json
+
+Input formats:
+
+* the official results format: a JSON object keyed by index, each value with ``qa_type``,
+  ``data_source``, ``answer`` (the prediction), ``gnd`` (the reference), ``struc_info``,
+  ``question`` and ``metadata`` (``fps``); other fields are ignored;
+* our list format: a JSON list of objects ``{"id", "qa_type", "data_source", "prediction",
+  "reference", "struc_info", "question", "fps"}``; ``prediction``/``reference``/``fps`` may
+  also be spelled ``answer``/``gnd``/``metadata.fps`` (``id`` defaults to the position).
+
+An entry that cannot be read (not an object, no string ``qa_type``, a prediction or
+reference that is not a string) or that the official evaluator would crash on (e.g. an
+fps that is not a number) is counted and listed under ``malformed`` in the output, never
+dropped silently. The output JSON holds the overall numbers at top level under the
+leaderboard's names (``cvs_acc``, ..., ``rc_llm``; null = unavailable), and beside them
+``per_dataset``, ``normalized`` (every metric on [0, 1], judge scores as (s - 1) / 4),
+``average`` (their mean), ``counts``, ``malformed``, ``skipped`` and ``notes``.
+
+Without a judge the LLM metrics are null; without an embedder, next-action answers that
+are not a class are matched by loose string comparison only (``notes.nap_unresolved``
+counts the rest). Both are injected through :func:`main`'s keyword arguments or
+:func:`evaluate_file`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medgrpo.rewards.metrics import (
+    LLM_METRICS,
+    METRIC_KEYS,
+    UNKNOWN_SOURCE,
+    Embed,
+    EvalRecord,
+    Judge,
+    TaskResult,
+    evaluate_records,
+    llm_unit,
+)
+
+TABLE_COLUMNS = (
+    ("CVS acc", "cvs_acc"), ("NAP acc", "nap_acc"), ("SA acc", "sa_acc"), ("STG mIoU", "stg_miou"),
+    ("TAG mIoU@0.3", "tag_miou_03"), ("TAG mIoU@0.5", "tag_miou_05"), ("DVC F1", "dvc_f1"),
+    ("DVC llm", "dvc_llm"), ("VS llm", "vs_llm"), ("RC llm", "rc_llm"),
+)
+
+
+_SHORT = {"next_action": "nap", "dense_captioning": "dvc", "video_summary": "vs", "region_caption": "rc"}
+
+
+class InputError(ValueError):
+    """The predictions file is not one of the accepted formats."""
+
+
+def _data_source(entry: dict) -> str:
+    # Official: data_source when present and not "Unknown"; the official scripts then
+    # guess from video ids/questions, each differently; we group such entries as "Unknown".
+    value = entry.get("data_source")
+    return value if isinstance(value, str) and value and value != UNKNOWN_SOURCE else UNKNOWN_SOURCE
+
+
+def _fps(entry: dict) -> Any:
+    metadata = entry.get("metadata")
+    default = metadata.get("fps", 1.0) if isinstance(metadata, dict) else 1.0
+    return entry.get("fps", default)
+
+
+def to_record(key: str, entry: Any) -> EvalRecord:
+    """One entry of either input format as an :class:`EvalRecord`.
+
+    Raises:
+        ValueError: the entry is malformed (the message says how).
+    """
+    if not isinstance(entry, dict):
+        raise ValueError("entry is not an object")
+    qa_type = entry.get("qa_type")
+    if not isinstance(qa_type, str):
+        raise ValueError("qa_type missing or not a string")
+    answer = entry.get("answer", entry.get("prediction", ""))
+    gnd = entry.get("gnd", entry.get("reference", ""))
+    question = entry.get("question", "")
+    for name, value in (("prediction", answer), ("reference", gnd), ("question", question)):
+        if not isinstance(value, str):
+            raise ValueError(f"{name} is not a string")
+    return EvalRecord(key=key, qa_type=qa_type, data_source=_data_source(entry), answer=answer, gnd=gnd,
+                      question=question, struc_info=entry.get("struc_info"), fps=_fps(entry))
+
+
+def load_records(path: str | Path) -> tuple[list[EvalRecord], list[tuple[str, str]]]:
+    """(records, malformed (key, reason)) of a predictions file in either format.
+
+    Raises:
+        InputError: the file is not JSON, or neither an object nor a list.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {path}: {error}") from error
+    if isinstance(data, dict):
+        items = [(str(k), v) for k, v in data.items()]
+    elif isinstance(data, list):
+        items = [(str(e.get("id", i)) if isinstance(e, dict) else str(i), e) for i, e in enumerate(data)]
+    else:
+        raise InputError(f"{path}: expected a JSON object keyed by index or a list of records")
+    records, malformed = [], []
+    for key, entry in items:
+        try:
+            records.append(to_record(key, entry))
+        except ValueError as error:
+            malformed.append((key, str(error)))
+    return records, malformed
+
+
+def summarize(results: dict[str, TaskResult], malformed: list[tuple[str, str]]) -> dict[str, Any]:
+    """The output JSON of ``medgrpo eval`` from the task results (see the module docstring)."""
+    overall: dict[str, float | None] = dict.fromkeys(METRIC_KEYS)
+    per_dataset: dict[str, dict[str, float | None]] = {}
+    for result in results.values():
+        overall.update({k: v for k, v in result.overall.items() if k in overall})
+        for dataset, values in result.per_dataset.items():
+            per_dataset.setdefault(dataset, {}).update(values)
+    normalized = {k: (llm_unit(v) if k in LLM_METRICS else v) for k, v in overall.items()}
+    available = [v for v in normalized.values() if v is not None]
+    all_malformed = malformed + [m for r in results.values() for m in r.malformed]
+    return {
+        **overall,
+        "per_dataset": {ds: per_dataset[ds] for ds in sorted(per_dataset)},
+        "normalized": normalized,
+        "average": sum(available) / len(available) if available else None,
+        "counts": {task: {"evaluated": r.evaluated, "skipped": len(r.skipped), "malformed": len(r.malformed)}
+                   for task, r in results.items()},
+        "malformed": [{"key": k, "reason": why} for k, why in all_malformed],
+        "skipped": [{"task": t, "key": k, "reason": why} for t, r in results.items() for k, why in r.skipped],
+        "notes": {f"{_SHORT.get(t, t)}_{k}": v for t, r in results.items() for k, v in r.notes.items()},
+    }
+
+
+def evaluate_file(path: str | Path, *, judge: Judge | None = None, embed: Embed | None = None) -> dict[str, Any]:
+    """The ``medgrpo eval`` output JSON (a dict) for a predictions file."""
+    records, malformed = load_records(path)
+    return summarize(evaluate_records(records, judge=judge, embed=embed), malformed)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The paper's table: one row overall, then one per dataset ("-" = not available)."""
+    rows = [("Overall", {k: summary.get(k) for _, k in TABLE_COLUMNS})]
+    rows += sorted(summary["per_dataset"].items())
+    name_width = max(len(name) for name, _ in rows)
+    widths = [max(len(title), 6) for title, _ in TABLE_COLUMNS]
+    header = " | ".join([" " * name_width] + [t.rjust(w) for (t, _), w in zip(TABLE_COLUMNS, widths)])
+    lines = [header, "-" * len(header)]
+    for name, values in rows:
+        cells = [_cell(values.get(key)).rjust(w) for (_, key), w in zip(TABLE_COLUMNS, widths)]
+        lines.append(" | ".join([name.ljust(name_width)] + cells))
+    return "\n".join(lines)
+
+
+def _problems_report(summary: dict[str, Any]) -> str:
+    lines = [f"malformed entries: {len(summary['malformed'])}"]
+    lines += [f"  {m['key']}: {m['reason']}" for m in summary["malformed"][:20]]
+    if len(summary["malformed"]) > 20:
+        lines.append(f"  ... and {len(summary['malformed']) - 20} more (see the output JSON)")
+    lines.append(f"skipped by the official rules: {len(summary['skipped'])}")
+    lines += [f"{k}: {v}" for k, v in summary["notes"].items()]
+    return "\n".join(lines)
+
+
+def plot_runs(runs: Sequence[tuple[str, dict[str, Any]]], path: str | Path) -> None:
+    """Grouped bar chart of several runs' metrics on [0, 1] (judge scores as (s - 1) / 4),
+    written as PNG. Missing metrics are left out of their group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for _, k in TABLE_COLUMNS]
+    width = 0.8 / max(len(runs), 1)
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(keys)), 4.5))
+    for i, (label, summary) in enumerate(runs):
+        values = [(j, _normalized(summary, k)) for j, k in enumerate(keys)]
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j, v in values if v is not None]
+        ax.bar(xs, [v for _, v in values if v is not None], width, label=label)
+    ax.set_xticks(range(len(keys)), [t for t, _ in TABLE_COLUMNS], rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (LLM judge: (s - 1) / 4)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def _normalized(summary: dict[str, Any], key: str) -> float | None:
+    value = summary.get("normalized", {}).get(key)
+    if value is None and summary.get(key) is not None:
+        value = llm_unit(summary[key]) if key in LLM_METRICS else summary[key]
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``eval``'s options to ``parser`` (for a top-level ``medgrpo`` CLI)."""
+    parser.add_argument("--predictions", required=True, help="results file (official format or our list)")
+    parser.add_argument("--output", required=True, help="metrics JSON to write")
+    parser.add_argument("--plot", help="PNG comparing this run with the --compare runs")
+    parser.add_argument("--compare", nargs="*", default=[], help="metrics JSON files of other runs (for --plot)")
+    parser.add_argument("--label", help="name of this run in the plot (default: the predictions file name)")
+    return parser
+
+
+def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
+    """The ``eval`` parser: registered on ``subparsers`` (from ``add_subparsers()``) when
+    given, else standalone. Its ``func`` default runs the command on parsed arguments."""
+    description = "MedVidBench metrics (official leaderboard numbers) of a predictions file."
+    if subparsers is None:
+        parser = argparse.ArgumentParser(prog="medgrpo eval", description=description)
+    else:
+        parser = subparsers.add_parser("eval", help=description, description=description)
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _load_summary(path: str) -> dict[str, Any]:
+    summary = json.loads(Path(path).read_text())
+    if not isinstance(summary, dict):
+        raise InputError(f"{path}: not a metrics JSON object")
+    return summary
+
+
+def run(args: argparse.Namespace, *, judge: Judge | None = None, embed: Embed | None = None) -> int:
+    """Run ``eval`` on parsed arguments; 0 on success, 2 when an input cannot be read."""
+    try:
+        summary = evaluate_file(args.predictions, judge=judge, embed=embed)
+        compared = [(Path(p).stem, _load_summary(p)) for p in args.compare]
+    except (InputError, OSError, json.JSONDecodeError) as error:
+        print(f"medgrpo eval: {error}", file=sys.stderr)
+        return 2
+    Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_table(summary))
+    print(_problems_report(summary))
+    if args.plot:
+        plot_runs([(args.label or Path(args.predictions).stem, summary), *compared], args.plot)
+    return 0
+
+
+def main(argv: list[str] | None = None, *, judge: Judge | None = None, embed: Embed | None = None) -> int:
+    """``medgrpo eval`` entry point (``judge``/``embed``: see :mod:`medgrpo.rewards.metrics`)."""
+    return run(build_parser().parse_args(argv), judge=judge, embed=embed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,347 @@
+"""Metrics: hand-computed values in the official formats, the official quirks, and a
+randomized cross-check against the authors' evaluator where it can be imported."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medgrpo.rewards.metrics import (
+    EvalRecord,
+    JudgeRequest,
+    caption_metrics,
+    cvs_metrics,
+    dvc_metrics,
+    evaluate_records,
+    greedy_matched_ious,
+    llm_unit,
+    nap_metrics,
+    official_task,
+    skill_metrics,
+    stg_metrics,
+    tal_metrics,
+    temporal_f1,
+)
+
+MIRROR = Path("/work/.mirror/UII-AI+MedGRPO-Code/repo")
+FIRST_COMMIT = "f098b64"
+
+
+def rec(key, qa_type, answer, gnd="", source="AVOS", **kw) -> EvalRecord:
+    return EvalRecord(key=str(key), qa_type=qa_type, data_source=source, answer=answer, gnd=gnd, **kw)
+
+
+def spans(*pairs):
+    return [{"spans": [{"start": a, "end": b} for a, b in pairs]}]
+
+
+def fake_embed(texts: list[str]) -> torch.Tensor:
+    """Deterministic stand-in for all-MiniLM-L6-v2: normalized letter counts."""
+    out = torch.zeros(len(texts), 26)
+    for i, text in enumerate(texts):
+        for ch in text.lower():
+            if "a" <= ch <= "z":
+                out[i, ord(ch) - 97] += 1
+    return torch.nn.functional.normalize(out + 1e-3, dim=1)
+
+
+class TestTal:
+    def test_greedy_one_to_one_in_ground_truth_order(self):
+        # gt (0,6) takes pred (0,5) (IoU 5/6 > 0.6); gt (0,10) then takes pred (0,10).
+        assert greedy_matched_ious([(0, 10), (0, 5)], [(0, 6), (0, 10)], 0.5) == pytest.approx([5 / 6, 1.0])
+        # One prediction serves one ground truth only.
+        assert greedy_matched_ious([(0, 10)], [(0, 10), (0, 9)], 0.3) == [1.0]
+
+    def test_hand_computed_record_and_thresholds(self):
+        records = [
+            rec(0, "tal", "1.0-3.0, 5.0-9.0 seconds.", struc_info=spans((1, 4), (6, 9)), fps="1.0"),
+            rec(1, "tal", "The action is at 0.0-4.0 seconds.", struc_info=spans((0, 10)), fps=2),
+            rec(2, "tal", "no idea", struc_info=spans((0, 10)), source="CoPESD"),
+            rec(3, "tal", "0-10 seconds.", struc_info=[], source="CoPESD"),
+        ]
+        result = tal_metrics(records)
+        # record 0: (2/3 + 3/4) / 2 at both thresholds; record 1: IoU 0.4 passes 0.3 only.
+        r0 = (2 / 3 + 0.75) / 2
+        assert result.overall["tag_miou_03"] == pytest.approx((r0 + 0.4) / 4, abs=1e-12)
+        assert result.overall["tag_miou_05"] == pytest.approx(r0 / 4, abs=1e-12)
+        assert result.per_dataset["CoPESD"] == {"tag_miou_03": 0.0, "tag_miou_05": 0.0}
+        assert result.evaluated == 4
+
+    def test_bad_fps_is_malformed(self):
+        result = tal_metrics([rec(0, "tal", "0-1 seconds.", struc_info=spans((0, 1)), fps="fast")])
+        assert result.evaluated == 0 and result.malformed[0][0] == "0" and result.overall["tag_miou_03"] is None
+
+
+class TestStg:
+    GT = [{"bbox_dict": {"1.0": [0, 0, 10, 10], "2.0": [0, 0, 10, 10], "3.0": [0, 0, 10, 10]}}]
+
+    def test_fill_from_previous(self):
+        # 2.0 is missing: it takes the box of 1.0 (IoU 1); 3.0: 25/100.
+        answer = "1.0 seconds: [0, 0, 10, 10] 3.0 seconds: [0, 0, 5, 5]"
+        result = stg_metrics([rec(0, "stg", answer, struc_info=self.GT)])
+        assert result.overall["stg_miou"] == pytest.approx(0.75)
+
+    def test_missing_first_time_and_explicit_zero_box(self):
+        # 1.0 missing -> [0,0,0,0] (IoU 0); 2.0 = [0,0,0,0] -> previous (still zeros); 3.0 IoU 1.
+        answer = "2.0 seconds: [0, 0, 0, 0] 3.0 seconds: [0, 0, 10, 10]"
+        assert stg_metrics([rec(0, "stg", answer, struc_info=self.GT)]).overall["stg_miou"] == pytest.approx(1 / 3)
+
+    def test_bare_boxes_only_meet_one_decimal_keys(self):
+        gt_int_keys = [{"bbox_dict": {"1": [0, 0, 10, 10], "2": [0, 0, 10, 10]}}]
+        bare = "[[0, 0, 10, 10]] [[0, 0, 10, 10]]"
+        assert stg_metrics([rec(0, "stg", bare, struc_info=self.GT)]).overall["stg_miou"] == pytest.approx(1.0)
+        # Official quirk: raw keys "1", "2" never equal the looked-up "1.0", "2.0".
+        assert stg_metrics([rec(0, "stg", bare, struc_info=gt_int_keys)]).overall["stg_miou"] == 0.0
+
+    def test_record_without_valid_ground_truth_is_left_out(self):
+        records = [rec(0, "stg", "1.0 seconds: [0, 0, 10, 10]", struc_info=self.GT),
+                   rec(1, "stg", "1.0 seconds: [0, 0, 10, 10]", struc_info=[{"bbox_dict": {"1.0": "n/a"}}])]
+        result = stg_metrics(records)
+        # Record 0: 2.0 and 3.0 take the box of 1.0 -> 1.0; record 1 is not averaged in as 0.
+        assert result.overall["stg_miou"] == 1.0 and result.skipped == [("1", "no valid ground-truth box")]
+
+
+class TestDenseCaptioning:
+    def test_overlap_flattening_and_thresholds(self):
+        # Predictions 0-10 and 5-15 overlap -> (0,5), (5,10), (10,15). Against (0,10), (10,15):
+        # IoUs 0.5 - eps, 0.5 - eps, 1 -> P = (1, 1/3, 1/3), R = (1, 1/2, 1/2); F1 = 20/33.
+        gt = [{"start": 0, "end": 10, "caption": "a"}, {"start": 10, "end": 15, "caption": "b"}]
+        record = rec(0, "dense_captioning_gpt", "0-10 seconds: a\n5-15 seconds: b", struc_info=gt)
+        assert dvc_metrics([record]).overall["dvc_f1"] == pytest.approx(20 / 33, abs=1e-9)
+        assert temporal_f1([(0, 10)], [(0, 10)]) == pytest.approx(1.0)
+
+    def test_dataset_weights_count_unparsed_records(self):
+        gt = [{"start": 0, "end": 10, "caption": "a"}]
+        half = "0-10 seconds: a\n20-30 seconds: b"  # P = 1/2, R = 1 -> F1 = 2/3
+        records = [rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt, source="A"),
+                   rec(1, "dense_captioning", "nothing parsable", struc_info=gt, source="A"),
+                   rec(2, "dense_captioning", half, struc_info=gt, source="B")]
+        result = dvc_metrics(records)
+        # Official quirk: A's F1 is 1 (its unparsed record left out) but A weighs 2 records.
+        assert result.per_dataset["A"]["dvc_f1"] == 1.0
+        assert result.overall["dvc_f1"] == pytest.approx((1.0 * 2 + 2 / 3) / 3)
+        assert result.overall["dvc_llm"] is None
+
+    def test_judge_scores_matched_pairs_per_threshold(self):
+        gt = [{"start": 0, "end": 10, "caption": "ref a"}, {"start": 10, "end": 20, "caption": "ref b"}]
+        # pred 0-6 vs ref a: IoU 0.6 (pairs at 0.3 and 0.5); pred 10-20 vs ref b: IoU 1 (all).
+        answer = "0-6 seconds: short\n10-20 seconds: long caption"
+        seen: list[JudgeRequest] = []
+
+        def judge(requests):
+            seen.extend(requests)
+            return [2.0 if r.prediction == "short" else 4.0 for r in requests]
+
+        result = dvc_metrics([rec(0, "dense_captioning", answer, struc_info=gt)], judge)
+        assert len(seen) == 5 and {r.reference for r in seen} == {"ref a", "ref b"}
+        assert result.overall["dvc_llm"] == pytest.approx((3.0 + 3.0 + 4.0) / 3)
+
+    def test_dataset_without_matched_pairs_scores_zero_in_the_pool(self):
+        gt = [{"start": 0, "end": 10, "caption": "a"}]
+        records = [rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt, source="A"),
+                   rec(1, "dense_captioning", "50-60 seconds: far", struc_info=gt, source="B")]
+        result = dvc_metrics(records, lambda rs: [5.0] * len(rs))
+        assert result.per_dataset["B"]["dvc_llm"] == 0.0 and result.overall["dvc_llm"] == pytest.approx(2.5)
+
+    def test_judge_without_any_score_is_unavailable(self):
+        gt = [{"start": 0, "end": 10, "caption": "a"}]
+        record = rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt)
+        result = dvc_metrics([record], lambda rs: [None] * len(rs))
+        assert result.overall["dvc_llm"] is None and result.notes["judge_missing"] == 3
+
+
+class TestNextAction:
+    def test_exact_match_fallback_and_left_out(self):
+        records = [rec(0, "next_action", "cutting", "cutting"),
+                   rec(1, "next_action", " tying ", "tying"),
+                   rec(2, "next_action", "Suturing!", "suturing"),
+                   rec(3, "next_action", "cutting", "stapling")]  # ground truth not a class: left out
+        no_embed = nap_metrics(records)
+        # Without an embedder "Suturing!" still meets "suturing" loosely.
+        assert no_embed.overall["nap_acc"] == 1.0 and no_embed.evaluated == 3
+        assert no_embed.skipped == [("3", "ground truth not in the class list")]
+        assert nap_metrics(records, fake_embed).overall["nap_acc"] == 1.0
+
+    def test_unresolved_without_embedder_counts_wrong(self):
+        records = [rec(0, "next_action", "tyings", "tying")]
+        assert nap_metrics(records).overall["nap_acc"] == 0.0 and nap_metrics(records).notes["unresolved"] == 1
+        assert nap_metrics(records, fake_embed).overall["nap_acc"] == 1.0
+
+    def test_case_matters_for_exact_match(self):
+        # Official: "Cutting" is not the class "cutting"; it goes to its nearest class.
+        embed_calls = []
+
+        def spy(texts):
+            embed_calls.append(list(texts))
+            return fake_embed(texts)
+
+        assert nap_metrics([rec(0, "next_action", "Cutting", "cutting")], spy).overall["nap_acc"] == 1.0
+        assert embed_calls[0] == ["Cutting"]
+
+    def test_classes_from_ground_truths_and_copesd_renames(self):
+        records = [rec(0, "next_action", "grasp", "grasp", source="EgoSurgery"),
+                   rec(1, "next_action", "cut", "grasp", source="EgoSurgery"),
+                   rec(2, "next_action", "cutt", "cut", source="EgoSurgery"),
+                   rec(3, "next_action", "hold flap with forceps", "stabilize flap with forceps", source="CoPESD")]
+        result = nap_metrics(records, fake_embed)
+        assert result.per_dataset["EgoSurgery"]["nap_acc"] == pytest.approx(2 / 3)
+        assert result.per_dataset["CoPESD"]["nap_acc"] == 1.0
+        assert result.overall["nap_acc"] == pytest.approx(3 / 4)
+
+    def test_a_single_distinct_ground_truth_makes_every_answer_right(self):
+        # Official quirk: without a class list the classes are the distinct ground truths.
+        records = [rec(0, "next_action", "anything at all", "grasp", source="EgoSurgery")]
+        assert nap_metrics(records, fake_embed).overall["nap_acc"] == 1.0
+
+    def test_nurvid_insulin_questions_use_the_first_matching_procedure(self):
+        # Official quirk: "Subcutaneous Injection" precedes "... Insulin"; its list lacks
+        # "Prepare medication solution", so this ground truth is left out.
+        question = "In this Subcutaneous Injection Insulin video, what comes next?"
+        record = rec(0, "next_action", "Prepare medication solution", "Prepare medication solution",
+                     source="NurViD", question=question)
+        assert nap_metrics([record]).evaluated == 0
+
+
+class TestCvsAndSkill:
+    def test_cvs_missing_component_costs_nothing_and_datasets_are_macro_averaged(self):
+        gt = [{"cvs_scores": {"two_structures": 2, "cystic_plate": 0, "hepatocystic_triangle": 1, "total": 3}}]
+        records = [
+            rec(0, "cvs_assessment", "Two structures: 2, Cystic plate: 1", struc_info=gt, source="A"),
+            rec(1, "cvs_assessment", "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1", struc_info=gt,
+                source="A"),
+            rec(2, "cvs_assessment", "unparsable", "Two structures: 1, Cystic plate: 1, Hepatocystic triangle: 1",
+                source="B"),
+            rec(3, "cvs_assessment", "Two structures: 0, Cystic plate: 1, Hepatocystic triangle: 1",
+                "Two structures: 1, Cystic plate: 1, Hepatocystic triangle: 1", source="B"),
+        ]
+        result = cvs_metrics(records)
+        # A: two_structures 2/2, cystic_plate 1/2, triangle 1/1 -> 5/6. B: 0, 1, 1 -> 2/3.
+        assert result.per_dataset["A"]["cvs_acc"] == pytest.approx(5 / 6)
+        assert result.per_dataset["B"]["cvs_acc"] == pytest.approx(2 / 3)
+        assert result.overall["cvs_acc"] == pytest.approx((5 / 6 + 2 / 3) / 2)
+
+    def test_skill_unparsable_answers_are_skipped_and_names_are_exact(self):
+        gnd = "Respect for tissue: 2/5, Time and motion: 3/5"
+        records = [
+            rec(0, "skill_assessment", "Respect for tissue: 2/5, Time and motion: 4/5", gnd, source="JIGSAWS"),
+            rec(1, "skill_assessment", "respect for tissue: 2/5, Time and motion: 3/5", gnd, source="JIGSAWS"),
+            rec(2, "skill_assessment", "The surgeon is a novice.", gnd, source="JIGSAWS"),
+        ]
+        result = skill_metrics(records)
+        # Respect for tissue: 1/1 (lowercase name not compared); Time and motion: 1/2.
+        assert result.overall["sa_acc"] == pytest.approx(0.75)
+        assert result.evaluated == 2 and result.skipped == [("2", "no N/5 score in the answer")]
+
+    def test_skill_struc_info_level_and_scores(self):
+        struc = [{"skill_level": "N", "skill_scores": {"Respect for tissue": 3}}]
+        result = skill_metrics([rec(0, "skill_assessment", "Respect for tissue: 3/5", "", struc_info=struc)])
+        assert result.overall["sa_acc"] == 1.0
+
+    def test_non_numeric_ground_truth_is_malformed(self):
+        gt = [{"cvs_scores": {"two_structures": "2"}}]
+        result = cvs_metrics([rec(0, "cvs_assessment", "Two structures: 2", struc_info=gt)])
+        assert result.malformed and result.overall["cvs_acc"] == 0.0
+
+
+class TestCaptionsAndRouting:
+    def test_judge_none_is_unavailable_and_empty_answers_are_not_judged(self):
+        records = [rec(0, "video_summary_gpt", "A summary.", "Ref."), rec(1, "video_summary", "", "Ref.")]
+        assert caption_metrics(records, "video_summary", None).overall == {"vs_llm": None}
+        result = caption_metrics(records, "video_summary", lambda rs: [4.5 for _ in rs])
+        assert result.overall["vs_llm"] == 4.5 and result.evaluated == 1 and len(result.skipped) == 1
+        failed = caption_metrics(records, "video_summary", lambda rs: [None for _ in rs])
+        assert failed.overall["vs_llm"] is None and failed.notes["judge_missing"] == 1
+
+    def test_official_task_routing(self):
+        assert official_task("dense_captioning_gemini") == "dense_captioning"
+        assert official_task("region_caption_gpt") == "region_caption"
+        assert official_task("cvs_assessment") == "cvs_assessment" and official_task("CVS_assessment") is None
+        assert official_task("tal") == "tal" and official_task("something") is None
+
+    def test_unknown_types_are_reported(self):
+        results = evaluate_records([rec(0, "qa_free", "x")])
+        assert results["unknown"].skipped == [("0", "unknown qa_type 'qa_free'")]
+
+    def test_llm_unit(self):
+        assert llm_unit(1.0) == 0.0 and llm_unit(5.0) == 1.0 and llm_unit(None) is None
+
+
+# --- cross-check against the authors' evaluator -------------------------------------------
+
+
+def official_module(tmp_path_factory, name: str):
+    """Import ``evaluation/<name>.py`` of the authors' first commit from the local mirror;
+    skip when the mirror is absent or the module's own imports are unavailable."""
+    if not MIRROR.exists():
+        pytest.skip("official evaluator mirror not available")
+    source = subprocess.run(["git", "-C", str(MIRROR), "show", f"{FIRST_COMMIT}:evaluation/{name}.py"],
+                            capture_output=True, text=True, check=False)
+    if source.returncode != 0:
+        pytest.skip(f"evaluation/{name}.py not in the mirror")
+    path = tmp_path_factory.mktemp("official") / f"{name}.py"
+    path.write_text(source.stdout)
+    spec = importlib.util.spec_from_file_location(f"official_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as error:  # its imports point at the authors' machine
+        pytest.skip(f"official {name} not importable here: {error}")
+    finally:
+        sys.modules.pop(f"official_{name}", None)
+    return module
+
+
+CVS_NAMES = ("Two structures", "Cystic plate", "Hepatocystic triangle")
+
+
+def random_cvs_text(rng: random.Random) -> str:
+    parts = [f"{n}: {rng.randint(0, 2)}" for n in CVS_NAMES if rng.random() < 0.85]
+    if rng.random() < 0.2:
+        parts.append("I am fairly sure")
+    return (", " if rng.random() < 0.8 else " ").join(parts)
+
+
+def random_skill_text(rng: random.Random) -> str:
+    from medgrpo.rewards.parsers import SKILL_ASPECTS
+
+    if rng.random() < 0.1:
+        return "an intermediate surgeon"
+    names = [a if rng.random() < 0.9 else a.lower() for a in SKILL_ASPECTS if rng.random() < 0.85]
+    return ", ".join(f"{n}: {rng.randint(1, 5)}/5" for n in names)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cvs_equals_official(tmp_path_factory, seed):
+    official = official_module(tmp_path_factory, "eval_cvs_assessment")
+    rng = random.Random(seed)
+    raw = []
+    for _ in range(60):
+        struc = [] if rng.random() < 0.5 else [{"cvs_scores": {
+            "two_structures": rng.randint(0, 2), "cystic_plate": rng.randint(0, 2),
+            "hepatocystic_triangle": rng.randint(0, 2)}}]
+        raw.append({"question": "q", "answer": random_cvs_text(rng), "gnd": random_cvs_text(rng), "struc_info": struc})
+    expected = official.evaluate_cvs_assessment(raw)["component_balanced_accuracy"]
+    ours = cvs_metrics([rec(i, "cvs_assessment", r["answer"], r["gnd"], struc_info=r["struc_info"])
+                        for i, r in enumerate(raw)])
+    assert ours.overall["cvs_acc"] == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_skill_equals_official(tmp_path_factory, seed):
+    official = official_module(tmp_path_factory, "eval_skill_assessment")
+    rng = random.Random(seed)
+    raw = []
+    for _ in range(60):
+        struc = [] if rng.random() < 0.6 else [{"skill_level": rng.choice(["N", "I", "E"])}]
+        raw.append({"question": "q", "answer": random_skill_text(rng), "gnd": random_skill_text(rng),
+                    "struc_info": struc})
+    expected = official.evaluate_skill_assessment(raw)["aspect_balanced_accuracy"]
+    ours = skill_metrics([rec(i, "skill_assessment", r["answer"], r["gnd"], struc_info=r["struc_info"])
+                          for i, r in enumerate(raw)])
+    assert ours.overall["sa_acc"] == pytest.approx(expected, abs=1e-9)
