@@ -21,11 +21,15 @@ judge's HTTP path (concurrency, timeouts, retries, parsing) is exercised end to 
 An action comes from the FIFO of :meth:`JudgeServer.push` first, else from the first
 :meth:`JudgeServer.rule` whose substring is in the prediction, else ``ok``. Every request
 also sleeps ``delay_s`` (so concurrent requests overlap and ``max_in_flight`` is meaningful).
+
+:class:`JudgeServerProcess` runs the same server in a child process, so a benchmark times
+the client alone, not the client and the server sharing one interpreter's GIL.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import re
 import threading
 import time
@@ -152,6 +156,9 @@ def _completion(model: str, content: str) -> dict[str, Any]:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the OpenAI client's connection pool expects
+    # Headers and body go out in two writes; with Nagle's algorithm the body would wait for
+    # the client's delayed ACK (~40 ms per request on Linux), which is not the judge's latency.
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:  # silence the per-request access log
         pass
@@ -199,3 +206,37 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _completion(model, json.dumps(scores)))
         else:
             self._send(200, _completion(model, json.dumps(deterministic_scores(reference, prediction))))
+
+
+def _serve_until_told(delay_s: float, conn) -> None:
+    with JudgeServer(delay_s=delay_s) as server:
+        conn.send(server.base_url)
+        conn.recv()  # anything (or EOF when the parent dies) stops it
+
+
+class JudgeServerProcess:
+    """A :class:`JudgeServer` (``ok`` to every request after ``delay_s``) in a spawned child process.
+
+    ``with JudgeServerProcess(delay_s=0.02) as base_url: ...``
+    """
+
+    def __init__(self, *, delay_s: float = 0.0) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+        self._conn, child_conn = context.Pipe()
+        self._process = context.Process(target=_serve_until_told, args=(delay_s, child_conn), daemon=True)
+
+    def __enter__(self) -> str:
+        self._process.start()
+        if not self._conn.poll(120):
+            self._process.kill()
+            raise RuntimeError("the judge server process did not start")
+        return self._conn.recv()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._conn.send("stop")
+        except (BrokenPipeError, OSError):
+            pass
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()
