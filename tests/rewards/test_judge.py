@@ -296,3 +296,43 @@ def test_missing_api_key_variable_sends_placeholder(server: JudgeServer, monkeyp
 def test_invalid_config_is_rejected() -> None:
     with pytest.raises(ValueError):
         JudgeConfig(base_url="http://localhost:1/v1", model="m", max_concurrency=0)
+
+
+def test_cache_writer_is_not_blocked_by_an_open_reader(tmp_path) -> None:
+    from medgrpo.rewards.judge_cache import JudgeCache, cache_key
+
+    path = tmp_path / "shared.sqlite"
+    writer = JudgeCache(path, DIMENSIONS, busy_timeout_s=0.2)
+    reader = sqlite3.connect(path, timeout=0.2)
+    key = cache_key("m", JUDGE_PROMPT_VERSION, "ref", "pred")
+    writer.put_many([(key, "m", JUDGE_PROMPT_VERSION, (1, 2, 3, 4, 5))])
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT COUNT(*) FROM judge_scores").fetchone() == (1,)  # read transaction open
+    other = cache_key("m", JUDGE_PROMPT_VERSION, "ref", "other")
+    writer.put_many([(other, "m", JUDGE_PROMPT_VERSION, (5, 5, 5, 5, 5))])  # WAL: no "database is locked"
+    assert reader.execute("SELECT COUNT(*) FROM judge_scores").fetchone() == (1,)  # its snapshot is stable
+    reader.execute("COMMIT")
+    assert reader.execute("SELECT COUNT(*) FROM judge_scores").fetchone() == (2,)
+    assert JudgeCache(path, DIMENSIONS).get_many([key, other, "absent"]) == {key: (1, 2, 3, 4, 5),
+                                                                             other: (5, 5, 5, 5, 5)}
+    reader.close()
+    writer.close()
+
+
+def test_backoff_is_exponential_capped_and_honours_retry_after(server: JudgeServer,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
+    import openai
+
+    monkeypatch.setattr(judge_module.random, "uniform", lambda lo, hi: hi)  # no jitter
+    request = httpx2.Request("POST", server.base_url + "/chat/completions")
+
+    def error(headers: dict) -> openai.RateLimitError:
+        return openai.RateLimitError("429", response=httpx2.Response(429, headers=headers, request=request), body=None)
+
+    with make_judge(server, backoff_base_s=0.5, backoff_max_s=4.0) as judge:
+        assert [judge._backoff(i, error({})) for i in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+        assert judge._backoff(0, error({"retry-after": "3"})) == 3.0
+        assert judge._backoff(0, error({"retry-after": "60"})) == 4.0
+        assert judge._backoff(1, error({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"})) == 1.0
+        assert judge._backoff(2, openai.APITimeoutError(request=request)) == 2.0

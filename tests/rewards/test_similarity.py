@@ -76,3 +76,10 @@ def test_nearest_label(embedder: sim.SentenceEmbedder) -> None:
 def test_module_functions_share_one_cached_model() -> None:
     assert sim.get_embedder() is sim.get_embedder()
     torch.testing.assert_close(sim.similarity(["a cat"], ["a cat"]), torch.ones(1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_embeddings_match_cpu(embedder: sim.SentenceEmbedder) -> None:
+    cuda = sim.get_embedder(device="cuda")
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.embed(TEXTS), embedder.embed(TEXTS), atol=1e-4, rtol=1e-3)
