@@ -149,7 +149,8 @@ def embed(texts: Sequence[str], *, model_dir: Optional[str | os.PathLike] = None
     return get_embedder(model_dir).embed(texts)
 
 
-def similarity(a: Sequence[str], b: Sequence[str], *, model_dir: Optional[str | os.PathLike] = None) -> torch.Tensor:
+def semantic_similarity(a: Sequence[str], b: Sequence[str], *,
+                        model_dir: Optional[str | os.PathLike] = None) -> torch.Tensor:
     """(n,) cosine similarity of ``a[i]`` and ``b[i]`` with the cached default embedder."""
     return get_embedder(model_dir).similarity(a, b)
 

@@ -75,7 +75,9 @@ def test_nearest_label(embedder: sim.SentenceEmbedder) -> None:
 
 def test_module_functions_share_one_cached_model() -> None:
     assert sim.get_embedder() is sim.get_embedder()
-    torch.testing.assert_close(sim.similarity(["a cat"], ["a cat"]), torch.ones(1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(sim.semantic_similarity(["a cat"], ["a cat"]), torch.ones(1), atol=1e-6, rtol=0)
+    assert sim.embed(["a cat"]).shape == (1, sim.EMBEDDING_DIM)
+    assert sim.nearest_label(["a small cat"], ["dog", "cat"])[0].tolist() == [1]
 
 
 @pytest.mark.gpu
