@@ -55,7 +55,9 @@ import numpy as np
 import torch
 
 from medgrpo.data import sampling
-from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, list_frame_files
+from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, list_frame_files, resize_frames
+from medgrpo.data.records import RegionCaptionInfo
+from medgrpo.data.region_box import box_frame_position, draw_region_box_
 from medgrpo.data.sampling import FramePlan
 
 logger = logging.getLogger(__name__)
@@ -175,17 +177,37 @@ class _Job:
     samples: list[dict[str, np.ndarray]]
     inverse: list[int] | None = None  # image jobs: plan position -> decoded distinct frame
     shape: tuple[int, ...] = field(default=())
+    box: RegionCaptionInfo | None = None  # drawn between the decoder's output and the final resize
 
 
-def _video_job(index: int, path: str, plan: FramePlan) -> _Job:
+def _video_size(path: str) -> tuple[int, int]:
+    """``(height, width)`` of a video file's frames, from its header (PyAV; nothing decoded)."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            context = container.streams.video[0].codec_context
+            return context.height, context.width
+    except (av.FFmpegError, IndexError) as error:
+        raise VideoDecodeError(path, f"cannot read the video header: {error}") from error
+
+
+def _video_job(index: int, path: str, plan: FramePlan, box: RegionCaptionInfo | None = None) -> _Job:
     data = _read_bytes(path)
     wanted = _check_indices(plan.indices, path)
-    sample = {"encoded": data, "frames": np.asarray(wanted, np.int32), "size": _size_input(plan.height, plan.width)}
-    return _Job(index, path, "video", plan, [sample], shape=(len(wanted), plan.height, plan.width, 3))
+    # With a region box, DALI returns the frames at their own size: the box goes on before the resize.
+    height, width = _video_size(path) if box is not None else (plan.height, plan.width)
+    sample = {"encoded": data, "frames": np.asarray(wanted, np.int32), "size": _size_input(height, width)}
+    return _Job(index, path, "video", plan, [sample], shape=(len(wanted), height, width, 3), box=box)
 
 
 def _image_job(
-    index: int, source: VideoSource, plan: FramePlan, min_pixels: float | None, max_pixels: float | None
+    index: int,
+    source: VideoSource,
+    plan: FramePlan,
+    min_pixels: float | None,
+    max_pixels: float | None,
+    box: RegionCaptionInfo | None = None,
 ) -> _Job:
     paths = _frame_paths(source)
     label = _source_label(source)
@@ -197,11 +219,14 @@ def _image_job(
         raise VideoDecodeError(label, f"frames differ in size: {sorted(sizes)}")
     width, height = sizes.pop()
     pre_height, pre_width = sampling.frame_list_presize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
-    presize, size = _size_input(pre_height, pre_width), _size_input(plan.height, plan.width)
+    # With a region box, DALI stops at the first (per-image) resize: the box goes on, then the video resize.
+    out_height, out_width = (pre_height, pre_width) if box is not None else (plan.height, plan.width)
+    presize, size = _size_input(pre_height, pre_width), _size_input(out_height, out_width)
     samples = [{"encoded": data, "presize": presize, "size": size} for data, _ in images]
     position = {frame: k for k, frame in enumerate(distinct)}
     inverse = [position[i] for i in wanted]
-    return _Job(index, label, "image", plan, samples, inverse, (len(distinct), plan.height, plan.width, 3))
+    shape = (len(distinct), out_height, out_width, 3)
+    return _Job(index, label, "image", plan, samples, inverse, shape, box)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,6 +365,9 @@ class DaliVideoLoader:
             decides the first, per-image resize of frame lists, as in qwen-vl-utils).
         frames_per_run: frame images per DALI run of the image pipeline.
         on_error: ``"skip"`` (count, log, leave the source out of its batch) or ``"raise"``.
+        region_boxes: per source, a region-caption box to draw (or None), as
+            :mod:`medgrpo.data.region_box` says; those sources skip DALI's final resize and are
+            resized with :func:`~medgrpo.data.decode_cpu.resize_frames` on the device after the box.
 
     Iterating yields one list per ``batch_size`` sources of the shard, in order, of
     ``(frames, plan, source_index)``: ``frames`` uint8 ``(plan.num_frames, plan.height,
@@ -363,9 +391,13 @@ class DaliVideoLoader:
         max_pixels: float | None = None,
         frames_per_run: int = 64,
         on_error: str = "skip",
+        region_boxes: Sequence[RegionCaptionInfo | None] | None = None,
     ):
         device = device or ("gpu" if torch.cuda.is_available() else "cpu")
         _check_loader_args(sources, plans, rank, world_size, batch_size, device, on_error)
+        if region_boxes is not None and len(region_boxes) != len(sources):
+            raise ValueError(f"got {len(sources)} sources but {len(region_boxes)} region boxes")
+        self.region_boxes = list(region_boxes) if region_boxes is not None else [None] * len(sources)
         _import_dali()  # fail now, with the install hint, rather than at the first batch
         self.sources, self.plans = list(sources), list(plans)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -405,10 +437,10 @@ class DaliVideoLoader:
         self.close()
 
     def _prepare(self, index: int) -> _Job:
-        source, plan = self.sources[index], self.plans[index]
+        source, plan, box = self.sources[index], self.plans[index], self.region_boxes[index]
         if _is_frame_source(source):
-            return _image_job(index, source, plan, self.min_pixels, self.max_pixels)
-        return _video_job(index, os.fspath(source), plan)
+            return _image_job(index, source, plan, self.min_pixels, self.max_pixels, box)
+        return _video_job(index, os.fspath(source), plan, box)
 
     def _load_batch(self, positions: Sequence[int]) -> Batch:
         jobs = []
@@ -468,9 +500,22 @@ class DaliVideoLoader:
 
 
 def _finish(job: _Job, frames: torch.Tensor) -> torch.Tensor:
-    if job.inverse is None or job.inverse == list(range(frames.shape[0])):
-        return frames
-    return frames[torch.tensor(job.inverse, device=frames.device)]
+    if job.box is not None:
+        _draw_box(job, frames)
+    if job.inverse is not None and job.inverse != list(range(frames.shape[0])):
+        frames = frames[torch.tensor(job.inverse, device=frames.device)]
+    if job.box is not None:
+        frames = resize_frames(frames, job.plan.height, job.plan.width)
+    return frames
+
+
+def _draw_box(job: _Job, frames: torch.Tensor) -> None:
+    """The region box on the decoded frame (a frame list's distinct frame, so its padded copy has it too)."""
+    if job.kind == "image":
+        position = job.inverse[job.box.frame_index]
+    else:
+        position = box_frame_position(job.plan.indices, job.box.frame_index)
+    draw_region_box_(frames[position], job.box.bbox)
 
 
 def _video_codec(path: str) -> str | None:
@@ -513,6 +558,7 @@ def load_video_sample(
     min_pixels: float | None = None,
     max_pixels: float | None = None,
     total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
+    region_box: RegionCaptionInfo | None = None,
     device: str | None = None,
     num_threads: int = 2,
 ) -> tuple[torch.Tensor, FramePlan]:
@@ -554,7 +600,7 @@ def load_video_sample(
         )  # fmt: skip
     with DaliVideoLoader(
         [source], [plan], device=device, num_threads=num_threads, min_pixels=min_pixels, max_pixels=max_pixels,
-        on_error="raise",
+        on_error="raise", region_boxes=[region_box],
     ) as loader:  # fmt: skip
         ((frames, plan, _),) = next(iter(loader))
     return frames, plan

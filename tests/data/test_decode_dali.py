@@ -21,6 +21,7 @@ import torch
 from medgrpo.data import decode_cpu, decode_dali, sampling
 from medgrpo.data.decode_cpu import VideoDecodeError
 from medgrpo.data.decode_dali import DaliVideoLoader, load_video_sample
+from medgrpo.data.records import RegionCaptionInfo
 from medgrpo.testing.video_fixtures import read_barcode, write_jpeg_folder, write_video
 
 needs_dali = pytest.mark.skipif(not decode_dali.dali_available(), reason="NVIDIA DALI is not installed")
@@ -153,6 +154,28 @@ def test_pixels_match_decode_cpu(sources, key, budget, mean_tol, max_tol):
     difference = (frames.float() - reference.float()).abs()
     assert difference.mean() <= mean_tol
     assert difference.max() <= max_tol
+
+
+@needs_dali
+@pytest.mark.parametrize(
+    "key,budget,box",
+    [
+        ("odd", {"min_pixels": 16 * 28 * 28, "max_pixels": 30 * 28 * 28}, RegionCaptionInfo(6, (5.0, 8.0, 90.0, 60.0))),
+        ("jpeg", {}, RegionCaptionInfo(3, (0.0, 0.0, 50.0, 40.0))),
+        ("webm", {"nframes": 6}, RegionCaptionInfo(7, (10.0, 10.0, 70.0, 50.0))),
+    ],
+)
+def test_region_box_matches_decode_cpu(sources, key, budget, box):
+    """The box is drawn where decode_cpu draws it (after the presize / before the resize), then resized alike."""
+    frames, plan = load_video_sample(sources[key], device="cpu", region_box=box, **budget)
+    reference, reference_plan = decode_cpu.load_video_sample(sources[key], region_box=box, **budget)
+    plain, _ = load_video_sample(sources[key], device="cpu", **budget)
+    assert plan == reference_plan
+    difference = (frames.float() - reference.float()).abs()
+    assert difference.mean() <= VIDEO_MEAN_TOL and difference.max() <= 2 * VIDEO_MAX_TOL
+    changed = (frames.to(torch.int16) - plain.to(torch.int16)).abs().amax(dim=(1, 2, 3)) > 32
+    boxed = {i for i, index in enumerate(plan.indices) if index == plan.indices[changed.nonzero()[0, 0]]}
+    assert set(changed.nonzero().flatten().tolist()) == boxed  # the box frame (and its padded copy) only
 
 
 @needs_dali
