@@ -123,9 +123,7 @@ def test_cache_continues_the_sequence(tiny_model, left_batch):
         step = qwen.hidden_states(
             tiny_model, tiny_model.get_input_embeddings()(token), step_positions, mask, cache=cache
         )
-        full_positions, _ = qwen.rope_positions(
-            tiny_model, ids, batch.video_grid_thw, batch.second_per_grid_ts, mask
-        )
+        full_positions, _ = qwen.rope_positions(tiny_model, ids, batch.video_grid_thw, batch.second_per_grid_ts, mask)
         full = qwen.hidden_states(tiny_model, qwen.build_inputs_embeds(tiny_model, ids, videos), full_positions, mask)
     torch.testing.assert_close(step[:, -1], full[:, -1], rtol=1e-5, atol=1e-5)
     assert torch.equal(step_positions[:, :, 0], full_positions[:, :, -1])
