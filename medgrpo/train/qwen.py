@@ -23,7 +23,7 @@ argument is ``past_key_values`` up to 5.2x and ``cache`` after.
 FSDP2: these functions call submodules directly, not the root's ``forward``. Parameters that
 ``fully_shard`` leaves to the root unit (token embeddings, final norm, lm head) are therefore only
 unsharded if the caller unshards the root (``model.unshard()``) or shards those modules as their own
-units; see medgrpo/train/model.py for how the trainer sets this up.
+units; the trainer's model setup has to provide one of the two.
 """
 
 from __future__ import annotations
@@ -123,8 +123,9 @@ def rope_positions(
     """Qwen2.5-VL's 3D mrope position ids, from the model's own ``get_rope_index``.
 
     The Hugging Face implementation walks each row on the host (``tolist()`` per segment), so the
-    inputs are copied to the host once here and the results moved back: one transfer each way
-    instead of a sync per segment.
+    inputs are copied to the host once here and the results moved back to ``input_ids``' device: one
+    transfer each way instead of a sync per segment. In the training step, call it on the batch's
+    host tensors (before ``.to(device)``) so that no device sync is needed at all.
 
     Args:
         input_ids: ``(B, L)``; padding may be on either side (``attention_mask`` says where).
