@@ -1,0 +1,681 @@
+"""The synthetic MedVidBench dataset of ``medgrpo demo``: rendered procedures, known answers.
+
+Each *video* is a window of ``frames_per_video`` frames (at ``fps``, 1 frame per second by
+default) cut from a rendered *procedure*: a fixed sequence of phases, each a few frames
+long. Two procedures, two ``data_source`` names, so per-dataset reward normalization has
+more than one key to work on:
+
+    SynthCholec  preparation -> dissection -> clipping -> retraction
+                 instruments: grasper (grey, every phase), hook (blue, dissection),
+                 clipper (green, clipping); anatomy cues for the critical view of safety
+    SynthNurse   handwashing -> injection -> dressing
+                 instruments: glove (purple, every phase), syringe (white, injection),
+                 gauze (cream, dressing)
+
+What a tiny model can learn from pixels: each phase has its own background tint (the
+dominant cue: per-frame mean colours of different phases are far apart, see the tests),
+its own instrument set, and instruments are flat axis-aligned bars moving on straight
+lines, so their boxes are exact. A CVS component is shown by a countable cue: the number
+of yellow ducts (two structures), the size of a pale patch (cystic plate), the size of a
+dark triangle (hepatocystic triangle), each 0/1/2.
+
+Questions per video, in the authors' answer formats (DESIGN.md §2):
+
+    tal             "When does the dissection phase happen? ..."    -> "2.0-6.0 seconds."
+    stg             "Where is the grasper at 1.0 and 6.0 seconds?" -> "1.0 seconds: [x1, y1, x2, y2] 6.0 seconds: [...]"
+    next_action     "Which phase comes next? Choose one of: ..."    -> "clipping"
+    cvs_assessment  (SynthCholec only)  -> "Two structures: 2, Cystic plate: 1, Hepatocystic triangle: 0"
+
+A next_action question is only asked when the window ends before the procedure's last
+phase (the next phase is then the one after the phase of the last frame). The phase the
+window ends in cycles over the phases from video to video, so next_action labels are
+balanced (majority-class accuracy about 1/3 on SynthCholec, 1/2 on SynthNurse). A window
+that ends in the first phase shows only that phase (a quarter of SynthCholec videos, a
+third of SynthNurse ones), so its tal answer is the whole clip: the constant answer
+"0.0-8.0 seconds." scores tal mIoU@0.3 about 0.55 on the default dataset, and
+:func:`answer_stats` / :func:`majority_baseline` give the label baselines.
+
+Time conventions: frame ``i`` of a window is at ``i / fps`` seconds; a tal span of frames
+``a..b`` is ``[a / fps, (b + 1) / fps]`` (end exclusive, so a one-frame phase has a
+non-empty span: the official IoU of a zero-length span with itself is 0). stg boxes are
+``[x1, y1, x2, y2]`` in pixels of the stored frame, the bar covering ``x1 <= x < x2``,
+``y1 <= y < y2``; times are written with one decimal, as the official stg lookup keys them.
+
+``struc_info`` holds the ground truth the official evaluator (and :mod:`medgrpo.rewards.metrics`)
+reads: tal ``[{"spans": [{"start", "end"}], "label"}]``, stg ``[{"bbox_dict": {"1.0": box}}]``,
+cvs ``[{"cvs_scores": {...}}]``; next_action ``[{"label", "options"}]`` (the evaluator uses
+the reference answer; ``options`` is the list of the question, for option-aware parsing).
+
+Files (all paths relative to ``root``): ``frames/<video_id>/<frame>.jpg`` (frame numbers of
+the procedure, as MedVidBench names frames of the source video), ``train.jsonl``,
+``val.jsonl``, ``test.jsonl`` (videos split per data source, so every split has both) and
+``manifest.json`` (the parameters and counts). Everything derives from ``seed`` through
+per-video generators, so the same arguments give the same bytes; see :func:`dataset_fingerprint`.
+
+Decoding: frames are stored at ``frame_size`` (112x112 by default) and meant to be decoded
+with :func:`decode_options`, a fixed pixel budget of ``side * side`` (default 56x56: 2x2
+merged visual tokens per temporal patch, 16 visual tokens for an 8-frame clip). The loader's
+default video budget (at least 128 tokens of 28x28 pixels per frame) would upsample the
+tiny frames many times over. stg answers stay in stored-frame pixels, as MedVidBench's do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from medgrpo.data.loader import DecodeOptions
+from medgrpo.data.records import RecordDataset, VideoRecord
+from medgrpo.rewards.parsers import CVS_COMPONENTS
+
+GENERATOR_VERSION = 1
+FRAME_SIZE = (112, 112)
+FRAMES_PER_VIDEO = 8
+FPS = 1.0
+NUM_VIDEOS = 40
+SPLIT_FRACTIONS = (0.75, 0.125, 0.125)
+SPLITS = ("train", "val", "test")
+DECODE_SIDE = 56
+JPEG_QUALITY = 92
+STG_TIMES = 2
+MANIFEST = "manifest.json"
+Box = tuple[int, int, int, int]
+RGB = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Instrument:
+    """A flat bar: body colour, tip colour (at its leading end), size as fractions of the frame,
+    and the band of the frame its top edge stays in (fractions of the free height), which
+    keeps instruments of one phase from hiding each other."""
+
+    name: str
+    color: RGB
+    tip: RGB
+    width: float
+    height: float
+    band: tuple[float, float] = (0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Procedure:
+    """One synthetic data source: its phases in order, their background tints and instruments."""
+
+    data_source: str
+    phases: tuple[str, ...]
+    tints: tuple[RGB, ...]
+    instruments: tuple[Instrument, ...]
+    tools: tuple[tuple[str, ...], ...]  # instrument names visible in each phase
+    qa_types: tuple[str, ...]
+    has_cvs: bool = False
+
+    def instrument(self, name: str) -> Instrument:
+        return next(i for i in self.instruments if i.name == name)
+
+
+SYNTH_CHOLEC = Procedure(
+    data_source="SynthCholec",
+    phases=("preparation", "dissection", "clipping", "retraction"),
+    tints=((205, 125, 115), (165, 45, 40), (200, 170, 80), (115, 60, 125)),
+    instruments=(
+        Instrument("grasper", (165, 165, 170), (60, 60, 65), 0.36, 0.10, (0.0, 0.4)),
+        Instrument("hook", (45, 80, 215), (235, 235, 240), 0.10, 0.34, (0.6, 1.0)),
+        Instrument("clipper", (50, 175, 80), (20, 90, 40), 0.30, 0.12, (0.6, 1.0)),
+    ),
+    tools=(("grasper",), ("grasper", "hook"), ("grasper", "clipper"), ("grasper",)),
+    qa_types=("tal", "stg", "next_action", "cvs_assessment"),
+    has_cvs=True,
+)
+SYNTH_NURSE = Procedure(
+    data_source="SynthNurse",
+    phases=("handwashing", "injection", "dressing"),
+    tints=((105, 150, 195), (215, 195, 150), (135, 195, 125)),
+    instruments=(
+        Instrument("glove", (150, 80, 200), (95, 40, 140), 0.24, 0.22, (0.0, 0.4)),
+        Instrument("syringe", (245, 245, 245), (210, 30, 30), 0.34, 0.08, (0.6, 1.0)),
+        Instrument("gauze", (250, 245, 215), (215, 205, 170), 0.26, 0.20, (0.6, 1.0)),
+    ),
+    tools=(("glove",), ("glove", "syringe"), ("glove", "gauze")),
+    qa_types=("tal", "stg", "next_action"),
+)
+PROCEDURES = (SYNTH_CHOLEC, SYNTH_NURSE)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Everything random about one video, drawn before any pixel is rendered.
+
+    ``phase_of_frame[i]`` is the phase index of window frame ``i``; ``boxes[name][i]`` the
+    box of that instrument on frame ``i`` (drawn only where the phase shows it); ``cvs``
+    the three CVS component scores (SynthCholec) or None.
+    """
+
+    procedure: Procedure
+    video_id: str
+    start_frame: int
+    phase_of_frame: tuple[int, ...]
+    boxes: Mapping[str, tuple[Box, ...]]
+    cvs: tuple[int, int, int] | None
+    texture: tuple[float, float, float, float]  # x frequency, y frequency, phase, brightness
+
+    def visible(self, name: str) -> list[int]:
+        """Window frames on which instrument ``name`` is drawn."""
+        tools = self.procedure.tools
+        return [i for i, p in enumerate(self.phase_of_frame) if name in tools[p]]
+
+
+@dataclass(frozen=True)
+class DemoDataset:
+    """A generated demo dataset: its ``root`` and the JSON-lines file of each split."""
+
+    root: Path
+    train: Path
+    val: Path
+    test: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> DemoDataset:
+        """The dataset written by :func:`generate_dataset` under ``root`` (files must exist)."""
+        root = Path(root)
+        dataset = cls(root, *(root / f"{split}.jsonl" for split in SPLITS))
+        missing = [str(p) for p in (root / MANIFEST, dataset.train, dataset.val, dataset.test) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"not a generated demo dataset, missing: {', '.join(missing)}")
+        return dataset
+
+    @property
+    def splits(self) -> dict[str, Path]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    def records(self, split: str) -> RecordDataset:
+        """The records of ``split`` ("train", "val" or "test"), paths resolved against ``root``."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        return RecordDataset(self.splits[split], root=self.root)
+
+    def manifest(self) -> dict[str, Any]:
+        """The generation parameters and record counts written beside the splits."""
+        return json.loads((self.root / MANIFEST).read_text())
+
+
+# --- scene planning ------------------------------------------------------------------------
+
+
+def _phase_lengths(num_phases: int, frames: int, rng: np.random.Generator) -> list[int]:
+    """Phase durations in frames, each 30-60% of a window (at least 2)."""
+    low = max(2, round(0.3 * frames))
+    high = max(low, round(0.6 * frames))
+    return [int(n) for n in rng.integers(low, high + 1, size=num_phases)]
+
+
+def _window(lengths: list[int], frames: int, last_phase: int, rng: np.random.Generator) -> tuple[list[int], int]:
+    """The procedure's phase per frame and the first frame of the video's window.
+
+    The window's last frame falls in phase ``last_phase``, at a uniform frame of it; the
+    first phase is lengthened when the window would otherwise start before the procedure does.
+    """
+    end = sum(lengths[:last_phase]) + int(rng.integers(lengths[last_phase]))
+    lengths = [lengths[0] + max(0, frames - 1 - end), *lengths[1:]]
+    end += max(0, frames - 1 - end)
+    timeline = [p for p, n in enumerate(lengths) for _ in range(n)]
+    return timeline, end - frames + 1
+
+
+def _track(instrument: Instrument, size: tuple[int, int], frames: int, rng: np.random.Generator) -> tuple[Box, ...]:
+    """Boxes of a bar moving on a straight line across the frame, one per window frame."""
+    width, height = size
+    w = max(2, round(instrument.width * width))
+    h = max(2, round(instrument.height * height))
+    span_x, span_y = width - w, height - h
+    x0 = rng.uniform(0, 0.35) * span_x
+    x1 = rng.uniform(0.65, 1.0) * span_x
+    if rng.random() < 0.5:  # right to left as often as left to right
+        x0, x1 = x1, x0
+    y0, y1 = rng.uniform(*instrument.band, size=2) * span_y
+    boxes = []
+    for i in range(frames):
+        s = i / max(frames - 1, 1)
+        x, y = round(x0 + (x1 - x0) * s), round(y0 + (y1 - y0) * s)
+        boxes.append((x, y, x + w, y + h))
+    return tuple(boxes)
+
+
+def plan_scene(procedure: Procedure, video_id: str, *, size: tuple[int, int], frames: int,
+               rng: np.random.Generator, last_phase: int | None = None) -> Scene:
+    """Draw one video's random choices: phase durations, window, instrument paths, CVS cues.
+
+    ``last_phase``: the phase of the window's last frame (drawn uniformly when None). It
+    decides the next_action answer; :func:`generate_dataset` cycles it over the phases so
+    that the next_action labels are balanced.
+    """
+    if last_phase is None:
+        last_phase = int(rng.integers(len(procedure.phases)))
+    if not 0 <= last_phase < len(procedure.phases):
+        raise ValueError(f"last_phase must index one of {procedure.phases}, got {last_phase}")
+    timeline, start = _window(_phase_lengths(len(procedure.phases), frames, rng), frames, last_phase, rng)
+    boxes = {i.name: _track(i, size, frames, rng) for i in procedure.instruments}
+    cvs = tuple(int(v) for v in rng.integers(0, 3, size=3)) if procedure.has_cvs else None
+    texture = (float(rng.uniform(1.0, 3.0)), float(rng.uniform(1.0, 3.0)), float(rng.uniform(0, 2 * math.pi)),
+               float(rng.uniform(-8.0, 8.0)))
+    return Scene(procedure, video_id, start, tuple(timeline[start:start + frames]), boxes, cvs, texture)  # type: ignore[arg-type]
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def _ripples(scene: Scene, size: tuple[int, int]) -> np.ndarray:
+    """The video's (H, W) tissue texture, the same on every frame: a diagonal ripple of +-10 levels."""
+    width, height = size
+    ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    xs = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    fx, fy, phase, _ = scene.texture
+    return np.sin(2 * np.pi * (fx * xs + fy * ys) + phase) * 10.0
+
+
+def _draw_cvs(image: np.ndarray, cvs: tuple[int, int, int]) -> None:
+    """The CVS cues: ``cvs[0]`` yellow ducts, a pale patch of size ``cvs[1]``, a dark triangle of size ``cvs[2]``."""
+    height, width, _ = image.shape
+    duct = max(2, round(width * 0.055))
+    for k in range(cvs[0]):
+        x = round(width * (0.40 + 0.16 * k))
+        image[round(height * 0.30):round(height * 0.92), x:x + duct] = (245, 225, 90)
+    if cvs[1]:
+        pw, ph = round(width * 0.17 * cvs[1]), round(height * 0.12 * cvs[1])
+        image[height - ph - 2:height - 2, 2:2 + pw] = (240, 215, 205)
+    if cvs[2]:
+        side = round(min(width, height) * 0.16 * cvs[2])
+        rows, cols = np.mgrid[0:side, 0:side]
+        mask = cols >= rows  # upper-right half of the square: a right triangle in the top-right corner
+        image[2:2 + side, width - side - 2:width - 2][mask] = (45, 20, 25)
+
+
+def _draw_instrument(image: np.ndarray, instrument: Instrument, box: Box, leading_right: bool) -> None:
+    """A bar filling ``box`` exactly: body shaded across its short side, tip at its leading end."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    across = np.linspace(0.85, 1.1, h if w >= h else w, dtype=np.float32)
+    shade = across[:, None] if w >= h else across[None, :]
+    image[y1:y2, x1:x2] = np.asarray(instrument.color, np.float32) * shade[..., None]
+    if w >= h:
+        tip = max(1, w // 4)
+        xs = slice(x2 - tip, x2) if leading_right else slice(x1, x1 + tip)
+        image[y1:y2, xs] = instrument.tip
+    else:
+        image[y2 - max(1, h // 4):y2, x1:x2] = instrument.tip
+
+
+def render_frames(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """The video's frames as uint8 (T, H, W, 3): tinted tissue, CVS cues, instruments, sensor noise."""
+    width, height = size
+    procedure = scene.procedure
+    ys = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    light = 1.08 - 0.22 * ys  # brighter at the top, as under an endoscope's light
+    ripple = _ripples(scene, size)[..., None]
+    frames = np.empty((len(scene.phase_of_frame), height, width, 3), np.uint8)
+    for i, phase in enumerate(scene.phase_of_frame):
+        image = np.asarray(procedure.tints[phase], np.float32) * light + ripple + scene.texture[3]
+        image = np.broadcast_to(image, (height, width, 3)).copy()
+        if scene.cvs is not None:
+            _draw_cvs(image, scene.cvs)
+        for name in procedure.tools[phase]:
+            track = scene.boxes[name]
+            _draw_instrument(image, procedure.instrument(name), track[i], track[-1][0] >= track[0][0])
+        image += rng.normal(0.0, 5.0, size=image.shape).astype(np.float32)
+        frames[i] = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return frames
+
+
+# --- questions and answers -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question about a scene, with its reference answer and structured ground truth."""
+
+    qa_type: str
+    question: str
+    answer: str
+    struc_info: Any
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}"
+
+
+def tal_qa(scene: Scene, fps: float, rng: np.random.Generator) -> QA:
+    """When a visible phase happens: one span, end exclusive."""
+    phases = scene.procedure.phases
+    visible = sorted(set(scene.phase_of_frame))
+    phase = visible[int(rng.integers(len(visible)))]
+    frames = [i for i, p in enumerate(scene.phase_of_frame) if p == phase]
+    start, end = _seconds(frames[0] / fps), _seconds((frames[-1] + 1) / fps)
+    question = (f"When does the {phases[phase]} phase happen in this video? "
+                'Answer with start-end seconds, e.g. "1.0-3.0 seconds."')
+    struc = [{"label": phases[phase], "spans": [{"start": float(start), "end": float(end)}]}]
+    return QA("tal", question, f"{start}-{end} seconds.", struc)
+
+
+def stg_qa(scene: Scene, fps: float, size: tuple[int, int], rng: np.random.Generator) -> QA:
+    """Where an instrument is at :data:`STG_TIMES` of the seconds it is visible (two, as in the
+    authors' one-shot example, keeps the answer near 32 tokens of the demo tokenizer)."""
+    names = [i.name for i in scene.procedure.instruments if len(scene.visible(i.name)) >= 2]
+    name = names[int(rng.integers(len(names)))]
+    visible = scene.visible(name)
+    picked = sorted(int(f) for f in rng.choice(visible, size=min(STG_TIMES, len(visible)), replace=False))
+    times = [_seconds(f / fps) for f in picked]
+    boxes = {t: list(scene.boxes[name][f]) for t, f in zip(times, picked)}
+    listed = ", ".join(times[:-1]) + f" and {times[-1]}" if len(times) > 1 else times[0]
+    question = (f"Where is the {name} at {listed} seconds? Answer with its box in pixels of the "
+                f'{size[0]}x{size[1]} frame at each time: "<t> seconds: [x1, y1, x2, y2]".')
+    answer = " ".join(f"{t} seconds: [{', '.join(str(v) for v in box)}]" for t, box in boxes.items())
+    return QA("stg", question, answer, [{"instrument": name, "bbox_dict": boxes}])
+
+
+def next_action_qa(scene: Scene) -> QA | None:
+    """The phase after the last frame's phase; None when the window ends in the last phase."""
+    phases = scene.procedure.phases
+    last = scene.phase_of_frame[-1]
+    if last + 1 >= len(phases):
+        return None
+    question = f"Which phase comes next after this video? Choose one of: {', '.join(phases)}."
+    return QA("next_action", question, phases[last + 1], [{"label": phases[last + 1], "options": list(phases)}])
+
+
+def cvs_qa(scene: Scene) -> QA:
+    """The critical view of safety from the cues (two structures, cystic plate, hepatocystic triangle)."""
+    if scene.cvs is None:
+        raise ValueError(f"{scene.procedure.data_source} scenes have no CVS cues")
+    two, plate, triangle = scene.cvs
+    question = ("Assess the critical view of safety in this video. Answer as "
+                '"Two structures: <0-2>, Cystic plate: <0-2>, Hepatocystic triangle: <0-2>".')
+    answer = f"Two structures: {two}, Cystic plate: {plate}, Hepatocystic triangle: {triangle}"
+    return QA("cvs_assessment", question, answer, [{"cvs_scores": dict(zip(CVS_COMPONENTS, scene.cvs))}])
+
+
+def scene_questions(scene: Scene, *, fps: float, size: tuple[int, int], rng: np.random.Generator) -> list[QA]:
+    """The questions of a scene, one per task of its procedure (next_action only when defined)."""
+    makers = {
+        "tal": lambda: tal_qa(scene, fps, rng),
+        "stg": lambda: stg_qa(scene, fps, size, rng),
+        "next_action": lambda: next_action_qa(scene),
+        "cvs_assessment": lambda: cvs_qa(scene),
+    }
+    return [qa for qa in (makers[t]() for t in scene.procedure.qa_types) if qa is not None]
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def _record(scene: Scene, qa: QA, frame_paths: list[str], fps: float) -> dict[str, Any]:
+    return {
+        "id": f"{scene.video_id}_{qa.qa_type}",
+        "conversations": [
+            {"from": "human", "value": "<video>\n" + qa.question},
+            {"from": "gpt", "value": qa.answer},
+        ],
+        "video": frame_paths,
+        "metadata": {
+            "fps": str(float(fps)),
+            "video_id": scene.video_id,
+            "input_video_start_frame": str(scene.start_frame),
+            "input_video_end_frame": str(scene.start_frame + len(frame_paths) - 1),
+        },
+        "qa_type": qa.qa_type,
+        "data_source": scene.procedure.data_source,
+        "struc_info": qa.struc_info,
+        "is_RC": False,
+        "RC_info": {},
+    }
+
+
+def _write_frames(root: Path, scene: Scene, frames: np.ndarray) -> list[str]:
+    folder = root / "frames" / scene.video_id
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(frames):
+        relative = f"frames/{scene.video_id}/{scene.start_frame + i:06d}.jpg"
+        Image.fromarray(frame).save(root / relative, quality=JPEG_QUALITY)
+        paths.append(relative)
+    return paths
+
+
+def split_counts(n: int, fractions: Sequence[float]) -> list[int]:
+    """``n`` items divided by ``fractions`` (largest remainder; ties go to the earlier split)."""
+    exact = [n * f for f in fractions]
+    counts = [math.floor(e) for e in exact]
+    order = sorted(range(len(exact)), key=lambda k: (-(exact[k] - counts[k]), k))
+    for k in order[: n - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def _assign_splits(num_videos: int, fractions: Sequence[float], seed: int) -> list[str]:
+    """Split name of each video index: per data source, a seeded permutation cut by ``fractions``."""
+    assignment = [""] * num_videos
+    rng = np.random.default_rng([seed, 1])
+    for s, _ in enumerate(PROCEDURES):
+        members = [i for i in range(num_videos) if i % len(PROCEDURES) == s]
+        members = [members[k] for k in rng.permutation(len(members))]
+        counts = split_counts(len(members), fractions)
+        names = [name for name, c in zip(SPLITS, counts) for _ in range(c)]
+        for video, name in zip(members, names):
+            assignment[video] = name
+    return assignment
+
+
+def _check_arguments(num_videos: int, frame_size: tuple[int, int], frames_per_video: int, fps: float,
+                     split_fractions: Sequence[float]) -> None:
+    if num_videos < len(PROCEDURES):
+        raise ValueError(f"num_videos must be at least {len(PROCEDURES)} (one per data source), got {num_videos}")
+    if len(frame_size) != 2 or min(frame_size) < 32:
+        raise ValueError(f"frame_size must be (width, height) of at least 32 pixels each, got {frame_size}")
+    if frames_per_video < 4:
+        raise ValueError(f"frames_per_video must be at least 4, got {frames_per_video}")
+    if not 0 < fps <= 10:
+        # Times are written with one decimal (the official stg keys): above 10 fps two frames could share a key.
+        raise ValueError(f"fps must be in (0, 10], got {fps}")
+    if len(split_fractions) != 3 or min(split_fractions) < 0 or not math.isclose(sum(split_fractions), 1.0):
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1, got {split_fractions}")
+
+
+def _prepare_root(root: Path, overwrite: bool) -> None:
+    ours = [root / "frames", root / MANIFEST, *(root / f"{s}.jsonl" for s in SPLITS)]
+    present = [p for p in ours if p.exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{root} already holds a demo dataset ({present[0].name}); pass overwrite=True")
+    for path in present:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+
+
+def generate_dataset(
+    root: str | os.PathLike[str],
+    *,
+    num_videos: int = NUM_VIDEOS,
+    seed: int = 0,
+    frame_size: tuple[int, int] = FRAME_SIZE,
+    frames_per_video: int = FRAMES_PER_VIDEO,
+    fps: float = FPS,
+    split_fractions: Sequence[float] = SPLIT_FRACTIONS,
+    overwrite: bool = False,
+) -> DemoDataset:
+    """Render the synthetic dataset under ``root`` and write its train/val/test records.
+
+    Video ``i`` belongs to ``PROCEDURES[i % 2]`` (SynthCholec, SynthNurse); videos are split
+    per data source by ``split_fractions`` (train, val, test). With the defaults: 40 videos
+    of 8 frames at 112x112, 1 fps, 95 train / 21 val / 13 test records, generated in well
+    under a second.
+
+    Args:
+        root: output directory (created; frames and records are written inside it).
+        num_videos: number of videos (each gives 3-4 records).
+        seed: everything random derives from it; equal arguments give identical files.
+        frame_size: (width, height) of the stored frames.
+        frames_per_video: frames per video (one window of its procedure).
+        fps: frame rate of the frame lists (``metadata.fps``), at most 10.
+        split_fractions: fractions of each data source's videos in train, val and test.
+        overwrite: replace a dataset already generated under ``root`` (otherwise refused).
+
+    Returns:
+        The :class:`DemoDataset` (root and split files).
+
+    Raises:
+        ValueError: an argument out of range.
+        FileExistsError: ``root`` already holds a generated dataset and ``overwrite`` is False.
+    """
+    size = (int(frame_size[0]), int(frame_size[1]))
+    _check_arguments(num_videos, size, frames_per_video, fps, split_fractions)
+    root = Path(root)
+    _prepare_root(root, overwrite)
+    assignment = _assign_splits(num_videos, split_fractions, seed)
+    lines: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for index in range(num_videos):
+        procedure = PROCEDURES[index % len(PROCEDURES)]
+        rng = np.random.default_rng([seed, 2, index])
+        video_id = f"{procedure.data_source.lower()}_{index:03d}"
+        last_phase = (index // len(PROCEDURES)) % len(procedure.phases)
+        scene = plan_scene(procedure, video_id, size=size, frames=frames_per_video, rng=rng, last_phase=last_phase)
+        paths = _write_frames(root, scene, render_frames(scene, size, rng))
+        for qa in scene_questions(scene, fps=fps, size=size, rng=rng):
+            lines[assignment[index]].append(json.dumps(_record(scene, qa, paths, fps)))
+    for split, split_lines in lines.items():
+        (root / f"{split}.jsonl").write_text("".join(line + "\n" for line in split_lines))
+    manifest = {
+        "generator_version": GENERATOR_VERSION, "seed": seed, "num_videos": num_videos,
+        "frame_size": list(size), "frames_per_video": frames_per_video, "fps": fps,
+        "split_fractions": list(split_fractions), "records": {s: len(v) for s, v in lines.items()},
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return DemoDataset.at(root)
+
+
+# --- helpers for the demo ------------------------------------------------------------------
+
+
+def decode_options(side: int = DECODE_SIDE) -> DecodeOptions:
+    """Decode options for the demo's frame lists: every frame resized to ``side`` x ``side``.
+
+    ``min_pixels = max_pixels = side**2`` pins both qwen-vl-utils resize steps (the
+    per-image presize to multiples of 56, then the video resize to multiples of 28) to that
+    size for square frames of at least ``side`` pixels. 56 gives 2x2 merged tokens per
+    temporal patch; 112 the stored resolution of the default frames (4x4 tokens).
+    """
+    if side < 28 or side % 28:
+        raise ValueError(f"side must be a positive multiple of 28, got {side}")
+    return DecodeOptions(min_pixels=side * side, max_pixels=side * side)
+
+
+def dataset_fingerprint(root: str | os.PathLike[str]) -> str:
+    """SHA-256 over every file under ``root`` (relative path and bytes, in sorted order)."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def demo_tokenizer_corpus(dataset: DemoDataset) -> list[str]:
+    """Every question and reference answer of every split, in file order: the training text of
+    the demo's BPE tokenizer (``medgrpo.testing.tiny_qwen.build_tokenizer(dir, corpus=...)``)."""
+    corpus = []
+    for split in SPLITS:
+        for record in dataset.records(split):
+            corpus.append(record.question)
+            if record.answer is not None:
+                corpus.append(record.answer)
+    return corpus
+
+
+@dataclass(frozen=True)
+class LabelStats:
+    """How often each label occurs; ``majority`` is the most common (first in sorted order on ties)."""
+
+    counts: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def majority(self) -> str | None:
+        if not self.counts:
+            return None
+        return min(self.counts, key=lambda label: (-self.counts[label], label))
+
+    def fraction(self, label: str | None) -> float:
+        """Share of the records whose label is ``label`` (0.0 when there are none)."""
+        return self.counts.get(label, 0) / self.total if self.total and label is not None else 0.0
+
+
+def _labels(record: VideoRecord) -> dict[str, str]:
+    """The labels of one record: its answer, and for cvs each component's score."""
+    labels = {"answer": record.answer or ""}
+    if record.qa_type == "cvs_assessment":
+        scores = record.struc_info[0]["cvs_scores"]
+        labels.update({name: str(scores[name]) for name in CVS_COMPONENTS})
+    return labels
+
+
+def answer_stats(records: Iterable[VideoRecord]) -> dict[tuple[str, str, str], LabelStats]:
+    """Label distribution per ``(data_source, qa_type, part)``.
+
+    ``part`` is ``"answer"`` (the reference answer as a whole: for next_action the class
+    label) or, for cvs, a component name (its 0/1/2 score). tal and stg answers are nearly
+    all distinct, so their majority share is small: they have no useful constant answer.
+    """
+    counters: dict[tuple[str, str, str], Counter[str]] = {}
+    for record in records:
+        for part, label in _labels(record).items():
+            counters.setdefault((record.data_source, record.qa_type, part), Counter())[label] += 1
+    return {key: LabelStats(dict(sorted(counter.items()))) for key, counter in sorted(counters.items())}
+
+
+def majority_baseline(
+    train: Iterable[VideoRecord], held_out: Iterable[VideoRecord]
+) -> dict[tuple[str, str, str], float]:
+    """Accuracy on ``held_out`` of always answering the train majority label, per
+    :func:`answer_stats` key (keys absent from train score 0). For next_action this is the
+    majority-class ``nap_acc``; the mean over the three cvs components is the baseline ``cvs_acc``."""
+    train_stats = answer_stats(train)
+    return {key: stats.fraction(train_stats[key].majority if key in train_stats else None)
+            for key, stats in answer_stats(held_out).items()}
+
+
+__all__ = [
+    "DECODE_SIDE",
+    "FPS",
+    "FRAMES_PER_VIDEO",
+    "FRAME_SIZE",
+    "NUM_VIDEOS",
+    "PROCEDURES",
+    "SPLITS",
+    "SPLIT_FRACTIONS",
+    "SYNTH_CHOLEC",
+    "SYNTH_NURSE",
+    "DemoDataset",
+    "LabelStats",
+    "Procedure",
+    "Scene",
+    "answer_stats",
+    "dataset_fingerprint",
+    "decode_options",
+    "demo_tokenizer_corpus",
+    "generate_dataset",
+    "majority_baseline",
+    "plan_scene",
+    "render_frames",
+    "scene_questions",
+    "split_counts",
+]
