@@ -29,6 +29,7 @@ from medgrpo.data.loader import SkippedSample, VideoSample
 from medgrpo.data.patchify import MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, patchify
 
 IGNORE_INDEX = -100
+VIDEO_TOKEN_TYPE = 2  # transformers' mm_token_type_ids value of video tokens (0 text, 1 image)
 VIDEO_PAD = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
@@ -58,6 +59,8 @@ class VideoBatch:
         frames: per video, uint8 ``(T, H, W, 3)``.
         video_grid_thw: ``(B, 3)`` int64. second_per_grid_ts: ``(B,)`` float32.
         pixel_values_videos: ``(sum of rows, 1176)`` after :meth:`to`, else None.
+        mm_token_type_ids: ``(B, L)`` 2 at video placeholders, 0 elsewhere: transformers 5.x
+            computes Qwen2.5-VL's 3D rope positions in its forward only when it is given.
         records: the samples' records (ids, data sources, task types, reference answers).
         skipped: records that could not be used, for the loader to count.
     """
@@ -72,6 +75,7 @@ class VideoBatch:
     records: list = field(default_factory=list)
     skipped: list[SkippedSample] = field(default_factory=list)
     pixel_values_videos: torch.Tensor | None = None
+    mm_token_type_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -102,6 +106,7 @@ class VideoBatch:
             video_grid_thw=self.video_grid_thw.to(device, non_blocking=True),
             second_per_grid_ts=self.second_per_grid_ts.to(device, non_blocking=True),
             pixel_values_videos=pixels,
+            mm_token_type_ids=None if self.mm_token_type_ids is None else self.mm_token_type_ids.to(device),
         )
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
@@ -114,6 +119,7 @@ class VideoBatch:
             "pixel_values_videos": self.pixel_values_videos,
             "video_grid_thw": self.video_grid_thw,
             "second_per_grid_ts": self.second_per_grid_ts,
+            "mm_token_type_ids": self.mm_token_type_ids,
         }
 
 
@@ -212,6 +218,7 @@ class VideoCollator:
             second_per_grid_ts=torch.tensor([s.plan.second_per_grid_ts for s in samples], dtype=torch.float32),
             records=[s.record for s in samples],
             skipped=skipped,
+            mm_token_type_ids=(input_ids == self.video_pad_id).long() * VIDEO_TOKEN_TYPE,
         )
 
 

@@ -165,7 +165,9 @@ def test_batch_to_device_patchifies_each_video(dataset_file, tokenizer):
     assert torch.equal(batch.pixel_values_videos, torch.cat(rows))
     assert batch.pixel_values_videos.shape[0] == int(batch.video_grid_thw.prod(1).sum())
     inputs = batch.model_inputs()
-    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
+                           "mm_token_type_ids"}
+    assert torch.equal(inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == collate_pad_id(tokenizer))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -216,3 +218,7 @@ def test_gray_and_cmyk_frames_become_rgb(dataset_file):
     frames = sample.frames.numpy().astype(np.int16)
     assert frames.shape[-1] == 3
     assert np.abs(frames[0, ..., 0] - frames[0, ..., 1]).max() <= 1  # gray stays gray
+
+
+def collate_pad_id(tokenizer) -> int:
+    return tokenizer.convert_tokens_to_ids(VIDEO_PAD)
