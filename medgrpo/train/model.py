@@ -255,8 +255,9 @@ def shard_model(
         param_dtype: dtype of the gathered parameters in forward/backward (mixed precision);
             None keeps the stored dtype.
         reduce_dtype: dtype of the gradient reduce-scatter; None = ``param_dtype``.
-        reshard_after_forward: free each block's gathered weights after its forward (ZeRO-3);
-            False keeps them to backward (ZeRO-2: more memory, fewer all-gathers).
+        reshard_after_forward: free each block's (and the vision tower's) gathered weights after
+            its forward (ZeRO-3); False keeps them to backward (ZeRO-2: more memory, fewer
+            all-gathers). The root is never resharded after forward (FSDP2's default).
         gradient_divide_factor: what the reduced gradients are divided by; None = FSDP's default
             (the world size: an average). Use 1.0 when the loss is already divided by the global
             token count, so the gradients are summed over ranks.
@@ -267,15 +268,19 @@ def shard_model(
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
-    options = {"mesh": mesh, "mp_policy": policy, "reshard_after_forward": reshard_after_forward}
+    options = {"mesh": mesh, "mp_policy": policy}
     for layer in decoder_layers(model):
-        fully_shard(layer, **options)
-    fully_shard(vision_tower(model), **options)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    fully_shard(vision_tower(model), reshard_after_forward=reshard_after_forward, **options)
+    # The root keeps FSDP2's default: not resharded after forward (its weights, the lm-head among
+    # them, would be gathered again at once for backward), which final_hidden_states relies on.
     fully_shard(model, **options)
     if gradient_divide_factor is not None:
         for module in model.modules():
             if hasattr(module, "set_gradient_divide_factor"):
                 module.set_gradient_divide_factor(gradient_divide_factor)
+                # A plain SUM and a local division, rather than NCCL's PREMUL_SUM (gloo has none).
+                module.set_force_sum_reduction_for_comms(True)
     return model
 
 
