@@ -149,6 +149,7 @@ def worker(rank: int, port: int, paths: dict, batches, expected, results) -> Non
             architectures = json.loads((Path(paths["export"]) / "config.json").read_text())["architectures"]
             out["export_architecture_ok"] = float(architectures == ["Qwen2_5_VLForConditionalGeneration"])
         results[rank] = out
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
 
