@@ -1,10 +1,15 @@
-"""A local Qwen2.5-VL-style tokenizer, built offline (tests and the CPU demo).
+"""A local Qwen2.5-VL-style tokenizer and a tiny random Qwen2.5-VL, built offline (tests and the CPU demo).
 
 Nothing may be fetched from a model hub at run time, so tests and ``medgrpo demo`` build a
 small byte-level BPE tokenizer here, with Qwen2.5-VL's special tokens (same strings, in the
 same relative order) and Qwen2.5-VL's chat template, and save it as an ordinary Hugging Face
 tokenizer directory. Code that works with it works with the real Qwen2.5-VL tokenizer: ids
 are always looked up by token string, never hard-coded.
+
+:func:`build_tiny_model` makes a random-weight ``Qwen2_5_VLForConditionalGeneration`` of the
+real architecture at toy width (the same 14-pixel patches, frame pairs, 2×2 merge, window and
+full-attention vision blocks, and multimodal RoPE), whose special token ids are those of a
+tokenizer from :func:`build_tokenizer`, saved as safetensors so ``from_pretrained`` loads it.
 """
 
 from __future__ import annotations
@@ -106,4 +111,89 @@ def build_tokenizer(directory: str | os.PathLike, *, vocab_size: int = 512, corp
     return tokenizer
 
 
-__all__ = ["QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tokenizer"]
+def _token_id(tokenizer, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token} token: build it with build_tokenizer")
+    return token_id
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split ``head_dim / 2`` rotary frequencies into (time, height, width) in Qwen2.5-VL's 16:24:24 ratio."""
+    half = head_dim // 2
+    time = max(1, round(half * 16 / 64))
+    height = (half - time) // 2
+    return [time, height, half - time - height]
+
+
+def build_tiny_model(
+    directory: str | os.PathLike,
+    tokenizer,
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    window_size: int = 56,
+):
+    """Save a random-weight tiny Qwen2.5-VL whose special token ids match ``tokenizer``.
+
+    The architecture is Qwen2.5-VL's: 14-pixel patches over frame pairs, 2×2 patch merging into
+    the text width, window attention in the vision tower with the last block of every four (and
+    always the last one) attending globally, as 7/15/23/31 of the real 32, and multimodal RoPE
+    whose (time, height, width) sections split ``head_dim / 2`` in the real 16:24:24 ratio.
+    ``window_size`` is in pixels (112 in the real model: 4×4 merged patches; 56 here: 2×2).
+
+    Args:
+        directory: where to save it (``Qwen2_5_VLForConditionalGeneration.from_pretrained(directory)``).
+        tokenizer: a tokenizer from :func:`build_tokenizer` (its vocabulary size and special ids are used).
+        seed: seed of the random weights (the same seed gives the same weights).
+        hidden_size, layers, heads, kv_heads, intermediate_size: the language model's shape.
+        vision_depth, vision_hidden, vision_heads, window_size: the vision tower's shape.
+
+    Returns:
+        The model (float32, eval mode), already saved to ``directory`` with its config and generation config.
+    """
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    if hidden_size % heads or heads % kv_heads or vision_hidden % vision_heads:
+        raise ValueError("hidden sizes must divide by the head counts, and heads by kv_heads")
+    end_of_text, end_of_turn = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
+    fullatt = sorted({i for i in range(vision_depth) if i % 4 == 3} | {vision_depth - 1})
+    config = Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": intermediate_size,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "max_window_layers": layers, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": _mrope_section(hidden_size // heads)},
+            "bos_token_id": end_of_text, "eos_token_id": end_of_turn, "pad_token_id": end_of_text,
+        },
+        vision_config={
+            "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
+            "num_heads": vision_heads, "out_hidden_size": hidden_size, "patch_size": 14, "temporal_patch_size": 2,
+            "spatial_merge_size": 2, "window_size": window_size, "fullatt_block_indexes": fullatt,
+            "tokens_per_second": 2,
+        },
+        image_token_id=_token_id(tokenizer, "<|image_pad|>"),
+        video_token_id=_token_id(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    # As Qwen2.5-VL's generation_config.json: stop at the end of the turn or of the text.
+    model.generation_config = GenerationConfig(bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text],
+                                               pad_token_id=end_of_text)  # fmt: skip
+    model.save_pretrained(os.fspath(directory), safe_serialization=True)
+    return model
+
+
+__all__ = ["QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "build_tiny_model", "build_tokenizer"]
