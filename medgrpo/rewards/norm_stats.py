@@ -226,6 +226,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
     return parser
 
 
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``fit-norm`` on a top-level CLI's ``subparsers``; its ``func`` default runs it."""
+    description = "Per-(data_source, qa_type) reward quartiles p25/p50/p75 from rollouts of the SFT model."
+    parser = subparsers.add_parser("fit-norm", help=description, description=description)
+    build_parser(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
 def _report(scan: RolloutScan, stats: NormStats, low: list[KeyStats], empty: list[Key], out: TextIO) -> None:
     nonfinite = sum(scan.nonfinite.values())
     total = sum(len(v) for v in scan.rewards.values())
