@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
              "MedVidBench metrics of a predictions file (the paper's table, official numbers)"),
     "fit-norm": ("medgrpo.rewards.norm_stats:register",
                  "per-(data_source, qa_type) reward quartiles from rollouts of the SFT model"),
+    "train": ("medgrpo.train.cli:register", "SFT or MedGRPO on Qwen2.5-VL (one process or torchrun)"),
+    "demo": ("medgrpo.demo.pipeline:register", "SFT then MedGRPO on CPU on a synthetic dataset (a few minutes)"),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medgrpo.data.collate import VideoBatch, VideoCollator, video_grid
+from medgrpo.data.collate import VIDEO_TOKEN_TYPE, VideoBatch, VideoCollator, video_grid
 from medgrpo.testing.tiny_qwen import build_tokenizer
 
 
@@ -104,6 +104,7 @@ def make_batch(tokenizer, questions, clips, seconds, padding_side: str) -> Video
         frames=list(clips),
         video_grid_thw=torch.tensor([video_grid(c) for c in clips], dtype=torch.long),
         second_per_grid_ts=torch.tensor(seconds, dtype=torch.float32),
+        mm_token_type_ids=(input_ids == collator.video_pad_id).long() * VIDEO_TOKEN_TYPE,
     )
 
 

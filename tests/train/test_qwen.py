@@ -9,10 +9,11 @@ from medgrpo.train import qwen
 
 
 def hf_logits(model, batch) -> torch.Tensor:
-    """The HF forward's logits (mrope positions need mm_token_type_ids in transformers 5.x)."""
+    """The HF forward's logits (mrope positions need mm_token_type_ids in transformers 5.x: the batch has them)."""
     inputs = batch.model_inputs()
+    assert torch.equal(inputs["mm_token_type_ids"], qwen.mm_token_type_ids(model, batch.input_ids))
     with torch.no_grad():
-        output = model(**inputs, mm_token_type_ids=qwen.mm_token_type_ids(model, batch.input_ids))
+        output = model(**inputs)
     return output.logits
 
 

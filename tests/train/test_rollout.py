@@ -35,7 +35,6 @@ def hf_greedy(model, batch, eos_token_ids, pad_token_id, max_new_tokens: int) ->
     with torch.no_grad():
         out = model.generate(
             **inputs,
-            mm_token_type_ids=qwen.mm_token_type_ids(model, batch.input_ids),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=eos_token_ids,

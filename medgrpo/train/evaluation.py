@@ -1,0 +1,109 @@
+"""Held-out evaluation of a policy: greedy answers → rewards (raw and normalized) per key.
+
+Used after SFT and after GRPO (``medgrpo demo`` prints both), and to collect the SFT
+rollouts that ``medgrpo fit-norm`` turns into normalization statistics
+(:func:`collect_rollouts` writes its JSONL input).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import SequentialSampler
+
+from medgrpo.data.collate import VideoCollator
+from medgrpo.data.loader import DecodeOptions, VideoDataset, VideoLoader
+from medgrpo.data.records import RecordDataset
+from medgrpo.ops.normalize_rewards import normalize_rewards
+from medgrpo.train.rollout import RolloutConfig, decode_text, generate
+from medgrpo.train.sampler import record_key
+
+
+@dataclass
+class EvalResult:
+    """Mean raw and normalized reward overall and per ``data_source/qa_type`` key; the answers."""
+
+    reward_raw: float
+    reward_norm: float | None
+    per_key_raw: dict[str, float]
+    per_key_norm: dict[str, float]
+    count: int
+    missing: int
+    answers: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+@torch.no_grad()
+def rollouts(model, tokenizer, records_file: str | Path, options: DecodeOptions, *, group_size: int = 1,
+             temperature: float = 0.0, max_new_tokens: int = 64, batch_size: int = 8, seed: int = 0,
+             device: torch.device | str = "cpu") -> tuple[list[Any], list[str]]:  # fmt: skip
+    """Completions of every record of ``records_file`` (greedy by default), with their records."""
+    from medgrpo.train.loop import eos_ids
+
+    dataset = VideoDataset(RecordDataset(records_file), options)
+    collate = VideoCollator(tokenizer, padding_side="left")
+    loader = VideoLoader(dataset, collate, batch_size=batch_size, sampler=SequentialSampler(dataset))
+    config = RolloutConfig(group_size=group_size, max_new_tokens=max_new_tokens, temperature=temperature)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    records, texts = [], []
+    dtype = next(model.parameters()).dtype
+    for batch in loader:
+        if len(batch) == 0:
+            continue
+        rollout = generate(model, batch.to(device, dtype), config, eos_token_ids=eos_ids(tokenizer),
+                           pad_token_id=tokenizer.pad_token_id, generator=generator)  # fmt: skip
+        texts += decode_text(tokenizer, rollout)
+        records += [r for r in batch.records for _ in range(group_size)]
+    return records, texts
+
+
+def evaluate_policy(model, tokenizer, records_file: str | Path, reward_fn, stats=None, *,
+                    options: DecodeOptions, max_new_tokens: int = 64, batch_size: int = 8,
+                    device: torch.device | str = "cpu") -> EvalResult:  # fmt: skip
+    """Greedy answers on ``records_file`` scored by ``reward_fn``; normalized with ``stats`` when given."""
+    records, texts = rollouts(model, tokenizer, records_file, options, max_new_tokens=max_new_tokens,
+                              batch_size=batch_size, device=device)  # fmt: skip
+    rewards = reward_fn(texts, records).rewards.float()
+    keys = [record_key(r.data_source, r.qa_type) for r in records]
+    normalized = None
+    if stats is not None:
+        rows = stats.indices([r.data_source for r in records], [r.qa_type for r in records], unknown="nan")
+        normalized = normalize_rewards(rewards, rows, stats.tensor())
+    per_raw, per_norm = {}, {}
+    for key in sorted(set(keys)):
+        picks = [i for i, k in enumerate(keys) if k == key]
+        per_raw[key] = _mean([float(rewards[i]) for i in picks])
+        if normalized is not None:
+            per_norm[key] = _mean([float(normalized[i]) for i in picks])
+    answers = [{"id": r.id, "key": k, "prediction": t, "reference": r.answer, "reward": float(v)}
+               for r, k, t, v in zip(records, keys, texts, rewards)]  # fmt: skip
+    return EvalResult(
+        reward_raw=_mean(rewards.tolist()),
+        reward_norm=None if normalized is None else _mean(normalized.tolist()),
+        per_key_raw=per_raw, per_key_norm=per_norm, count=len(texts),
+        missing=int(torch.isnan(rewards).sum()), answers=answers,
+    )  # fmt: skip
+
+
+def write_rollout_jsonl(path: str | Path, records: list[Any], texts: list[str], reward_fn) -> Path:
+    """The ``medgrpo fit-norm`` input: one line per completion with its raw reward."""
+    rewards = reward_fn(texts, records).rewards.tolist()
+    path = Path(path)
+    with open(path, "w") as handle:
+        for record, reward in zip(records, rewards):
+            line = {"id": record.id or str(record.index), "data_source": record.data_source,
+                    "qa_type": record.qa_type, "reward": reward if math.isfinite(reward) else None}  # fmt: skip
+            handle.write(json.dumps(line) + "\n")
+    return path
+
+
+__all__ = ["EvalResult", "evaluate_policy", "rollouts", "write_rollout_jsonl"]

@@ -1,0 +1,204 @@
+"""One MedGRPO policy update: rollout → rewards → group advantages → fused policy loss.
+
+The update runs the language model on prompt + completion, takes the hidden states of the
+completion positions, and hands them to :func:`medgrpo.fused_linear_policy_loss` with the
+lm-head weight: the (tokens × vocab) logits are never formed. Each prompt's video
+embeddings come from the rollout (the vision tower ran once per prompt); with a frozen vision
+tower they are constants of the update.
+
+Normalization: the loss is a sum over completion tokens divided by ``num_items`` = the
+global completion-token count over the world size (all-reduced on the device, no host
+sync), so micro-batches and ranks add up to the loss of the whole batch (DAPO, the paper's
+``loss_type``). ``grpo`` and ``dr_grpo`` are exact under micro-batching as well (each
+micro-batch's loss is weighted by its share of the sequences); ``bnpo`` normalizes by the
+micro-batch's own token count, so it refuses micro-batching.
+
+Host syncs: the rope positions (Hugging Face computes them on the host; one transfer), and
+one ``.item()`` per step on the finiteness flag, which the step's logging needs anyway. A
+step whose loss or gradient norm is not finite is skipped: gradients dropped, weights and
+optimizer state untouched, the skip counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from medgrpo.ops.fused_linear_policy_loss import fused_linear_policy_loss
+from medgrpo.ops.linear_logprob import linear_logprob
+from medgrpo.train import qwen
+from medgrpo.train.rollout import Rollout
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """Policy-loss options of :func:`medgrpo.fused_linear_policy_loss` used by the trainer."""
+
+    loss_type: str = "dapo"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.3
+    beta: float = 0.0
+    temperature: float = 1.0
+    micro_batch_size: int = 8
+
+
+@dataclass
+class PolicyInputs:
+    """Prompt + completion sequences of a rollout, ready for the language model."""
+
+    input_ids: torch.Tensor  # (N, P + T)
+    attention_mask: torch.Tensor  # (N, P + T)
+    position_ids: torch.Tensor  # (3, N, P + T)
+    video_embeds: list[torch.Tensor]  # per sequence (a prompt's embeddings shared by its G completions)
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) bool
+    prompt_length: int  # P (prompts are left padded to it)
+
+
+def policy_inputs(model: nn.Module, rollout: Rollout, video_grid_thw: torch.Tensor,
+                  second_per_grid_ts: torch.Tensor) -> PolicyInputs:  # fmt: skip
+    """Concatenate prompts and completions and compute their 3D rope positions (videos repeated G times)."""
+    completion_mask = rollout.completion_mask.bool()
+    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+    attention_mask = torch.cat([rollout.prompt_mask.long(), completion_mask.long()], dim=1)
+    group = rollout.group_size
+    grids = video_grid_thw.repeat_interleave(group, dim=0)
+    seconds = second_per_grid_ts.repeat_interleave(group, dim=0)
+    position_ids, _ = qwen.rope_positions(model, input_ids, grids, seconds, attention_mask)
+    return PolicyInputs(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        video_embeds=qwen.repeat_videos([v.detach() for v in rollout.video_embeds], group),
+        completion_ids=rollout.completion_ids,
+        completion_mask=completion_mask,
+        prompt_length=rollout.prompt_ids.shape[1],
+    )
+
+
+def completion_hidden(model: nn.Module, inputs: PolicyInputs, rows: slice) -> torch.Tensor:
+    """Final hidden states that predict each completion token, ``(n, T, hidden)`` for ``rows``."""
+    ids = inputs.input_ids[rows]
+    embeds = qwen.build_inputs_embeds(model, ids, inputs.video_embeds[rows])
+    hidden = qwen.hidden_states(model, embeds, inputs.position_ids[:, rows], inputs.attention_mask[rows])
+    start = inputs.prompt_length - 1  # position i predicts token i + 1
+    return hidden[:, start : start + inputs.completion_ids.shape[1]]
+
+
+def micro_batches(total: int, size: int) -> list[slice]:
+    """Row slices of at most ``size`` rows covering ``range(total)``."""
+    return [slice(start, min(start + size, total)) for start in range(0, total, max(size, 1))]
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, inputs: PolicyInputs, *, temperature: float, micro_batch_size: int
+                      ) -> torch.Tensor:  # fmt: skip
+    """Per-token log-probs ``(N, T)`` of the completions under ``model`` (old policy or reference)."""
+    weight = qwen.lm_head_weight(model)
+    out = []
+    for rows in micro_batches(inputs.input_ids.shape[0], micro_batch_size):
+        hidden = completion_hidden(model, inputs, rows)
+        logp, _ = linear_logprob(hidden, weight, inputs.completion_ids[rows], temperature=temperature)
+        out.append(logp)
+    return torch.cat(out)
+
+
+def global_token_count(mask: torch.Tensor) -> torch.Tensor:
+    """Completion tokens over all ranks divided by the world size (a 0-d device tensor; no host sync)."""
+    count = mask.sum().to(torch.float32)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count.clamp_min(1.0)
+
+
+@dataclass
+class UpdateMetrics:
+    """Device-side metrics of one update (summed over micro-batches, token-weighted)."""
+
+    loss: torch.Tensor
+    kl: torch.Tensor
+    clip_fraction: torch.Tensor
+    entropy: torch.Tensor
+    tokens: torch.Tensor
+
+
+def backward_policy_loss(
+    model: nn.Module,
+    inputs: PolicyInputs,
+    advantages: torch.Tensor,
+    options: LossOptions,
+    *,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+) -> UpdateMetrics:
+    """Forward and backward of the policy loss over micro-batches; gradients accumulate in ``model``."""
+    total = inputs.input_ids.shape[0]
+    slices = micro_batches(total, options.micro_batch_size)
+    if options.loss_type == "bnpo" and len(slices) > 1:
+        raise ValueError("loss_type='bnpo' normalizes per batch: set micro_batch_size >= the sequences per step")
+    num_items = global_token_count(inputs.completion_mask) if options.loss_type == "dapo" else None
+    weight = qwen.lm_head_weight(model)
+    device = inputs.input_ids.device
+    sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clip", "entropy", "tokens")}
+    for rows in slices:
+        hidden = completion_hidden(model, inputs, rows)
+        mask = inputs.completion_mask[rows]
+        out = fused_linear_policy_loss(
+            hidden, weight, inputs.completion_ids[rows], mask, advantages[rows],
+            old_logp=None if old_logp is None else old_logp[rows],
+            ref_logp=None if ref_logp is None else ref_logp[rows],
+            loss_type=options.loss_type, epsilon_low=options.epsilon_low, epsilon_high=options.epsilon_high,
+            beta=options.beta, temperature=options.temperature, num_items=num_items,
+        )  # fmt: skip
+        loss = out.loss if options.loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total)
+        loss.backward()
+        tokens = mask.sum().to(torch.float32)
+        sums["loss"] += loss.detach()
+        sums["tokens"] += tokens
+        for name, value in (("kl", out.kl), ("clip", out.clip_fraction), ("entropy", out.entropy)):
+            if value is not None:
+                sums[name] += value.detach().float() * tokens
+    tokens = sums["tokens"].clamp_min(1.0)
+    return UpdateMetrics(loss=sums["loss"], kl=sums["kl"] / tokens, clip_fraction=sums["clip"] / tokens,
+                         entropy=sums["entropy"] / tokens, tokens=sums["tokens"])  # fmt: skip
+
+
+def optimizer_step(
+    parameters: Sequence[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    *,
+    loss: torch.Tensor,
+    max_grad_norm: float,
+) -> tuple[bool, torch.Tensor]:
+    """Clip, then step unless the loss or the gradient norm is not finite (then drop the gradients).
+
+    Returns ``(stepped, grad_norm)``; the one host sync of the update reads the finiteness flag.
+    """
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    finite = bool((torch.isfinite(grad_norm) & torch.isfinite(loss)).item())
+    if finite:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm.detach()
+
+
+__all__ = [
+    "LossOptions",
+    "PolicyInputs",
+    "UpdateMetrics",
+    "backward_policy_loss",
+    "completion_hidden",
+    "global_token_count",
+    "micro_batches",
+    "optimizer_step",
+    "policy_inputs",
+    "sequence_logprobs",
+]

@@ -1,0 +1,464 @@
+"""The training loop: SFT or MedGRPO on Qwen2.5-VL, one process or torchrun on N devices.
+
+Written out, torchtitan-style: set up (distributed, model, optimizer, data, rewards), then a
+plain ``for step`` loop whose body is the SFT or GRPO step, metrics, checkpoints and
+evaluation. Everything a step produces stays on the device until the step is logged.
+
+GRPO step (per rank): the loader's prompts (left padded) → :func:`medgrpo.train.rollout.generate`
+(each video encoded once, G completions from one prefill) → rewards
+(:class:`medgrpo.rewards.task_rewards.RewardFunction`) → :func:`medgrpo.group_advantages` with
+the run's normalization statistics → ``num_iterations`` updates with
+:func:`medgrpo.fused_linear_policy_loss` (old log-probs from the policy before the first
+update when ``num_iterations > 1``; reference log-probs when ``beta > 0``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from medgrpo.data.collate import END_OF_TURN, VideoBatch, VideoCollator
+from medgrpo.data.loader import DecodeOptions, VideoDataset, VideoLoader
+from medgrpo.data.records import RecordDataset
+from medgrpo.ops.group_advantages import group_advantages
+from medgrpo.ops.normalize_rewards import normalize_rewards
+from medgrpo.train import checkpoint as ckpt
+from medgrpo.train.config import TrainConfig, config_to_dict
+from medgrpo.train.grpo import LossOptions, backward_policy_loss, optimizer_step, policy_inputs, sequence_logprobs
+from medgrpo.train.sampler import BalancedSampler, record_key
+from medgrpo.train.sft import sft_backward
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------- setup
+@dataclass
+class Runtime:
+    """Process-level state: device, ranks."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_runtime(device: str = "auto") -> Runtime:
+    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return Runtime(torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), rank, world_size)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Python, NumPy and torch RNGs from ``seed`` (offset by rank: ranks sample differently)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def build_model(config: TrainConfig, runtime: Runtime):
+    """Policy (and frozen reference when beta > 0) from the local directory, FSDP2-sharded under torchrun."""
+    from medgrpo.train.model import ModelConfig, load_model, load_reference_model, shard_model
+
+    section = config.model
+    model_config = ModelConfig(path=section.path, dtype=section.dtype, attention=section.attention,
+                               activation_checkpointing=section.activation_checkpointing,
+                               freeze_vision=section.freeze_vision)  # fmt: skip
+    model = load_model(model_config, runtime.device)
+    reference = None
+    if config.mode == "grpo" and config.grpo.beta > 0:
+        reference = load_reference_model(model_config, runtime.device)
+    if runtime.world_size > 1:
+        dtype = torch.bfloat16 if section.dtype == "bfloat16" else None
+        model = shard_model(model, param_dtype=dtype)
+        if reference is not None:
+            reference = shard_model(reference, param_dtype=dtype)
+    return model, reference
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig):
+    """AdamW over the trainable parameters, with linear warmup then constant or cosine decay."""
+    section = config.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=section.lr, betas=(section.beta1, section.beta2),
+                                  weight_decay=section.weight_decay)  # fmt: skip
+    steps, warmup = max(config.steps, 1), section.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if section.schedule == "cosine":
+            progress = (step - warmup) / max(steps - warmup, 1)
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), params
+
+
+def decode_options(config: TrainConfig) -> DecodeOptions:
+    data = config.data
+    return DecodeOptions(backend=data.backend, fps=data.fps, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+
+
+def record_keys(records: RecordDataset) -> list[str]:
+    """Every record's sampler key, from the raw JSON (no path resolution, no validation)."""
+    from medgrpo.data.records import normalize_qa_type
+
+    keys = []
+    for i in range(len(records)):
+        raw = records.raw(i)
+        source = raw.get("data_source") or raw.get("dataset_name") or "unknown" if isinstance(raw, dict) else "bad"
+        qa_type = raw.get("qa_type", "unknown") if isinstance(raw, dict) else "bad"
+        try:
+            qa_type = normalize_qa_type(str(qa_type))
+        except ValueError:
+            qa_type = str(qa_type)
+        keys.append(record_key(str(source), qa_type))
+    return keys
+
+
+def build_loader(config: TrainConfig, runtime: Runtime, tokenizer) -> tuple[VideoLoader, BalancedSampler]:
+    """The rank's loader: balanced sampler, decoder workers, collator for the mode."""
+    data = config.data
+    records = RecordDataset(data.train_file, root=data.root or None)
+    sft = config.mode == "sft"
+    batch_size = config.sft.batch_size if sft else config.grpo.prompts_per_step
+    sampler = BalancedSampler(record_keys(records), data.sampler_weights, rank=runtime.rank,
+                              world_size=runtime.world_size, seed=config.seed,
+                              samples_per_epoch=max(len(records) // runtime.world_size, batch_size))  # fmt: skip
+    collate = VideoCollator(tokenizer, with_answers=sft, padding_side="right" if sft else "left",
+                            max_length=data.max_length)  # fmt: skip
+    loader = VideoLoader(VideoDataset(records, decode_options(config)), collate, batch_size=batch_size,
+                         sampler=sampler, num_workers=data.num_workers,
+                         pin_memory=runtime.device.type == "cuda")  # fmt: skip
+    return loader, sampler
+
+
+def batches(loader: VideoLoader, sampler: BalancedSampler) -> Iterator[VideoBatch]:
+    """Batches forever, epoch after epoch; the sampler's position follows what was consumed."""
+    while True:
+        for batch in loader:
+            sampler.advance(len(batch) + len(batch.skipped))
+            yield batch
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+# ------------------------------------------------------------------------------------ rewards
+def build_rewards(config: TrainConfig):
+    """The reward function and the normalization statistics (None: raw rewards)."""
+    from medgrpo.rewards.judge import JudgeConfig
+    from medgrpo.rewards.norm_stats import load_norm_stats
+    from medgrpo.rewards.task_rewards import RewardConfig, RewardFunction
+
+    section = config.rewards
+    judge = None
+    if section.judge_base_url:
+        judge = JudgeConfig(base_url=section.judge_base_url, model=section.judge_model,
+                            api_key_env=section.judge_api_key_env, cache_path=section.judge_cache or None)  # fmt: skip
+    reward_fn = RewardFunction(RewardConfig(format_penalty=section.format_penalty, judge=judge,
+                                            embedder_dir=section.embedder or None))  # fmt: skip
+    stats = load_norm_stats(config.grpo.norm_stats) if config.grpo.norm_stats else None
+    return reward_fn, stats
+
+
+def score(reward_fn, stats, texts: list[str], records: list, device: torch.device):
+    """Raw rewards, key rows (or None) and normalized rewards of completions, plus the reward counts."""
+    batch = reward_fn(texts, records)
+    rewards = batch.rewards.to(device)
+    if stats is None:
+        return rewards, None, rewards, batch
+    keys = stats.indices([r.data_source for r in records], [r.qa_type for r in records], unknown="nan", device=device)
+    table = stats.tensor(device)
+    return rewards, keys, normalize_rewards(rewards, keys, table, k=3.0), batch
+
+
+# --------------------------------------------------------------------------------- the steps
+@dataclass
+class StepResult:
+    metrics: dict[str, Any]
+    stepped: bool
+    reward_rows: list[tuple[str, float, float]] = field(default_factory=list)  # (key, raw, normalized)
+
+
+def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, optimizer, scheduler, params,
+              config: TrainConfig, generator: torch.Generator | None) -> StepResult:  # fmt: skip
+    """One MedGRPO step on a batch of prompts (see the module docstring)."""
+    from medgrpo.train.rollout import RolloutConfig, decode_text, generate
+
+    g = config.grpo
+    device = batch.input_ids.device
+    start = time.perf_counter()
+    rollout = generate(model, batch, RolloutConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens,
+                                                   temperature=g.temperature, top_p=g.top_p),
+                       eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       generator=generator)  # fmt: skip
+    t_rollout = time.perf_counter()
+    texts = decode_text(tokenizer, rollout)
+    records = [r for r in batch.records for _ in range(g.group_size)]
+    rewards, keys, normalized, reward_batch = score(reward_fn, stats, texts, records, device)
+    table = None if stats is None else stats.tensor(device)
+    advantage = group_advantages(rewards, group_size=g.group_size, keys=keys, stats=table, k=g.k, scale=g.scale,
+                                 return_stats=True)  # fmt: skip
+    t_reward = time.perf_counter()
+    inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts)
+    options = LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                          beta=g.beta, temperature=g.temperature if g.temperature > 0 else 1.0,
+                          micro_batch_size=g.micro_batch_size)  # fmt: skip
+    logp_kwargs = {"temperature": options.temperature, "micro_batch_size": g.micro_batch_size}
+    ref_logp = sequence_logprobs(reference, inputs, **logp_kwargs) if reference is not None else None
+    old_logp = sequence_logprobs(model, inputs, **logp_kwargs) if g.num_iterations > 1 else None
+    t_logp = time.perf_counter()
+    model.train()
+    stepped_all, skipped = True, 0
+    for _ in range(g.num_iterations):
+        update = backward_policy_loss(model, inputs, advantage.advantages, options, old_logp=old_logp,
+                                      ref_logp=ref_logp)  # fmt: skip
+        stepped, grad_norm = optimizer_step(params, optimizer, scheduler, loss=update.loss,
+                                            max_grad_norm=config.optim.max_grad_norm)  # fmt: skip
+        stepped_all &= stepped
+        skipped += not stepped
+    end = time.perf_counter()
+    tokens = int(rollout.completion_tokens)
+    metrics = {
+        "loss": update.loss, "kl": update.kl, "clip_fraction": update.clip_fraction, "entropy": update.entropy,
+        "grad_norm": grad_norm, "reward_raw": torch.nanmean(rewards), "reward_norm": torch.nanmean(normalized),
+        "reward_missing": torch.isnan(rewards).float().mean(), "advantage_std": advantage.advantages.std(),
+        "zero_std_group_fraction": advantage.zero_std_fraction, "completion_tokens": tokens,
+        "nonfinite_skipped": skipped, "time_rollout_s": t_rollout - start, "time_reward_s": t_reward - t_rollout,
+        "time_logprob_s": t_logp - t_reward, "time_update_s": end - t_logp,
+        "tokens_per_s": tokens / max(end - start, 1e-9), "samples_per_s": len(texts) / max(end - start, 1e-9),
+        **{f"reward_count/{k}": v for k, v in reward_batch.counts.items()},
+    }  # fmt: skip
+    rows = list(zip([record_key(r.data_source, r.qa_type) for r in records], rewards.tolist(), normalized.tolist()))
+    return StepResult(metrics, stepped_all, rows)
+
+
+def sft_step(model, batch: VideoBatch, optimizer, scheduler, params, config: TrainConfig) -> StepResult:
+    """One SFT step: answer-token NLL through the fused head, clipped, skipped when not finite."""
+    start = time.perf_counter()
+    model.train()
+    loss, tokens = sft_backward(model, batch, micro_batch_size=config.grpo.micro_batch_size,
+                                train_vision=not config.model.freeze_vision)  # fmt: skip
+    stepped, grad_norm = optimizer_step(params, optimizer, scheduler, loss=loss,
+                                        max_grad_norm=config.optim.max_grad_norm)  # fmt: skip
+    elapsed = time.perf_counter() - start
+    metrics = {"loss": loss, "grad_norm": grad_norm, "answer_tokens": tokens, "nonfinite_skipped": int(not stepped),
+               "time_update_s": elapsed, "samples_per_s": len(batch) / max(elapsed, 1e-9),
+               "tokens_per_s": float(batch.attention_mask.sum()) / max(elapsed, 1e-9)}  # fmt: skip
+    return StepResult(metrics, stepped)
+
+
+def eos_ids(tokenizer) -> list[int]:
+    """Tokens that end a completion: ``<|im_end|>`` and the pad/end-of-text token."""
+    ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ids:
+        ids.append(tokenizer.pad_token_id)
+    return ids
+
+
+# ------------------------------------------------------------------------------- logging
+def as_number(value: Any) -> Any:
+    """A logged value on the host (tensors read here, once per logged step)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Per-step JSONL metrics, TensorBoard scalars when available, and a progress line with ETA."""
+
+    def __init__(self, directory: Path, total_steps: int, enabled: bool, start_step: int = 0):
+        self.enabled, self.total, self.start_step = enabled, total_steps, start_step
+        self.start = time.perf_counter()
+        self.path = directory / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"step": step, **{k: as_number(v) for k, v in metrics.items()}}
+        if not self.enabled:
+            return row
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for name, value in row.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.writer.add_scalar(name, value, step)
+        self._progress(step, row)
+        return row
+
+    def _progress(self, step: int, row: dict[str, Any]) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        shown = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "reward_raw", "reward_norm")
+                         if isinstance(row.get(k), (int, float)))  # fmt: skip
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} "
+                         f"eta {eta:5.0f}s ")  # fmt: skip
+        if step == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_reward_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """PNG of the mean raw and normalized reward per key (data_source/qa_type) against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no reward-curve figure")
+        return None
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for name, value in row.items():
+            if name.startswith("reward_norm/") and value is not None:
+                series.setdefault(name.split("/", 1)[1], []).append((row["step"], value))
+    if not series:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, points in sorted(series.items()):
+        axis.plot(*zip(*points), label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("mean normalized reward")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def per_key_means(rows: list[tuple[str, float, float]]) -> dict[str, float]:
+    """``reward_raw/<key>`` and ``reward_norm/<key>`` means of a step (NaN rewards left out)."""
+    sums: dict[str, list[float]] = {}
+    for key, raw, norm in rows:
+        for name, value in ((f"reward_raw/{key}", raw), (f"reward_norm/{key}", norm)):
+            if math.isfinite(value):
+                sums.setdefault(name, []).append(value)
+    return {name: sum(values) / len(values) for name, values in sums.items()}
+
+
+# ---------------------------------------------------------------------------------- the run
+@dataclass
+class RunSummary:
+    """What a run did: steps, skips, the final metrics row, and where its outputs are."""
+
+    steps: int
+    skipped_steps: int
+    skipped_records: dict[str, int]
+    last_metrics: dict[str, Any]
+    output_dir: Path
+    export_dir: Path | None
+
+
+def train(config: TrainConfig) -> RunSummary:
+    """Run SFT or MedGRPO as ``config`` says; resumable; exports the final model (HF format)."""
+    from transformers import AutoTokenizer
+
+    runtime = init_runtime(config.device)
+    seed_everything(config.seed, runtime.rank)
+    output = Path(config.output_dir)
+    if runtime.is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, local_files_only=True)
+    model, reference = build_model(config, runtime)
+    optimizer, scheduler, params = build_optimizer(model, config)
+    loader, sampler = build_loader(config, runtime, tokenizer)
+    reward_fn, stats = (build_rewards(config) if config.mode == "grpo" else (None, None))
+    generator = torch.Generator(device=runtime.device).manual_seed(config.seed * 7919 + runtime.rank)
+    start_step = _maybe_resume(config, output, model, optimizer, scheduler, sampler, generator)
+    log = MetricsLog(output, config.steps, runtime.is_main, start_step)
+    rows: list[dict[str, Any]] = []
+    skipped_steps, last = 0, {}
+    stream = batches(loader, sampler)
+    pixel_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
+    for step in range(start_step, config.steps):
+        batch = next(stream).to(runtime.device, pixel_dtype)
+        if config.mode == "grpo":
+            result = grpo_step(model, reference, batch, tokenizer, reward_fn, stats, optimizer, scheduler, params,
+                               config, generator)  # fmt: skip
+            result.metrics.update(per_key_means(result.reward_rows))
+        else:
+            result = sft_step(model, batch, optimizer, scheduler, params, config)
+        skipped_steps += not result.stepped
+        result.metrics.update(lr=scheduler.get_last_lr()[0], skipped_steps=skipped_steps,
+                              skipped_records=loader.skipped_total, **_peak_memory(runtime.device))  # fmt: skip
+        if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
+            last = log.log(step + 1, result.metrics)
+            rows.append(last)
+        if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
+            _save(output, step + 1, model, optimizer, scheduler, sampler, generator, config.keep_checkpoints)
+    log.close()
+    _save(output, config.steps, model, optimizer, scheduler, sampler, generator, config.keep_checkpoints)
+    export = ckpt.export_hf(model, tokenizer, output / "final")
+    if runtime.is_main:
+        plot_reward_curves(rows, output / "reward_curves.png")
+    return RunSummary(config.steps - start_step, skipped_steps, dict(loader.skipped), last, output, export)
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {}
+
+
+def _save(output: Path, step: int, model, optimizer, scheduler, sampler, generator, keep: int) -> None:
+    extra = {"sampler": sampler.state_dict(), "generator": generator.get_state(), "step": step}
+    ckpt.save_checkpoint(output / "checkpoints", step, model=model, optimizer=optimizer, scheduler=scheduler,
+                         extra_state=extra, keep=keep)  # fmt: skip
+
+
+def _maybe_resume(config: TrainConfig, output: Path, model, optimizer, scheduler, sampler, generator) -> int:
+    if not config.resume:
+        return 0
+    latest = ckpt.latest_checkpoint(output / "checkpoints")
+    if latest is None:
+        logger.warning("--resume: no complete checkpoint under %s; starting from step 0", output / "checkpoints")
+        return 0
+    extra = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler)
+    sampler.load_state_dict(extra["sampler"])
+    generator.set_state(extra["generator"])
+    logger.info("resumed from %s (step %d)", latest, extra["step"])
+    return int(extra["step"])
+
+
+__all__ = ["RunSummary", "Runtime", "init_runtime", "train"]

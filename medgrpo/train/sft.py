@@ -1,0 +1,57 @@
+"""Supervised fine-tuning on the reference answers, through the same fused lm-head as GRPO.
+
+Only answer tokens (and the closing ``<|im_end|>``) carry a loss: the collator's ``labels``.
+The hidden states that predict them are gathered and passed to :func:`medgrpo.linear_logprob`,
+so no (tokens × vocab) logits are formed. The loss is the negative log-likelihood summed
+over answer tokens divided by the global answer-token count (all-reduced on the device), so
+micro-batches and ranks add up to the token mean of the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medgrpo.data.collate import IGNORE_INDEX, VideoBatch, video_grid
+from medgrpo.ops.linear_logprob import linear_logprob
+from medgrpo.train import qwen
+from medgrpo.train.grpo import global_token_count, micro_batches
+
+
+def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_vision: bool) -> torch.Tensor:
+    """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row)."""
+    grids = batch.video_grid_thw[rows]
+    sizes = [t * h * w for t, h, w in map(video_grid, batch.frames)]  # from shapes: no device read
+    start = sum(sizes[: rows.start])
+    pixels = batch.pixel_values_videos[start : start + sum(sizes[rows])]
+    with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
+        videos = qwen.encode_videos(model, pixels, grids)
+    ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
+    positions, _ = qwen.rope_positions(model, ids, grids, batch.second_per_grid_ts[rows], mask)
+    embeds = qwen.build_inputs_embeds(model, ids, videos)
+    return qwen.hidden_states(model, embeds, positions, mask)
+
+
+def sft_backward(model: nn.Module, batch: VideoBatch, *, micro_batch_size: int, train_vision: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward of the answer-token NLL of ``batch`` (on its device, with labels); returns ``(loss, tokens)``."""
+    if batch.labels is None:
+        raise ValueError("SFT needs labels: collate with VideoCollator(with_answers=True)")
+    targets_all = batch.labels[:, 1:]
+    num_items = global_token_count(targets_all != IGNORE_INDEX)
+    weight = qwen.lm_head_weight(model)
+    loss_sum = torch.zeros((), device=batch.input_ids.device)
+    tokens = torch.zeros((), device=batch.input_ids.device)
+    for rows in micro_batches(len(batch), micro_batch_size):
+        hidden = batch_hidden(model, batch, rows, train_vision=train_vision)[:, :-1]
+        targets = targets_all[rows]
+        selected = targets != IGNORE_INDEX
+        logp, _ = linear_logprob(hidden[selected], weight, targets[selected])
+        loss = -logp.sum() / num_items
+        loss.backward()
+        loss_sum += loss.detach()
+        tokens += selected.sum()
+    return loss_sum, tokens
+
+
+__all__ = ["batch_hidden", "sft_backward"]
