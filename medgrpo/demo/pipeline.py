@@ -28,15 +28,15 @@ class DemoSettings:
 
     out_dir: str = "runs/demo"
     seed: int = 0
-    num_videos: int = 40
+    num_videos: int = 80
     side: int = DECODE_SIDE
-    sft_steps: int = 120
+    sft_steps: int = 200
     sft_batch_size: int = 8
     sft_lr: float = 3e-3
-    grpo_steps: int = 30
-    grpo_lr: float = 2e-4
+    grpo_steps: int = 60
+    grpo_lr: float = 2e-5
     group_size: int = 8
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     max_new_tokens: int = 40
     norm_rollouts_group: int = 4
     threads: int = 2
@@ -55,9 +55,9 @@ class DemoResult:
         return self.grpo["reward_norm"] > self.sft["reward_norm"]
 
 
-def _model_section(path: Path) -> ModelSection:
+def _model_section(path: Path, *, freeze_vision: bool) -> ModelSection:
     return ModelSection(path=str(path), dtype="float32", attention="sdpa", activation_checkpointing=False,
-                        freeze_vision=True)  # fmt: skip
+                        freeze_vision=freeze_vision)  # fmt: skip
 
 
 def _data_section(train_file: Path, side: int) -> DataSection:
@@ -80,7 +80,7 @@ def prepare(settings: DemoSettings) -> tuple[object, Path]:
 def sft_config(settings: DemoSettings, dataset, model_dir: Path) -> TrainConfig:
     return TrainConfig(
         mode="sft", output_dir=str(Path(settings.out_dir) / "sft"), seed=settings.seed, steps=settings.sft_steps,
-        save_every=0, device="cpu", model=_model_section(model_dir),
+        save_every=0, device="cpu", model=_model_section(model_dir, freeze_vision=False),
         data=_data_section(dataset.train, settings.side),
         optim=OptimSection(lr=settings.sft_lr, warmup_steps=10, schedule="cosine", max_grad_norm=1.0),
         sft=SFTSection(batch_size=settings.sft_batch_size),
@@ -91,7 +91,7 @@ def sft_config(settings: DemoSettings, dataset, model_dir: Path) -> TrainConfig:
 def grpo_config(settings: DemoSettings, dataset, model_dir: Path, stats: Path) -> TrainConfig:
     return TrainConfig(
         mode="grpo", output_dir=str(Path(settings.out_dir) / "grpo"), seed=settings.seed, steps=settings.grpo_steps,
-        save_every=0, device="cpu", model=_model_section(model_dir),
+        save_every=0, device="cpu", model=_model_section(model_dir, freeze_vision=True),
         data=_data_section(dataset.train, settings.side),
         optim=OptimSection(lr=settings.grpo_lr, max_grad_norm=1.0),
         grpo=GRPOSection(group_size=settings.group_size, prompts_per_step=settings.prompts_per_step,

@@ -123,18 +123,28 @@ def decode_options(config: TrainConfig) -> DecodeOptions:
 
 
 def record_keys(records: RecordDataset) -> list[str]:
-    """Every record's sampler key, from the raw JSON (no path resolution, no validation)."""
-    from medgrpo.data.records import normalize_qa_type
+    """Every record's sampler key, from the raw JSON (no path resolution, no validation).
+
+    A line that is not a JSON object gets the key ``"invalid/invalid"``: it is still drawn,
+    and then skipped and counted by the loader like any other unusable record.
+    """
+    from medgrpo.data.records import RecordError, normalize_qa_type
 
     keys = []
     for i in range(len(records)):
-        raw = records.raw(i)
-        source = raw.get("data_source") or raw.get("dataset_name") or "unknown" if isinstance(raw, dict) else "bad"
-        qa_type = raw.get("qa_type", "unknown") if isinstance(raw, dict) else "bad"
         try:
-            qa_type = normalize_qa_type(str(qa_type))
+            raw = records.raw(i)
+        except RecordError:
+            raw = None
+        if not isinstance(raw, dict):
+            keys.append(record_key("invalid", "invalid"))
+            continue
+        source = raw.get("data_source") or raw.get("dataset_name") or "unknown"
+        qa_type = str(raw.get("qa_type", "unknown"))
+        try:
+            qa_type = normalize_qa_type(qa_type)
         except ValueError:
-            qa_type = str(qa_type)
+            pass
         keys.append(record_key(str(source), qa_type))
     return keys
 

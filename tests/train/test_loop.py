@@ -1,0 +1,124 @@
+"""The training loop on the tiny model: SFT and GRPO run, resume is exact, bad steps and bad data are counted."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from medgrpo.demo.synthetic import demo_tokenizer_corpus, generate_dataset
+from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
+from medgrpo.train.config import DataSection, GRPOSection, ModelSection, OptimSection, SFTSection, TrainConfig
+from medgrpo.train.grpo import optimizer_step
+from medgrpo.train.loop import train
+from medgrpo.train.sampler import BalancedSampler
+
+SIDE = 56
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loop")
+    dataset = generate_dataset(root / "data", num_videos=8, seed=1)
+    model_dir = root / "init"
+    tokenizer = build_tokenizer(model_dir, corpus=demo_tokenizer_corpus(dataset))
+    build_tiny_model(model_dir, tokenizer, seed=1)
+    return root, dataset, model_dir
+
+
+def config(setup, out: Path, mode: str, steps: int, **overrides) -> TrainConfig:
+    _, dataset, model_dir = setup
+    data = DataSection(train_file=str(overrides.pop("train_file", dataset.train)), min_pixels=SIDE * SIDE,
+                       max_pixels=SIDE * SIDE, num_workers=0)  # fmt: skip
+    return TrainConfig(
+        mode=mode, output_dir=str(out), seed=3, steps=steps, save_every=overrides.pop("save_every", 0),
+        device="cpu", model=ModelSection(path=str(model_dir), dtype="float32", attention="sdpa",
+                                         activation_checkpointing=False, freeze_vision=mode == "grpo"),
+        data=data, optim=OptimSection(lr=1e-3), sft=SFTSection(batch_size=4),
+        grpo=GRPOSection(group_size=4, prompts_per_step=2, max_new_tokens=12, micro_batch_size=4), **overrides,
+    )  # fmt: skip
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_then_grpo_run_and_export(setup, tmp_path):
+    sft = train(config(setup, tmp_path / "sft", "sft", 3))
+    rows = metrics(tmp_path / "sft")
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (sft.export_dir / "model.safetensors").exists() or list(sft.export_dir.glob("*.safetensors"))
+    grpo_config = config(setup, tmp_path / "grpo", "grpo", 2)
+    grpo_config.model.path = str(sft.export_dir)
+    train(grpo_config)
+    rows = metrics(tmp_path / "grpo")
+    for name in ("loss", "reward_raw", "advantage_std", "zero_std_group_fraction", "clip_fraction", "entropy",
+                 "time_rollout_s", "time_update_s", "tokens_per_s", "completion_tokens"):  # fmt: skip
+        assert name in rows[-1], name
+    assert any(key.startswith("reward_raw/") for key in rows[-1])
+    assert (tmp_path / "grpo" / "reward_curves.png").exists() or not any(
+        key.startswith("reward_norm/") for key in rows[-1]
+    )
+
+
+@pytest.mark.parametrize("mode", ["sft", "grpo"])
+def test_resume_continues_exactly(setup, tmp_path, mode):
+    straight = tmp_path / "straight"
+    train(config(setup, straight, mode, 4, save_every=2))
+    resumed = tmp_path / "resumed"
+    train(config(setup, resumed, mode, 2, save_every=2))
+    shutil.rmtree(resumed / "checkpoints" / "step_000002.tmp", ignore_errors=True)
+    train(config(setup, resumed, mode, 4, save_every=2, resume=True))
+    keys = ("loss", "grad_norm", "reward_raw", "entropy")
+    expected = [{k: r.get(k) for k in keys} for r in metrics(straight)[2:]]
+    got = [{k: r.get(k) for k in keys} for r in metrics(resumed)[2:]]
+    assert got == expected
+
+
+def test_nonfinite_step_is_skipped_and_weights_untouched():
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = model(torch.tensor([[1.0, float("inf"), 0.0]])).sum()
+    loss.backward()
+    stepped, grad_norm = optimizer_step(list(model.parameters()), optimizer, None, loss=loss, max_grad_norm=1.0)
+    assert not stepped and not torch.isfinite(grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+    loss = model(torch.ones(1, 3)).sum()
+    loss.backward()
+    assert optimizer_step(list(model.parameters()), optimizer, None, loss=loss, max_grad_norm=1.0)[0]
+
+
+def test_bad_records_are_skipped_and_counted(setup, tmp_path):
+    _, dataset, _ = setup
+    lines = Path(dataset.train).read_text().splitlines()
+    broken = json.loads(lines[0])
+    broken["video"] = ["frames/missing/000000.jpg", "frames/missing/000001.jpg"]
+    bad_file = Path(dataset.train).parent / "train_with_bad.jsonl"
+    bad_file.write_text("\n".join(lines + [json.dumps(broken), "{not json"] * 3) + "\n")
+    summary = train(config(setup, tmp_path / "bad", "sft", 6, train_file=bad_file))
+    assert summary.steps == 6
+    assert summary.skipped_records.get("unreadable_video", 0) + summary.skipped_records.get("bad_record", 0) > 0
+    assert metrics(tmp_path / "bad")[-1]["skipped_records"] == sum(summary.skipped_records.values())
+
+
+def test_balanced_sampler_is_balanced_and_resumable():
+    keys = ["A/tal"] * 90 + ["B/tal"] * 10
+    sampler = BalancedSampler(keys, samples_per_epoch=2000, seed=1)
+    draws = list(sampler)
+    share_b = sum(keys[i] == "B/tal" for i in draws) / len(draws)
+    assert 0.45 < share_b < 0.55  # equal weights: equal shares despite 9x fewer records
+    weighted = BalancedSampler(keys, {"B": 3.0}, samples_per_epoch=2000, seed=1)
+    assert 0.7 < sum(keys[i] == "B/tal" for i in weighted) / 2000 < 0.8
+    ranks = [list(BalancedSampler(keys, rank=r, world_size=2, samples_per_epoch=10, seed=1)) for r in range(2)]
+    assert ranks[0] != ranks[1]
+    sampler.advance(5)
+    state = sampler.state_dict()
+    again = BalancedSampler(keys, samples_per_epoch=2000, seed=1)
+    again.load_state_dict(state)
+    assert list(again) == draws[5:]
