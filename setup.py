@@ -195,7 +195,7 @@ setup(
     description="GRPO ops with Triton (CUDA) and C++ (CPU) kernels",
     packages=find_packages(include=["medgrpo", "medgrpo.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "pyyaml"],
     extras_require={
         "gpu": ["triton>=3.0", "flash-attn"],
         "video": ["decord", "nvidia-dali-cuda120", "av", "pillow"],

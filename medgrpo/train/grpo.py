@@ -7,11 +7,18 @@ embeddings come from the rollout (the vision tower ran once per prompt); with a 
 tower they are constants of the update.
 
 Normalization: the loss is a sum over completion tokens divided by ``num_items`` = the
-global completion-token count over the world size (all-reduced on the device, no host
-sync), so micro-batches and ranks add up to the loss of the whole batch (DAPO, the paper's
+global completion-token count (all-reduced on the device, no host sync; gradients are summed
+over ranks), so micro-batches and ranks add up to the loss of the whole batch (DAPO, the paper's
 ``loss_type``). ``grpo`` and ``dr_grpo`` are exact under micro-batching as well (each
 micro-batch's loss is weighted by its share of the sequences); ``bnpo`` normalizes by the
 micro-batch's own token count, so it refuses micro-batching.
+
+FSDP2: a sharded model (``fully_shard``) runs every forward through its root module, so the
+root's parameters (embeddings, final norm, lm head) are gathered and their gradients
+reduce-scattered by FSDP: the update feeds each sequence's video patches to the root forward
+(:func:`medgrpo.train.model.final_hidden_states`; the frozen vision tower re-encodes them)
+and reads the gathered lm-head weight right after it. Unsharded models take the faster path of
+:mod:`medgrpo.train.qwen` (each prompt's video embeddings from the rollout, reused).
 
 Host syncs: the rope positions (Hugging Face computes them on the host; one transfer), and
 one ``.item()`` per step on the finiteness flag, which the step's logging needs anyway. A
@@ -57,11 +64,31 @@ class PolicyInputs:
     completion_ids: torch.Tensor  # (N, T)
     completion_mask: torch.Tensor  # (N, T) bool
     prompt_length: int  # P (prompts are left padded to it)
+    pixels: list[torch.Tensor] | None = None  # per sequence: its video's patch rows (sharded models only)
+    video_grid_thw: torch.Tensor | None = None  # (N, 3)
+    second_per_grid_ts: torch.Tensor | None = None  # (N,)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (its forwards must go through the root)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def video_rows(pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+    """Each video's patch rows of a batch's ``pixel_values_videos`` (views; split by the grids)."""
+    sizes = video_grid_thw.prod(-1).tolist()
+    return list(pixel_values_videos.split(sizes))
 
 
 def policy_inputs(model: nn.Module, rollout: Rollout, video_grid_thw: torch.Tensor,
-                  second_per_grid_ts: torch.Tensor) -> PolicyInputs:  # fmt: skip
-    """Concatenate prompts and completions and compute their 3D rope positions (videos repeated G times)."""
+                  second_per_grid_ts: torch.Tensor, pixel_values_videos: torch.Tensor | None = None
+                  ) -> PolicyInputs:  # fmt: skip
+    """Concatenate prompts and completions and compute their 3D rope positions (videos repeated G times).
+
+    ``pixel_values_videos`` (the batch's) is needed for a sharded model, whose forward re-encodes them.
+    """
     completion_mask = rollout.completion_mask.bool()
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
     attention_mask = torch.cat([rollout.prompt_mask.long(), completion_mask.long()], dim=1)
@@ -69,6 +96,11 @@ def policy_inputs(model: nn.Module, rollout: Rollout, video_grid_thw: torch.Tens
     grids = video_grid_thw.repeat_interleave(group, dim=0)
     seconds = second_per_grid_ts.repeat_interleave(group, dim=0)
     position_ids, _ = qwen.rope_positions(model, input_ids, grids, seconds, attention_mask)
+    pixels = None
+    if is_sharded(model):
+        if pixel_values_videos is None:
+            raise ValueError("a sharded model needs the batch's pixel_values_videos")
+        pixels = qwen.repeat_videos(video_rows(pixel_values_videos, video_grid_thw), group)
     return PolicyInputs(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -77,14 +109,27 @@ def policy_inputs(model: nn.Module, rollout: Rollout, video_grid_thw: torch.Tens
         completion_ids=rollout.completion_ids,
         completion_mask=completion_mask,
         prompt_length=rollout.prompt_ids.shape[1],
+        pixels=pixels,
+        video_grid_thw=grids,
+        second_per_grid_ts=seconds,
     )
 
 
 def completion_hidden(model: nn.Module, inputs: PolicyInputs, rows: slice) -> torch.Tensor:
     """Final hidden states that predict each completion token, ``(n, T, hidden)`` for ``rows``."""
     ids = inputs.input_ids[rows]
-    embeds = qwen.build_inputs_embeds(model, ids, inputs.video_embeds[rows])
-    hidden = qwen.hidden_states(model, embeds, inputs.position_ids[:, rows], inputs.attention_mask[rows])
+    if inputs.pixels is not None:
+        from medgrpo.train.model import final_hidden_states
+
+        hidden = final_hidden_states(
+            model, input_ids=ids, attention_mask=inputs.attention_mask[rows],
+            pixel_values_videos=torch.cat(inputs.pixels[rows]), video_grid_thw=inputs.video_grid_thw[rows],
+            second_per_grid_ts=inputs.second_per_grid_ts[rows],
+            mm_token_type_ids=qwen.mm_token_type_ids(model, ids),
+        )  # fmt: skip
+    else:
+        embeds = qwen.build_inputs_embeds(model, ids, inputs.video_embeds[rows])
+        hidden = qwen.hidden_states(model, embeds, inputs.position_ids[:, rows], inputs.attention_mask[rows])
     start = inputs.prompt_length - 1  # position i predicts token i + 1
     return hidden[:, start : start + inputs.completion_ids.shape[1]]
 
@@ -98,22 +143,29 @@ def micro_batches(total: int, size: int) -> list[slice]:
 def sequence_logprobs(model: nn.Module, inputs: PolicyInputs, *, temperature: float, micro_batch_size: int
                       ) -> torch.Tensor:  # fmt: skip
     """Per-token log-probs ``(N, T)`` of the completions under ``model`` (old policy or reference)."""
-    weight = qwen.lm_head_weight(model)
     out = []
     for rows in micro_batches(inputs.input_ids.shape[0], micro_batch_size):
         hidden = completion_hidden(model, inputs, rows)
+        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
         logp, _ = linear_logprob(hidden, weight, inputs.completion_ids[rows], temperature=temperature)
         out.append(logp)
     return torch.cat(out)
 
 
 def global_token_count(mask: torch.Tensor) -> torch.Tensor:
-    """Completion tokens over all ranks divided by the world size (a 0-d device tensor; no host sync)."""
+    """Completion tokens over all ranks (a 0-d device tensor; all-reduced on the device, no host sync).
+
+    Each rank's loss is its token sum over this count, and the sharded model sums gradients over
+    ranks (``shard_model(gradient_divide_factor=1)``), so the update is the whole batch's token mean.
+    """
     count = mask.sum().to(torch.float32)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(count)
-        count = count / dist.get_world_size()
     return count.clamp_min(1.0)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass
@@ -142,11 +194,11 @@ def backward_policy_loss(
     if options.loss_type == "bnpo" and len(slices) > 1:
         raise ValueError("loss_type='bnpo' normalizes per batch: set micro_batch_size >= the sequences per step")
     num_items = global_token_count(inputs.completion_mask) if options.loss_type == "dapo" else None
-    weight = qwen.lm_head_weight(model)
     device = inputs.input_ids.device
     sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clip", "entropy", "tokens")}
     for rows in slices:
         hidden = completion_hidden(model, inputs, rows)
+        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
         mask = inputs.completion_mask[rows]
         out = fused_linear_policy_loss(
             hidden, weight, inputs.completion_ids[rows], mask, advantages[rows],
@@ -155,7 +207,9 @@ def backward_policy_loss(
             loss_type=options.loss_type, epsilon_low=options.epsilon_low, epsilon_high=options.epsilon_high,
             beta=options.beta, temperature=options.temperature, num_items=num_items,
         )  # fmt: skip
-        loss = out.loss if options.loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total)
+        # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its
+        # share, and by 1/world since gradients are summed over ranks.
+        loss = out.loss if options.loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / _world())
         loss.backward()
         tokens = mask.sum().to(torch.float32)
         sums["loss"] += loss.detach()
@@ -181,6 +235,8 @@ def optimizer_step(
     Returns ``(stepped, grad_norm)``; the one host sync of the update reads the finiteness flag.
     """
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+        grad_norm = grad_norm.full_tensor()
     finite = bool((torch.isfinite(grad_norm) & torch.isfinite(loss)).item())
     if finite:
         optimizer.step()
@@ -197,8 +253,10 @@ __all__ = [
     "backward_policy_loss",
     "completion_hidden",
     "global_token_count",
+    "is_sharded",
     "micro_batches",
     "optimizer_step",
     "policy_inputs",
     "sequence_logprobs",
+    "video_rows",
 ]

@@ -14,6 +14,7 @@ update when ``num_iterations > 1``; reference log-probs when ``beta > 0``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -91,11 +92,47 @@ def build_model(config: TrainConfig, runtime: Runtime):
     if config.mode == "grpo" and config.grpo.beta > 0:
         reference = load_reference_model(model_config, runtime.device)
     if runtime.world_size > 1:
+        # The loss is divided by the global token count: gradients are summed over ranks.
         dtype = torch.bfloat16 if section.dtype == "bfloat16" else None
-        model = shard_model(model, param_dtype=dtype)
+        model = shard_model(model, param_dtype=dtype, gradient_divide_factor=1.0)
+        warm_up(model)
         if reference is not None:
-            reference = shard_model(reference, param_dtype=dtype)
+            reference = shard_model(reference, param_dtype=dtype, gradient_divide_factor=1.0)
+            warm_up(reference)
     return model, reference
+
+
+@torch.no_grad()
+def warm_up(model) -> None:
+    """One text-only root forward: FSDP2 initializes its state on the root's first forward, and the
+    rollout later calls submodules directly (see :func:`gathered`)."""
+    from medgrpo.train.model import final_hidden_states
+
+    device = next(model.parameters()).device
+    ids = torch.full((1, 2), int(model.config.get_text_config().eos_token_id or 0), dtype=torch.long, device=device)
+    final_hidden_states(model, input_ids=ids, attention_mask=torch.ones_like(ids))
+    # The root keeps its parameters gathered after a forward (for the backward that normally
+    # follows); reshard now, so the optimizer is built over the sharded parameters.
+    model.reshard()
+
+
+@contextlib.contextmanager
+def gathered(model) -> Iterator[None]:
+    """Gather a sharded model's root parameters (embeddings, norm, lm head) for a no-grad rollout.
+
+    The rollout calls the model's stages directly (:mod:`medgrpo.train.qwen`); the decoder blocks
+    and the vision tower gather themselves in their own forward hooks. Unsharded models: nothing.
+    """
+    from medgrpo.train.grpo import is_sharded
+
+    if not is_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -220,10 +257,11 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, 
     g = config.grpo
     device = batch.input_ids.device
     start = time.perf_counter()
-    rollout = generate(model, batch, RolloutConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens,
-                                                   temperature=g.temperature, top_p=g.top_p),
-                       eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                       generator=generator)  # fmt: skip
+    with gathered(model), torch.no_grad():
+        rollout = generate(model, batch, RolloutConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens,
+                                                       temperature=g.temperature, top_p=g.top_p),
+                           eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                           generator=generator)  # fmt: skip
     t_rollout = time.perf_counter()
     texts = decode_text(tokenizer, rollout)
     records = [r for r in batch.records for _ in range(g.group_size)]
@@ -232,7 +270,7 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, 
     advantage = group_advantages(rewards, group_size=g.group_size, keys=keys, stats=table, k=g.k, scale=g.scale,
                                  return_stats=True)  # fmt: skip
     t_reward = time.perf_counter()
-    inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts)
+    inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
     options = LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
                           beta=g.beta, temperature=g.temperature if g.temperature > 0 else 1.0,
                           micro_batch_size=g.micro_batch_size)  # fmt: skip

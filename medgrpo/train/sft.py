@@ -3,8 +3,9 @@
 Only answer tokens (and the closing ``<|im_end|>``) carry a loss: the collator's ``labels``.
 The hidden states that predict them are gathered and passed to :func:`medgrpo.linear_logprob`,
 so no (tokens × vocab) logits are formed. The loss is the negative log-likelihood summed
-over answer tokens divided by the global answer-token count (all-reduced on the device), so
-micro-batches and ranks add up to the token mean of the whole batch.
+over answer tokens divided by the global answer-token count (all-reduced on the device; the
+sharded model sums gradients over ranks), so micro-batches and ranks add up to the token mean
+of the whole batch.
 """
 
 from __future__ import annotations
@@ -15,18 +16,28 @@ from torch import nn
 from medgrpo.data.collate import IGNORE_INDEX, VideoBatch, video_grid
 from medgrpo.ops.linear_logprob import linear_logprob
 from medgrpo.train import qwen
-from medgrpo.train.grpo import global_token_count, micro_batches
+from medgrpo.train.grpo import global_token_count, is_sharded, micro_batches
 
 
 def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_vision: bool) -> torch.Tensor:
-    """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row)."""
+    """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row).
+
+    A sharded (FSDP2) model runs its root forward (see :mod:`medgrpo.train.grpo`); others run the
+    stages of :mod:`medgrpo.train.qwen`.
+    """
     grids = batch.video_grid_thw[rows]
     sizes = [t * h * w for t, h, w in map(video_grid, batch.frames)]  # from shapes: no device read
     start = sum(sizes[: rows.start])
     pixels = batch.pixel_values_videos[start : start + sum(sizes[rows])]
+    ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
+    if is_sharded(model):
+        from medgrpo.train.model import final_hidden_states
+
+        return final_hidden_states(model, input_ids=ids, attention_mask=mask, pixel_values_videos=pixels,
+                                   video_grid_thw=grids, second_per_grid_ts=batch.second_per_grid_ts[rows],
+                                   mm_token_type_ids=qwen.mm_token_type_ids(model, ids))  # fmt: skip
     with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
         videos = qwen.encode_videos(model, pixels, grids)
-    ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
     positions, _ = qwen.rope_positions(model, ids, grids, batch.second_per_grid_ts[rows], mask)
     embeds = qwen.build_inputs_embeds(model, ids, videos)
     return qwen.hidden_states(model, embeds, positions, mask)
@@ -39,11 +50,11 @@ def sft_backward(model: nn.Module, batch: VideoBatch, *, micro_batch_size: int, 
         raise ValueError("SFT needs labels: collate with VideoCollator(with_answers=True)")
     targets_all = batch.labels[:, 1:]
     num_items = global_token_count(targets_all != IGNORE_INDEX)
-    weight = qwen.lm_head_weight(model)
     loss_sum = torch.zeros((), device=batch.input_ids.device)
     tokens = torch.zeros((), device=batch.input_ids.device)
     for rows in micro_batches(len(batch), micro_batch_size):
         hidden = batch_hidden(model, batch, rows, train_vision=train_vision)[:, :-1]
+        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
         targets = targets_all[rows]
         selected = targets != IGNORE_INDEX
         logp, _ = linear_logprob(hidden[selected], weight, targets[selected])
