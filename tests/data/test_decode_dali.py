@@ -39,7 +39,7 @@ VIDEOS = {"webm": ("libvpx-vp9", SIZE), "avi": ("mjpeg", SIZE), "mkv": ("mjpeg",
 VIDEO_MEAN_TOL, VIDEO_MAX_TOL = 1.0, 4
 JPEG_MEAN_TOL, JPEG_MAX_TOL = 0.1, 2
 RESIZE_MAX_TOL = 1
-NOISE_MEAN_TOL, NOISE_MAX_TOL = 0.25, 10
+NOISE_MEAN_TOL, NOISE_MAX_TOL = 0.25, 16  # white noise: measured max 8-11 levels, varies with DALI threads
 
 
 def _barcodes(frames: torch.Tensor) -> list[int]:
