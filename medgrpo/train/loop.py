@@ -290,7 +290,9 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, 
     end = time.perf_counter()
     tokens = int(rollout.completion_tokens)
     metrics = {
-        "loss": update.loss, "kl": update.kl, "clip_fraction": update.clip_fraction, "entropy": update.entropy,
+        "loss": update.loss, "kl": update.kl, "clip_fraction": update.clip_fraction,
+        "clip_fraction_low": update.clip_fraction_low, "clip_fraction_high": update.clip_fraction_high,
+        "entropy": update.entropy,
         "grad_norm": grad_norm, "reward_raw": torch.nanmean(rewards), "reward_norm": torch.nanmean(normalized),
         "reward_missing": torch.isnan(rewards).float().mean(), "advantage_std": advantage.advantages.std(),
         "zero_std_group_fraction": advantage.zero_std_fraction, "completion_tokens": tokens,
@@ -473,6 +475,9 @@ def train(config: TrainConfig) -> RunSummary:
         if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
             last = log.log(step + 1, result.metrics)
             rows.append(last)
+        if config.eval_every and config.data.eval_file and (step + 1) % config.eval_every == 0:
+            evaluation = evaluate_during_training(model, tokenizer, config, reward_fn, stats, runtime)
+            rows.append(log.log(step + 1, evaluation))
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             _save(output, step + 1, model, optimizer, scheduler, sampler, generator, config.keep_checkpoints)
     log.close()
@@ -483,10 +488,31 @@ def train(config: TrainConfig) -> RunSummary:
     return RunSummary(config.steps - start_step, skipped_steps, dict(loader.skipped), last, output, export)
 
 
+def evaluate_during_training(model, tokenizer, config: TrainConfig, reward_fn, stats, runtime: Runtime) -> dict:
+    """Greedy answers on ``data.eval_file`` (this rank's model), as ``eval/...`` metrics."""
+    from medgrpo.train.evaluation import evaluate_policy
+
+    if reward_fn is None:
+        reward_fn, stats = build_rewards(config)
+    with gathered(model):
+        result = evaluate_policy(model, tokenizer, config.data.eval_file, reward_fn, stats,
+                                 options=decode_options(config), max_new_tokens=config.grpo.max_new_tokens,
+                                 device=runtime.device)  # fmt: skip
+    metrics = {"eval/reward_raw": result.reward_raw, "eval/reward_norm": result.reward_norm,
+               "eval/missing": result.missing, "eval/count": result.count}  # fmt: skip
+    metrics.update({f"eval/reward_raw/{k}": v for k, v in result.per_key_raw.items()})
+    metrics.update({f"eval/reward_norm/{k}": v for k, v in result.per_key_norm.items()})
+    model.train()
+    return metrics
+
+
 def _peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak device memory (CUDA allocator), or the process's peak resident memory on the CPU."""
     if device.type == "cuda":
         return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-    return {}
+    import resource
+
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
 
 
 def _save(output: Path, step: int, model, optimizer, scheduler, sampler, generator, keep: int) -> None:

@@ -122,3 +122,28 @@ def test_balanced_sampler_is_balanced_and_resumable():
     again = BalancedSampler(keys, samples_per_epoch=2000, seed=1)
     again.load_state_dict(state)
     assert list(again) == draws[5:]
+
+
+def test_judge_down_and_unparseable_answers_are_counted_not_fatal(setup, tmp_path):
+    """Caption records with the judge unreachable: NaN rewards, counted; training and eval go on."""
+    _, dataset, _ = setup
+    lines = Path(dataset.train).read_text().splitlines()
+    caption = json.loads(lines[0])
+    caption["qa_type"] = "video_summary"
+    caption["conversations"][1]["value"] = "The grasper retracts the gallbladder while the hook dissects."
+    caption["struc_info"] = None
+    mixed = Path(dataset.train).parent / "train_with_captions.jsonl"
+    mixed.write_text("\n".join(lines[:3] + [json.dumps(caption)] * 3) + "\n")
+    run = config(setup, tmp_path / "judge_down", "grpo", 2, train_file=mixed, eval_every=2)
+    run.data.eval_file = str(mixed)
+    run.rewards.judge_base_url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    run.rewards.judge_model = "judge"
+    summary = train(run)
+    rows = metrics(tmp_path / "judge_down")
+    assert summary.steps == 2 and rows[-1]["step"] == 2 and "eval/reward_raw" in rows[-1]
+    counts = {k: v for row in rows for k, v in row.items() if k.startswith("reward_count/")}
+    assert "reward_count/total" in counts
+    missing = sum(row.get("reward_count/judge_missing", 0) or 0 for row in rows)
+    missing_fraction = [row["reward_missing"] for row in rows if "reward_missing" in row]
+    assert missing > 0 and max(missing_fraction) > 0
+    assert all(row["loss"] is None or math.isfinite(row["loss"]) for row in rows if "loss" in row)
