@@ -80,6 +80,8 @@ from torch import Tensor
 
 from medgrpo.data.records import normalize_qa_type
 from medgrpo.rewards import next_action_classes as nac
+from medgrpo.rewards.caption_reward import normalize_similarity, score_captions
+from medgrpo.rewards.judge import Judge, JudgeConfig
 from medgrpo.rewards.metrics import _dvc_gt, _first_struc, _is_box, _Malformed, _stg_gt, _tal_gt, box_iou, span_iou
 from medgrpo.rewards.parsers import (
     CVS_COMPONENTS,
@@ -98,6 +100,7 @@ from medgrpo.rewards.parsers import (
     stg_boxes,
     tal_spans,
 )
+from medgrpo.rewards.similarity import SentenceEmbedder, get_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +111,15 @@ Box = tuple[float, float, float, float]
 
 
 class RecordLike(Protocol):
-    """What the reward reads of a record (:class:`medgrpo.data.records.VideoRecord` has it)."""
+    """What the reward reads of a record (:class:`medgrpo.data.records.VideoRecord` has it).
+
+    ``fps`` is not read: spans are compared in seconds (the official evaluator's conversion
+    to frames only rounds them).
+    """
 
     qa_type: str
     answer: Optional[str]
     struc_info: Any
-    fps: Any
     question: str
     data_source: str
 
@@ -132,7 +138,7 @@ class RewardConfig:
     judge_weight: float = 0.5
     dense_localization_weight: float = 0.5
     next_action_fallback_credit: float = 0.5
-    judge: Optional[Any] = None  # a medgrpo.rewards.judge.JudgeConfig
+    judge: Optional[JudgeConfig] = None
     embedder_dir: Optional[str] = None
     embedder_device: Optional[str] = None
 
@@ -427,12 +433,11 @@ class RewardFunction:
     on first use from ``config.embedder_dir``.
     """
 
-    def __init__(self, config: Optional[RewardConfig] = None, *, judge: Any = None, embedder: Any = None) -> None:
+    def __init__(self, config: Optional[RewardConfig] = None, *, judge: Optional[Judge] = None,
+                 embedder: Optional[SentenceEmbedder] = None) -> None:
         self.config = config or RewardConfig()
         self._owns_judge = judge is None and self.config.judge is not None
         if self._owns_judge:
-            from medgrpo.rewards.judge import Judge
-
             judge = Judge(self.config.judge)
         self.judge = judge
         self._embedder = embedder
@@ -451,11 +456,9 @@ class RewardFunction:
             self.judge.close()
 
     @property
-    def embedder(self) -> Any:
+    def embedder(self) -> SentenceEmbedder:
         """The sentence embedder (loaded on first use)."""
         if self._embedder is None:
-            from medgrpo.rewards.similarity import get_embedder
-
             self._embedder = get_embedder(self.config.embedder_dir, self.config.embedder_device)
         return self._embedder
 
@@ -507,8 +510,6 @@ class RewardFunction:
             return out
         predictions, references = [p for p, _ in todo], [r for _, r in todo]
         if self.judge is None:
-            from medgrpo.rewards.caption_reward import normalize_similarity
-
             values = normalize_similarity(self.embedder.similarity(predictions, references))
             counts["caption_similarity_only"] += len(todo)
         else:
@@ -517,8 +518,6 @@ class RewardFunction:
         return out
 
     def _blend(self, predictions: list[str], references: list[str], counts: Counter) -> Tensor:
-        from medgrpo.rewards.caption_reward import normalize_similarity, score_captions
-
         scored = score_captions(predictions, references, judge=self.judge, embedder=self.embedder)
         counts["judge_missing"] += scored.missing
         judge_part = (scored.judge - 1.0) / 4.0
