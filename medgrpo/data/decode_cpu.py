@@ -64,7 +64,8 @@ def _import_av():
     return av
 
 
-def _check_file(path: str) -> None:
+def check_file(path: str) -> None:
+    """Raise :class:`VideoDecodeError` unless ``path`` is an existing regular file."""
     if not os.path.exists(path):
         raise VideoDecodeError(path, "no such file")
     if not os.path.isfile(path):
@@ -98,7 +99,7 @@ def video_info(path: str | os.PathLike) -> tuple[int, float, int, int]:
     """
     av = _import_av()
     path = os.fspath(path)
-    _check_file(path)
+    check_file(path)
     try:
         with av.open(path) as container:
             stream = _open_video_stream(container, path)
@@ -133,7 +134,7 @@ def _check_indices(indices: Sequence[int], path: object) -> list[int]:
 
 def _decode_video(path: str, indices: Sequence[int]) -> torch.Tensor:
     av = _import_av()
-    _check_file(path)
+    check_file(path)
     wanted = _check_indices(indices, path)
     needed = set(wanted)
     last = max(wanted)
@@ -182,7 +183,7 @@ def _read_image(path: str):
     """One image file as an RGB PIL image (grayscale, CMYK, palette, alpha converted)."""
     from PIL import Image, UnidentifiedImageError
 
-    _check_file(path)
+    check_file(path)
     try:
         with Image.open(path) as image:
             image.load()
@@ -240,6 +241,26 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     chw = frames.permute(0, 3, 1, 2).to(torch.float32)
     out = F.interpolate(chw, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def plan_video_file(
+    info: tuple[int, float, int, int],
+    *,
+    fps: float,
+    nframes: int | None,
+    start_frame: int | None,
+    end_frame: int | None,
+    min_pixels: float | None,
+    max_pixels: float | None,
+    total_pixels: float,
+) -> FramePlan:
+    """The sampling plan of a video file from its ``(total_frames, fps, height, width)`` (every backend's)."""
+    total, video_fps, height, width = info
+    return sampling.plan_frames(
+        total, video_fps, height, width, fps=fps, nframes=nframes,
+        min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
+        max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
+    )  # fmt: skip
 
 
 def load_video_sample(
@@ -302,10 +323,9 @@ def load_video_sample(
 
     path = os.fspath(video)
     total, video_fps, height, width = video_info(path)
-    plan = sampling.plan_frames(
-        total, video_fps, height, width, fps=fps, nframes=nframes,
-        min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
-        max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
+    plan = plan_video_file(
+        (total, video_fps, height, width), fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
+        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
     )  # fmt: skip
     frames = _decode_video(path, plan.indices)
     if region_box is not None:
@@ -315,6 +335,8 @@ def load_video_sample(
 
 __all__ = [
     "VideoDecodeError",
+    "check_file",
+    "plan_video_file",
     "decode_frames",
     "list_frame_files",
     "load_video_sample",

@@ -55,7 +55,14 @@ import numpy as np
 import torch
 
 from medgrpo.data import sampling
-from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, list_frame_files, resize_frames
+from medgrpo.data.decode_cpu import (
+    VideoDecodeError,
+    VideoSource,
+    check_file,
+    list_frame_files,
+    plan_video_file,
+    resize_frames,
+)
 from medgrpo.data.records import RegionCaptionInfo
 from medgrpo.data.region_box import box_frame_position, draw_region_box_
 from medgrpo.data.sampling import FramePlan
@@ -94,15 +101,8 @@ def dali_available() -> bool:
 # Host side: read bytes, check what can be checked before DALI sees the data.
 
 
-def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoDecodeError(path, "no such file")
-    if not os.path.isfile(path):
-        raise VideoDecodeError(path, "not a regular file")
-
-
 def _read_bytes(path: str) -> np.ndarray:
-    _check_file(path)
+    check_file(path)
     try:
         data = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
@@ -592,11 +592,9 @@ def load_video_sample(
         from medgrpo.data.decode_cpu import video_info
 
         source = os.fspath(video)
-        total, video_fps, height, width = video_info(source)
-        plan = sampling.plan_frames(
-            total, video_fps, height, width, fps=fps, nframes=nframes,
-            min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
-            max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
+        plan = plan_video_file(
+            video_info(source), fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
+            min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
         )  # fmt: skip
     with DaliVideoLoader(
         [source], [plan], device=device, num_threads=num_threads, min_pixels=min_pixels, max_pixels=max_pixels,

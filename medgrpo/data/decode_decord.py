@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from medgrpo.data import decode_cpu, sampling
-from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, resize_frames
+from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, check_file, resize_frames
 from medgrpo.data.records import RegionCaptionInfo
 from medgrpo.data.region_box import box_frame_position, draw_region_box_
 from medgrpo.data.sampling import FramePlan
@@ -51,13 +51,6 @@ def _import_decord():
     except ImportError as error:
         raise ImportError("the decord backend needs decord: pip install 'medgrpo[video]' (or decord)") from error
     return decord
-
-
-def _check_file(path: str) -> None:
-    if not os.path.exists(path):
-        raise VideoDecodeError(path, "no such file")
-    if not os.path.isfile(path):
-        raise VideoDecodeError(path, "not a regular file")
 
 
 def _decord_errors(decord) -> tuple[type[BaseException], ...]:
@@ -87,7 +80,7 @@ def _read(path: str, indices: Sequence[int] | None) -> tuple[int, float, np.ndar
     exception's traceback would otherwise keep it (and its file descriptor) alive.
     """
     decord = _import_decord()
-    _check_file(path)
+    check_file(path)
     wanted = None if indices is None else [int(i) for i in indices]
     problem: str | None = None
     result = (0, 0.0, np.zeros((0, 0, 0, 3), np.uint8))
@@ -180,10 +173,9 @@ def load_video_sample(
         )  # fmt: skip
     path = os.fspath(video)
     total, video_fps, height, width = video_info(path)
-    plan = sampling.plan_frames(
-        total, video_fps, height, width, fps=fps, nframes=nframes,
-        min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
-        max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
+    plan = decode_cpu.plan_video_file(
+        (total, video_fps, height, width), fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
+        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
     )  # fmt: skip
     frames = _decode_video(path, plan.indices)
     if region_box is not None:
