@@ -76,6 +76,7 @@ _JPEG_START, _JPEG_END = b"\xff\xd8", b"\xff\xd9"
 _JPEG_TAIL = 4096  # an end-of-image marker must lie this close to the end (allows trailing padding)
 
 Batch = list[tuple[torch.Tensor, FramePlan, int]]
+Item = tuple[VideoSource, FramePlan, RegionCaptionInfo | None]  # what to decode: source, plan, region box
 
 
 def _import_dali() -> SimpleNamespace:
@@ -436,17 +437,33 @@ class DaliVideoLoader:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _prepare(self, index: int) -> _Job:
-        source, plan, box = self.sources[index], self.plans[index], self.region_boxes[index]
+    def decode_items(self, items: Sequence[Item]) -> list[torch.Tensor | VideoDecodeError]:
+        """Decode any ``(source, plan, region box)`` items with this loader's pipelines (not its shard).
+
+        For a loader that gets its work from elsewhere (e.g. a record sampler): returns, per item,
+        its uint8 frames on the loader's device, or the :class:`VideoDecodeError` that made DALI
+        (or the host checks) refuse it. Failures are also counted in :attr:`skipped_sources`.
+        """
+        before = len(self.skipped_sources)
+        frames = self._load({i: item for i, item in enumerate(items)})
+        errors = {index: VideoDecodeError(path, reason) for index, path, reason in self.skipped_sources[before:]}
+        return [frames[i] if i in frames else errors[i] for i in range(len(items))]
+
+    def _prepare(self, index: int, source: VideoSource, plan: FramePlan, box: RegionCaptionInfo | None) -> _Job:
         if _is_frame_source(source):
             return _image_job(index, source, plan, self.min_pixels, self.max_pixels, box)
         return _video_job(index, os.fspath(source), plan, box)
 
     def _load_batch(self, positions: Sequence[int]) -> Batch:
+        items = {i: (self.sources[i], self.plans[i], self.region_boxes[i]) for i in positions}
+        frames = self._load(items)
+        return [(frames[i], self.plans[i], i) for i in positions if i in frames]
+
+    def _load(self, items: dict[int, Item]) -> dict[int, torch.Tensor]:
         jobs = []
-        for index in positions:
+        for index, (source, plan, box) in items.items():
             try:
-                jobs.append(self._prepare(index))
+                jobs.append(self._prepare(index, source, plan, box))
             except VideoDecodeError as error:
                 self._fail(index, error)
         frames: dict[int, torch.Tensor] = {}
@@ -454,7 +471,7 @@ class DaliVideoLoader:
             group = [job for job in jobs if job.kind == kind]
             for packed in _pack(group, self._runners[kind].batch_size):
                 frames.update(self._decode(packed))
-        return [(frames[i], self.plans[i], i) for i in positions if i in frames]
+        return frames
 
     def _decode(self, jobs: list[_Job]) -> dict[int, torch.Tensor]:
         """Decode ``jobs`` in one run; after a failure, each job alone, skipping the bad ones."""

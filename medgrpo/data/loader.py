@@ -145,6 +145,13 @@ class VideoDataset(Dataset):
             return SkippedSample(index, record_id or getattr(error, "record_id", None), _skip_kind(error), str(error))
 
 
+def count_skips(counter: Counter[str], skipped: Sequence[SkippedSample]) -> None:
+    """Count ``skipped`` by kind into ``counter`` and log each one."""
+    for skip in skipped:
+        counter[skip.kind] += 1
+        logger.warning("skipped record %d (id %s, %s): %s", skip.index, skip.record_id, skip.kind, skip.reason)
+
+
 class VideoLoader:
     """Batches of collated clips from worker processes, sharded by rank, skips counted.
 
@@ -209,14 +216,118 @@ class VideoLoader:
             yield batch
 
     def _count(self, skipped: Sequence[SkippedSample]) -> None:
-        for skip in skipped:
-            self.skipped[skip.kind] += 1
-            logger.warning("skipped record %d (id %s, %s): %s", skip.index, skip.record_id, skip.kind, skip.reason)
+        count_skips(self.skipped, skipped)
 
     @property
     def skipped_total(self) -> int:
         """Records skipped so far, over all epochs."""
         return sum(self.skipped.values())
+
+
+def plan_record(record: VideoRecord, options: DecodeOptions) -> tuple[object, FramePlan]:
+    """``(source, plan)`` of a record, from headers only (image size, or the video's frame count and rate).
+
+    The plan is the one :func:`load_record` decodes with; decoders that take plans (DALI) use this.
+    """
+    from medgrpo.data.decode_cpu import check_file, plan_video_file, video_info
+
+    budget = {"min_pixels": options.min_pixels, "max_pixels": options.max_pixels, "total_pixels": options.total_pixels}
+    if record.is_frame_list:
+        from PIL import Image
+
+        from medgrpo.data.decode_cpu import VideoDecodeError
+
+        paths = [str(p) for p in record.video]
+        if not paths:
+            raise VideoDecodeError(record.index, "empty frame list")
+        check_file(paths[0])
+        try:
+            with Image.open(paths[0]) as image:
+                width, height = image.size
+        except OSError as error:
+            raise VideoDecodeError(paths[0], f"cannot read the image header: {error}") from None
+        plan = sampling.plan_frame_list(len(paths), height, width, sample_fps=record.fps, **budget)
+        return paths, plan
+    clip = {"start_frame": None, "end_frame": None}
+    if options.clip_from_metadata:
+        clip = {"start_frame": record.start_frame, "end_frame": record.end_frame}
+    path = str(record.video)
+    return path, plan_video_file(video_info(path), fps=options.fps, nframes=options.nframes, **clip, **budget)
+
+
+class DaliRecordLoader:
+    """:class:`VideoLoader`'s batches with the frames decoded by DALI (nvJPEG / NVDEC on the GPU).
+
+    Indices come from ``sampler`` (e.g. the trainer's balanced, rank-sharded sampler); records are
+    parsed and planned on the host from headers (:func:`plan_record`), decoded and resized by one
+    :class:`~medgrpo.data.decode_dali.DaliVideoLoader` per rank (its pipelines persist across
+    batches), and collated; frames stay on the device, so ``batch.to(device)`` moves only tokens.
+    Unusable records become counted, logged :class:`SkippedSample` s, as in :class:`VideoLoader`.
+
+    Args:
+        dataset: a :class:`VideoDataset` (its records and options are used; its decoder is not).
+        collate: e.g. :class:`~medgrpo.data.collate.VideoCollator`.
+        batch_size: records per batch. sampler: the indices to load, in order.
+        device: ``"gpu"`` or ``"cpu"`` (DALI's CPU operators); default: GPU when CUDA is available.
+        num_threads, device_id: DALI threads and the CUDA device of this rank.
+    """
+
+    def __init__(self, dataset: VideoDataset, collate: Callable[[list[Any]], Any], *, batch_size: int,
+                 sampler: Sampler, device: str | None = None, num_threads: int = 4,
+                 device_id: int | None = None):  # fmt: skip
+        from medgrpo.data.decode_dali import DaliVideoLoader
+
+        self.dataset, self.collate, self.batch_size, self.sampler = dataset, collate, batch_size, sampler
+        options = dataset.options
+        self.decoder = DaliVideoLoader([], [], batch_size=batch_size, device=device, num_threads=num_threads,
+                                       device_id=device_id, min_pixels=options.min_pixels,
+                                       max_pixels=options.max_pixels, on_error="skip")  # fmt: skip
+        self.skipped: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def __iter__(self) -> Iterator[Any]:
+        indices = list(iter(self.sampler))
+        for start in range(0, len(indices), self.batch_size):
+            batch = self.collate(self._items(indices[start : start + self.batch_size]))
+            count_skips(self.skipped, batch.skipped)
+            yield batch
+
+    def _items(self, indices: Sequence[int]) -> list[VideoSample | SkippedSample]:
+        from medgrpo.data.decode_cpu import VideoDecodeError
+
+        planned, items = [], []
+        for index in indices:
+            record_id = None
+            try:
+                record = self.dataset.records[index]
+                record_id = record.id
+                source, plan = plan_record(record, self.dataset.options)
+            except (RecordError, VideoDecodeError, ValueError) as error:
+                items.append(SkippedSample(index, record_id, _skip_kind(error), str(error)))
+                continue
+            box = record.rc_info if (self.dataset.options.draw_region_box and record.is_rc) else None
+            planned.append((record, source, plan, box))
+        decoded = self.decoder.decode_items([(source, plan, box) for _, source, plan, box in planned])
+        for (record, _, plan, _), frames in zip(planned, decoded):
+            if isinstance(frames, VideoDecodeError):
+                items.append(SkippedSample(record.index, record.id, "unreadable_video", str(frames)))
+            else:
+                items.append(VideoSample(record=record, frames=frames, plan=plan))
+        return items
+
+    def close(self) -> None:
+        """Free the DALI pipelines."""
+        self.decoder.close()
 
 
 def open_file_count() -> int:
@@ -226,6 +337,7 @@ def open_file_count() -> int:
 
 __all__ = [
     "BACKENDS",
+    "DaliRecordLoader",
     "DecodeOptions",
     "SkippedSample",
     "VideoDataset",
@@ -233,4 +345,5 @@ __all__ = [
     "VideoSample",
     "load_record",
     "open_file_count",
+    "plan_record",
 ]

@@ -39,7 +39,7 @@ class DataSection:
     fps: float = 2.0  # sampling rate of video files; frame lists use the record's metadata.fps
     min_pixels: float | None = None
     max_pixels: float | None = None
-    backend: str = "pyav"  # CPU fallback decoder: "pyav" | "decord"
+    backend: str = "pyav"  # "dali" (nvJPEG/NVDEC on the GPU, one pipeline per rank) | "pyav" | "decord" (CPU workers)
     num_workers: int = 2
     max_length: int | None = None  # longer prompts (+ answers for SFT) are skipped and counted
     sampler_weights: dict[str, float] = field(default_factory=dict)  # "data_source/qa_type" or "data_source" -> weight

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from medgrpo.data.collate import END_OF_TURN, VideoBatch, VideoCollator
-from medgrpo.data.loader import DecodeOptions, VideoDataset, VideoLoader
+from medgrpo.data.loader import DaliRecordLoader, DecodeOptions, VideoDataset, VideoLoader
 from medgrpo.data.records import RecordDataset
 from medgrpo.ops.group_advantages import group_advantages
 from medgrpo.ops.normalize_rewards import normalize_rewards
@@ -155,8 +155,10 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig):
 
 
 def decode_options(config: TrainConfig) -> DecodeOptions:
+    """Sampling options of the run (``backend: dali`` plans like the CPU decoders; DALI reads the pixels)."""
     data = config.data
-    return DecodeOptions(backend=data.backend, fps=data.fps, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    backend = "pyav" if data.backend == "dali" else data.backend
+    return DecodeOptions(backend=backend, fps=data.fps, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
 
 
 def record_keys(records: RecordDataset) -> list[str]:
@@ -186,8 +188,9 @@ def record_keys(records: RecordDataset) -> list[str]:
     return keys
 
 
-def build_loader(config: TrainConfig, runtime: Runtime, tokenizer) -> tuple[VideoLoader, BalancedSampler]:
-    """The rank's loader: balanced sampler, decoder workers, collator for the mode."""
+def build_loader(config: TrainConfig, runtime: Runtime, tokenizer
+                 ) -> tuple[VideoLoader | DaliRecordLoader, BalancedSampler]:  # fmt: skip
+    """The rank's loader: balanced sampler; DALI (``data.backend: dali``) or CPU decoder workers; the collator."""
     data = config.data
     records = RecordDataset(data.train_file, root=data.root or None)
     sft = config.mode == "sft"
@@ -197,9 +200,14 @@ def build_loader(config: TrainConfig, runtime: Runtime, tokenizer) -> tuple[Vide
                               samples_per_epoch=max(len(records) // runtime.world_size, batch_size))  # fmt: skip
     collate = VideoCollator(tokenizer, with_answers=sft, padding_side="right" if sft else "left",
                             max_length=data.max_length)  # fmt: skip
-    loader = VideoLoader(VideoDataset(records, decode_options(config)), collate, batch_size=batch_size,
-                         sampler=sampler, num_workers=data.num_workers,
-                         pin_memory=runtime.device.type == "cuda")  # fmt: skip
+    dataset = VideoDataset(records, decode_options(config))
+    if data.backend == "dali":
+        device = "gpu" if runtime.device.type == "cuda" else "cpu"
+        loader = DaliRecordLoader(dataset, collate, batch_size=batch_size, sampler=sampler, device=device,
+                                  device_id=runtime.device.index)  # fmt: skip
+    else:
+        loader = VideoLoader(dataset, collate, batch_size=batch_size, sampler=sampler, num_workers=data.num_workers,
+                             pin_memory=runtime.device.type == "cuda")  # fmt: skip
     return loader, sampler
 
 
