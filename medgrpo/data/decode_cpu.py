@@ -30,7 +30,7 @@ Containers and image files are always closed.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -123,19 +123,22 @@ def video_info(path: str | os.PathLike) -> tuple[int, float, int, int]:
     return int(total), fps, int(height), int(width)
 
 
-def _check_indices(indices: Sequence[int], path: object) -> list[int]:
+def check_indices(indices: Sequence[int], label: object, length: int | None = None) -> list[int]:
+    """``indices`` as ints; :class:`VideoDecodeError` when empty, negative, or (given ``length``) past the end."""
     wanted = [int(i) for i in indices]
     if not wanted:
-        raise VideoDecodeError(path, "no frame indices requested")
+        raise VideoDecodeError(label, "no frame indices requested")
     if min(wanted) < 0:
-        raise VideoDecodeError(path, f"negative frame index {min(wanted)}")
+        raise VideoDecodeError(label, f"negative frame index {min(wanted)}")
+    if length is not None and max(wanted) >= length:
+        raise VideoDecodeError(label, f"frame index {max(wanted)} is beyond the frame list ({length} frames)")
     return wanted
 
 
 def _decode_video(path: str, indices: Sequence[int]) -> torch.Tensor:
     av = _import_av()
     check_file(path)
-    wanted = _check_indices(indices, path)
+    wanted = check_indices(indices, path)
     needed = set(wanted)
     last = max(wanted)
     kept: dict[int, np.ndarray] = {}
@@ -167,7 +170,8 @@ def list_frame_files(directory: str | os.PathLike) -> list[str]:
     return [str(folder / name) for name in names]
 
 
-def _frame_paths(source: VideoSource) -> list[str]:
+def frame_paths(source: VideoSource) -> list[str]:
+    """The image paths of a frame folder (sorted) or frame list; :class:`VideoDecodeError` when there are none."""
     if isinstance(source, (str, os.PathLike)):
         paths = list_frame_files(source)
         if not paths:
@@ -201,9 +205,7 @@ def _read_image(path: str):
 
 
 def _decode_images(paths: Sequence[str], indices: Sequence[int], label: object) -> list:
-    wanted = _check_indices(indices, label)
-    if max(wanted) >= len(paths):
-        raise VideoDecodeError(label, f"frame index {max(wanted)} is beyond the frame list ({len(paths)} frames)")
+    wanted = check_indices(indices, label, len(paths))
     cache = {i: _read_image(paths[i]) for i in dict.fromkeys(wanted)}
     sizes = {image.size for image in cache.values()}
     if len(sizes) != 1:
@@ -211,7 +213,8 @@ def _decode_images(paths: Sequence[str], indices: Sequence[int], label: object) 
     return [cache[i] for i in wanted]
 
 
-def _is_frame_source(source: VideoSource) -> bool:
+def is_frame_source(source: VideoSource) -> bool:
+    """Whether ``source`` is a frame list or folder (not a video file)."""
     return not isinstance(source, (str, os.PathLike)) or os.path.isdir(source)
 
 
@@ -226,8 +229,8 @@ def decode_frames(source: VideoSource, indices: Sequence[int]) -> torch.Tensor:
     Raises:
         VideoDecodeError: unreadable input, no indices, or an index beyond the video.
     """
-    if _is_frame_source(source):
-        paths = _frame_paths(source)
+    if is_frame_source(source):
+        paths = frame_paths(source)
         label = source if isinstance(source, (str, os.PathLike)) else paths[0]
         images = _decode_images(paths, indices, label)
         return torch.from_numpy(np.stack([np.asarray(image) for image in images]))
@@ -243,24 +246,58 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return out.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
-def plan_video_file(
-    info: tuple[int, float, int, int],
+def _image_size(path: str) -> tuple[int, int]:
+    """``(width, height)`` of an image file from its header (nothing decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    check_file(path)
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise VideoDecodeError(path, f"cannot read image: {error}") from error
+
+
+def plan_source(
+    video: VideoSource,
     *,
-    fps: float,
-    nframes: int | None,
-    start_frame: int | None,
-    end_frame: int | None,
-    min_pixels: float | None,
-    max_pixels: float | None,
-    total_pixels: float,
-) -> FramePlan:
-    """The sampling plan of a video file from its ``(total_frames, fps, height, width)`` (every backend's)."""
-    total, video_fps, height, width = info
-    return sampling.plan_frames(
+    fps: float = sampling.FPS,
+    nframes: int | None = None,
+    start_frame: int | None = None,
+    end_frame: int | None = None,
+    min_pixels: float | None = None,
+    max_pixels: float | None = None,
+    total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
+    info: Callable[[str], tuple[int, float, int, int]] | None = None,
+) -> tuple[list[str] | str, FramePlan]:
+    """What a backend decodes and its plan, from headers only: every decoder's one planning step.
+
+    Frame lists / folders: ``(frame paths, plan_frame_list(...))`` at ``fps`` as the list's
+    frame rate, sized from the first image's header. Video files: ``(path, plan_frames(...))``
+    from ``info(path)`` = ``(total_frames, fps, height, width)`` (default: :func:`video_info`,
+    PyAV; a backend may pass its own reader's). Arguments as :func:`load_video_sample`.
+
+    Raises:
+        VideoDecodeError: unreadable input. ValueError: an impossible sampling request.
+    """
+    if is_frame_source(video):
+        if nframes is not None or start_frame is not None or end_frame is not None:
+            raise ValueError("nframes/start_frame/end_frame apply to video files, not to frame lists")
+        paths = frame_paths(video)
+        width, height = _image_size(paths[0])
+        plan = sampling.plan_frame_list(
+            len(paths), height, width, sample_fps=fps, min_pixels=min_pixels, max_pixels=max_pixels,
+            total_pixels=total_pixels,
+        )  # fmt: skip
+        return paths, plan
+    path = os.fspath(video)
+    total, video_fps, height, width = (info or video_info)(path)
+    plan = sampling.plan_frames(
         total, video_fps, height, width, fps=fps, nframes=nframes,
         min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
         max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
     )  # fmt: skip
+    return path, plan
 
 
 def load_video_sample(
@@ -297,19 +334,15 @@ def load_video_sample(
     Raises:
         VideoDecodeError: unreadable input. ValueError: an impossible sampling request.
     """
-    if _is_frame_source(video):
-        if nframes is not None or start_frame is not None or end_frame is not None:
-            raise ValueError("nframes/start_frame/end_frame apply to video files, not to frame lists")
-        paths = _frame_paths(video)
-        first = _read_image(paths[0])
-        width, height = first.size
-        plan = sampling.plan_frame_list(
-            len(paths), height, width, sample_fps=fps, min_pixels=min_pixels, max_pixels=max_pixels,
-            total_pixels=total_pixels,
-        )  # fmt: skip
+    source, plan = plan_source(
+        video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame, min_pixels=min_pixels,
+        max_pixels=max_pixels, total_pixels=total_pixels,
+    )  # fmt: skip
+    if isinstance(source, list):
+        label = video if isinstance(video, (str, os.PathLike)) else source[0]
+        images = _decode_images(source, plan.indices, label)
+        width, height = images[0].size
         pre_height, pre_width = sampling.frame_list_presize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
-        label = video if isinstance(video, (str, os.PathLike)) else paths[0]
-        images = _decode_images(paths, plan.indices, label)
         from PIL import Image
 
         presized: dict[int, torch.Tensor] = {}
@@ -321,12 +354,7 @@ def load_video_sample(
         frames = torch.stack([presized[i] for i in plan.indices])
         return resize_frames(frames, plan.height, plan.width), plan
 
-    path = os.fspath(video)
-    total, video_fps, height, width = video_info(path)
-    plan = plan_video_file(
-        (total, video_fps, height, width), fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
-        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
-    )  # fmt: skip
+    path = source
     frames = _decode_video(path, plan.indices)
     if region_box is not None:
         draw_region_box_(frames[box_frame_position(plan.indices, region_box.frame_index)], region_box.bbox)
@@ -336,7 +364,10 @@ def load_video_sample(
 __all__ = [
     "VideoDecodeError",
     "check_file",
-    "plan_video_file",
+    "check_indices",
+    "frame_paths",
+    "is_frame_source",
+    "plan_source",
     "decode_frames",
     "list_frame_files",
     "load_video_sample",

@@ -59,8 +59,10 @@ from medgrpo.data.decode_cpu import (
     VideoDecodeError,
     VideoSource,
     check_file,
-    list_frame_files,
-    plan_video_file,
+    check_indices,
+    frame_paths,
+    is_frame_source,
+    plan_source,
     resize_frames,
 )
 from medgrpo.data.records import RegionCaptionInfo
@@ -130,37 +132,10 @@ def _read_image_bytes(path: str) -> tuple[np.ndarray, tuple[int, int]]:
     return data, size
 
 
-def _frame_paths(source: VideoSource) -> list[str]:
-    if isinstance(source, (str, os.PathLike)):
-        paths = list_frame_files(source)
-        if not paths:
-            raise VideoDecodeError(source, "frame folder holds no images")
-        return paths
-    paths = [os.fspath(p) for p in source]
-    if not paths:
-        raise VideoDecodeError("<frame list>", "empty frame list")
-    return paths
-
-
-def _is_frame_source(source: VideoSource) -> bool:
-    return not isinstance(source, (str, os.PathLike)) or os.path.isdir(source)
-
-
 def _source_label(source: VideoSource) -> str:
     if isinstance(source, (str, os.PathLike)):
         return os.fspath(source)
     return os.fspath(source[0]) if len(source) else "<frame list>"
-
-
-def _check_indices(indices: Sequence[int], label: str, length: int | None = None) -> list[int]:
-    wanted = [int(i) for i in indices]
-    if not wanted:
-        raise VideoDecodeError(label, "no frame indices requested")
-    if min(wanted) < 0:
-        raise VideoDecodeError(label, f"negative frame index {min(wanted)}")
-    if length is not None and max(wanted) >= length:
-        raise VideoDecodeError(label, f"frame index {max(wanted)} is beyond the frame list ({length} frames)")
-    return wanted
 
 
 def _size_input(height: int, width: int) -> np.ndarray:
@@ -195,7 +170,7 @@ def _video_size(path: str) -> tuple[int, int]:
 
 def _video_job(index: int, path: str, plan: FramePlan, box: RegionCaptionInfo | None = None) -> _Job:
     data = _read_bytes(path)
-    wanted = _check_indices(plan.indices, path)
+    wanted = check_indices(plan.indices, path)
     # With a region box, DALI returns the frames at their own size: the box goes on before the resize.
     height, width = _video_size(path) if box is not None else (plan.height, plan.width)
     sample = {"encoded": data, "frames": np.asarray(wanted, np.int32), "size": _size_input(height, width)}
@@ -210,9 +185,9 @@ def _image_job(
     max_pixels: float | None,
     box: RegionCaptionInfo | None = None,
 ) -> _Job:
-    paths = _frame_paths(source)
+    paths = frame_paths(source)
     label = _source_label(source)
-    wanted = _check_indices(plan.indices, label, len(paths))
+    wanted = check_indices(plan.indices, label, len(paths))
     distinct = list(dict.fromkeys(wanted))
     images = [_read_image_bytes(paths[i]) for i in distinct]
     sizes = {size for _, size in images}
@@ -450,7 +425,7 @@ class DaliVideoLoader:
         return [frames[i] if i in frames else errors[i] for i in range(len(items))]
 
     def _prepare(self, index: int, source: VideoSource, plan: FramePlan, box: RegionCaptionInfo | None) -> _Job:
-        if _is_frame_source(source):
+        if is_frame_source(source):
             return _image_job(index, source, plan, self.min_pixels, self.max_pixels, box)
         return _video_job(index, os.fspath(source), plan, box)
 
@@ -595,24 +570,10 @@ def load_video_sample(
     """
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     _import_dali()
-    if _is_frame_source(video):
-        if nframes is not None or start_frame is not None or end_frame is not None:
-            raise ValueError("nframes/start_frame/end_frame apply to video files, not to frame lists")
-        paths = _frame_paths(video)
-        width, height = _read_image_bytes(paths[0])[1]
-        plan = sampling.plan_frame_list(
-            len(paths), height, width, sample_fps=fps, min_pixels=min_pixels, max_pixels=max_pixels,
-            total_pixels=total_pixels,
-        )  # fmt: skip
-        source: VideoSource = paths
-    else:
-        from medgrpo.data.decode_cpu import video_info
-
-        source = os.fspath(video)
-        plan = plan_video_file(
-            video_info(source), fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
-            min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
-        )  # fmt: skip
+    source, plan = plan_source(
+        video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame, min_pixels=min_pixels,
+        max_pixels=max_pixels, total_pixels=total_pixels,
+    )  # fmt: skip
     with DaliVideoLoader(
         [source], [plan], device=device, num_threads=num_threads, min_pixels=min_pixels, max_pixels=max_pixels,
         on_error="raise", region_boxes=[region_box],

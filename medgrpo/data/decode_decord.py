@@ -122,10 +122,6 @@ def _decode_video(path: str, indices: Sequence[int]) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames))
 
 
-def _is_frame_source(source: VideoSource) -> bool:
-    return not isinstance(source, (str, os.PathLike)) or os.path.isdir(source)
-
-
 def decode_frames(source: VideoSource, indices: Sequence[int]) -> torch.Tensor:
     """The frames at ``indices`` of ``source``, uint8 RGB, shape ``(len(indices), H, W, 3)``.
 
@@ -137,7 +133,7 @@ def decode_frames(source: VideoSource, indices: Sequence[int]) -> torch.Tensor:
     Raises:
         VideoDecodeError: unreadable input, no indices, or an index beyond the video.
     """
-    if _is_frame_source(source):
+    if decode_cpu.is_frame_source(source):
         return decode_cpu.decode_frames(source, indices)
     return _decode_video(os.fspath(source), indices)
 
@@ -166,16 +162,14 @@ def load_video_sample(
     Raises:
         VideoDecodeError: unreadable input. ValueError: an impossible sampling request.
     """
-    if _is_frame_source(video):
+    if decode_cpu.is_frame_source(video):
         return decode_cpu.load_video_sample(
             video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
             min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, region_box=region_box,
         )  # fmt: skip
-    path = os.fspath(video)
-    total, video_fps, height, width = video_info(path)
-    plan = decode_cpu.plan_video_file(
-        (total, video_fps, height, width), fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
-        min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels,
+    path, plan = decode_cpu.plan_source(
+        video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame, min_pixels=min_pixels,
+        max_pixels=max_pixels, total_pixels=total_pixels, info=video_info,
     )  # fmt: skip
     frames = _decode_video(path, plan.indices)
     if region_box is not None:

@@ -224,35 +224,20 @@ class VideoLoader:
         return sum(self.skipped.values())
 
 
-def plan_record(record: VideoRecord, options: DecodeOptions) -> tuple[object, FramePlan]:
-    """``(source, plan)`` of a record, from headers only (image size, or the video's frame count and rate).
+def plan_record(record: VideoRecord, options: DecodeOptions) -> tuple[list[str] | str, FramePlan]:
+    """``(source, plan)`` of a record from headers only: the plan :func:`load_record` decodes with.
 
-    The plan is the one :func:`load_record` decodes with; decoders that take plans (DALI) use this.
+    Decoders that take plans (DALI) use this; see :func:`medgrpo.data.decode_cpu.plan_source`.
     """
-    from medgrpo.data.decode_cpu import check_file, plan_video_file, video_info
+    from medgrpo.data.decode_cpu import plan_source
 
     budget = {"min_pixels": options.min_pixels, "max_pixels": options.max_pixels, "total_pixels": options.total_pixels}
     if record.is_frame_list:
-        from PIL import Image
-
-        from medgrpo.data.decode_cpu import VideoDecodeError
-
-        paths = [str(p) for p in record.video]
-        if not paths:
-            raise VideoDecodeError(record.index, "empty frame list")
-        check_file(paths[0])
-        try:
-            with Image.open(paths[0]) as image:
-                width, height = image.size
-        except OSError as error:
-            raise VideoDecodeError(paths[0], f"cannot read the image header: {error}") from None
-        plan = sampling.plan_frame_list(len(paths), height, width, sample_fps=record.fps, **budget)
-        return paths, plan
-    clip = {"start_frame": None, "end_frame": None}
+        return plan_source(list(record.video), fps=record.fps, **budget)
+    clip = {}
     if options.clip_from_metadata:
         clip = {"start_frame": record.start_frame, "end_frame": record.end_frame}
-    path = str(record.video)
-    return path, plan_video_file(video_info(path), fps=options.fps, nframes=options.nframes, **clip, **budget)
+    return plan_source(record.video, fps=options.fps, nframes=options.nframes, **clip, **budget)
 
 
 class DaliRecordLoader:

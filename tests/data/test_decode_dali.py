@@ -211,7 +211,7 @@ def _plans(sources: dict, keys: list[str]) -> tuple[list, list[sampling.FramePla
     chosen, plans = [], []
     for key in keys:
         source = sources[key]
-        if decode_dali._is_frame_source(source):
+        if decode_cpu.is_frame_source(source):
             paths = source if isinstance(source, list) else decode_cpu.list_frame_files(source)
             height, width = decode_cpu.decode_frames(paths, [0]).shape[1:3]
             plans.append(sampling.plan_frame_list(len(paths), height, width, sample_fps=FPS))
