@@ -29,7 +29,7 @@ optimizer state untouched, the skip counted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,18 +37,18 @@ from torch import nn
 
 from medgrpo.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from medgrpo.ops.linear_logprob import linear_logprob
+from medgrpo.ops.policy_loss import PolicyLossConfig
 from medgrpo.train import qwen
 from medgrpo.train.rollout import Rollout
 
 
 @dataclass(frozen=True)
 class LossOptions:
-    """Policy-loss options of :func:`medgrpo.fused_linear_policy_loss` used by the trainer."""
+    """What the update passes to :func:`medgrpo.fused_linear_policy_loss`: the op's own
+    :class:`~medgrpo.ops.policy_loss.PolicyLossConfig` (default: MedGRPO's eps 0.2/0.3, DAPO, beta 0),
+    the sampling temperature, and the sequences per forward/backward."""
 
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.3
-    beta: float = 0.0
+    loss: PolicyLossConfig = PolicyLossConfig(epsilon_high=0.3)
     temperature: float = 1.0
     micro_batch_size: int = 8
 
@@ -193,9 +193,10 @@ def backward_policy_loss(
     """Forward and backward of the policy loss over micro-batches; gradients accumulate in ``model``."""
     total = inputs.input_ids.shape[0]
     slices = micro_batches(total, options.micro_batch_size)
-    if options.loss_type == "bnpo" and len(slices) > 1:
+    loss_type = options.loss.loss_type
+    if loss_type == "bnpo" and len(slices) > 1:
         raise ValueError("loss_type='bnpo' normalizes per batch: set micro_batch_size >= the sequences per step")
-    num_items = global_token_count(inputs.completion_mask) if options.loss_type == "dapo" else None
+    num_items = global_token_count(inputs.completion_mask) if loss_type == "dapo" else None
     device = inputs.input_ids.device
     names = ("loss", "kl", "clip", "clip_low", "clip_high", "entropy", "tokens")
     sums = {name: torch.zeros((), device=device) for name in names}
@@ -207,12 +208,11 @@ def backward_policy_loss(
             hidden, weight, inputs.completion_ids[rows], mask, advantages[rows],
             old_logp=None if old_logp is None else old_logp[rows],
             ref_logp=None if ref_logp is None else ref_logp[rows],
-            loss_type=options.loss_type, epsilon_low=options.epsilon_low, epsilon_high=options.epsilon_high,
-            beta=options.beta, temperature=options.temperature, num_items=num_items,
+            temperature=options.temperature, num_items=num_items, **asdict(options.loss),
         )  # fmt: skip
         # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its
         # share, and by 1/world since gradients are summed over ranks.
-        loss = out.loss if options.loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / _world())
+        loss = out.loss if loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / _world())
         loss.backward()
         tokens = mask.sum().to(torch.float32)
         sums["loss"] += loss.detach()

@@ -36,6 +36,7 @@ from medgrpo.data.loader import DaliRecordLoader, DecodeOptions, VideoDataset, V
 from medgrpo.data.records import RecordDataset
 from medgrpo.ops.group_advantages import group_advantages
 from medgrpo.ops.normalize_rewards import normalize_rewards
+from medgrpo.ops.policy_loss import PolicyLossConfig
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.config import TrainConfig, config_to_dict
 from medgrpo.train.grpo import LossOptions, backward_policy_loss, optimizer_step, policy_inputs, sequence_logprobs
@@ -279,8 +280,9 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, 
                                  return_stats=True)  # fmt: skip
     t_reward = time.perf_counter()
     inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
-    options = LossOptions(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                          beta=g.beta, temperature=g.temperature if g.temperature > 0 else 1.0,
+    loss = PolicyLossConfig(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                            beta=g.beta)  # fmt: skip
+    options = LossOptions(loss=loss, temperature=g.temperature if g.temperature > 0 else 1.0,
                           micro_batch_size=g.micro_batch_size)  # fmt: skip
     logp_kwargs = {"temperature": options.temperature, "micro_batch_size": g.micro_batch_size}
     ref_logp = sequence_logprobs(reference, inputs, **logp_kwargs) if reference is not None else None

@@ -19,11 +19,13 @@ from medgrpo.train import qwen
 from medgrpo.train.grpo import global_token_count, is_sharded, micro_batches
 
 
-def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_vision: bool) -> torch.Tensor:
+def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_vision: bool,
+                 positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row).
 
     A sharded (FSDP2) model runs its root forward (see :mod:`medgrpo.train.grpo`); others run the
-    stages of :mod:`medgrpo.train.qwen`.
+    stages of :mod:`medgrpo.train.qwen`, with the batch's 3D ``positions`` when given (computed
+    here otherwise: Hugging Face computes them on the host, so compute them once per batch).
     """
     grids = batch.video_grid_thw[rows]
     sizes = [t * h * w for t, h, w in map(video_grid, batch.frames)]  # from shapes: no device read
@@ -38,7 +40,10 @@ def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_visi
                                    mm_token_type_ids=qwen.mm_token_type_ids(model, ids))  # fmt: skip
     with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
         videos = qwen.encode_videos(model, pixels, grids)
-    positions, _ = qwen.rope_positions(model, ids, grids, batch.second_per_grid_ts[rows], mask)
+    if positions is None:
+        positions, _ = qwen.rope_positions(model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts,
+                                           batch.attention_mask)  # fmt: skip
+    positions = positions[:, rows]
     embeds = qwen.build_inputs_embeds(model, ids, videos)
     return qwen.hidden_states(model, embeds, positions, mask)
 
@@ -52,8 +57,12 @@ def sft_backward(model: nn.Module, batch: VideoBatch, *, micro_batch_size: int, 
     num_items = global_token_count(targets_all != IGNORE_INDEX)
     loss_sum = torch.zeros((), device=batch.input_ids.device)
     tokens = torch.zeros((), device=batch.input_ids.device)
+    positions = None
+    if not is_sharded(model):  # one host round trip for the whole batch, not one per micro-batch
+        positions, _ = qwen.rope_positions(model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts,
+                                           batch.attention_mask)  # fmt: skip
     for rows in micro_batches(len(batch), micro_batch_size):
-        hidden = batch_hidden(model, batch, rows, train_vision=train_vision)[:, :-1]
+        hidden = batch_hidden(model, batch, rows, train_vision=train_vision, positions=positions)[:, :-1]
         weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
         targets = targets_all[rows]
         selected = targets != IGNORE_INDEX
