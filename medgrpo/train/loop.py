@@ -23,7 +23,7 @@ import random
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ from medgrpo.data.collate import END_OF_TURN, VideoBatch, VideoCollator
 from medgrpo.data.loader import DaliRecordLoader, DecodeOptions, VideoDataset, VideoLoader
 from medgrpo.data.records import RecordDataset
 from medgrpo.ops.group_advantages import group_advantages
-from medgrpo.ops.normalize_rewards import normalize_rewards
 from medgrpo.ops.policy_loss import PolicyLossConfig
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.config import TrainConfig, config_to_dict
@@ -239,15 +238,22 @@ def build_rewards(config: TrainConfig):
     return reward_fn, stats
 
 
-def score(reward_fn, stats, texts: list[str], records: list, device: torch.device):
-    """Raw rewards, key rows (or None) and normalized rewards of completions, plus the reward counts."""
-    batch = reward_fn(texts, records)
-    rewards = batch.rewards.to(device)
-    if stats is None:
-        return rewards, None, rewards, batch
-    keys = stats.indices([r.data_source for r in records], [r.qa_type for r in records], unknown="nan", device=device)
-    table = stats.tensor(device)
-    return rewards, keys, normalize_rewards(rewards, keys, table, k=3.0), batch
+@dataclass
+class Rewarder:
+    """The run's reward function and normalization statistics (``table``: their (K, 3) tensor on the device)."""
+
+    fn: Any
+    stats: Any = None
+    table: torch.Tensor | None = None
+
+    def score(self, texts: list[str], records: list, device: torch.device):
+        """Raw rewards on ``device``, their key rows (None without statistics) and the reward batch (counts)."""
+        batch = self.fn(texts, records)
+        rewards = batch.rewards.to(device)
+        if self.stats is None:
+            return rewards, None, batch
+        sources, qa_types = [r.data_source for r in records], [r.qa_type for r in records]
+        return rewards, self.stats.indices(sources, qa_types, unknown="nan", device=device), batch
 
 
 # --------------------------------------------------------------------------------- the steps
@@ -255,10 +261,10 @@ def score(reward_fn, stats, texts: list[str], records: list, device: torch.devic
 class StepResult:
     metrics: dict[str, Any]
     stepped: bool
-    reward_rows: list[tuple[str, float, float]] = field(default_factory=list)  # (key, raw, normalized)
+    reward_rows: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # keys, raw and normalized rewards
 
 
-def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, optimizer, scheduler, params,
+def grpo_step(model, reference, batch: VideoBatch, tokenizer, rewarder: Rewarder, optimizer, scheduler, params,
               config: TrainConfig, generator: torch.Generator | None) -> StepResult:  # fmt: skip
     """One MedGRPO step on a batch of prompts (see the module docstring)."""
     from medgrpo.train.rollout import RolloutConfig, decode_text, generate
@@ -274,10 +280,10 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, 
     t_rollout = time.perf_counter()
     texts = decode_text(tokenizer, rollout)
     records = [r for r in batch.records for _ in range(g.group_size)]
-    rewards, keys, normalized, reward_batch = score(reward_fn, stats, texts, records, device)
-    table = None if stats is None else stats.tensor(device)
-    advantage = group_advantages(rewards, group_size=g.group_size, keys=keys, stats=table, k=g.k, scale=g.scale,
-                                 return_stats=True)  # fmt: skip
+    rewards, keys, reward_batch = rewarder.score(texts, records, device)
+    advantage = group_advantages(rewards, group_size=g.group_size, keys=keys, stats=rewarder.table, k=g.k,
+                                 scale=g.scale, return_stats=True)  # fmt: skip
+    normalized = advantage.rewards  # the rewards the advantages came from: normalized when stats are given
     t_reward = time.perf_counter()
     inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
     loss = PolicyLossConfig(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
@@ -311,7 +317,7 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, reward_fn, stats, 
         "tokens_per_s": tokens / max(end - start, 1e-9), "samples_per_s": len(texts) / max(end - start, 1e-9),
         **{f"reward_count/{k}": v for k, v in reward_batch.counts.items()},
     }  # fmt: skip
-    rows = list(zip([record_key(r.data_source, r.qa_type) for r in records], rewards.tolist(), normalized.tolist()))
+    rows = ([record_key(r.data_source, r.qa_type) for r in records], rewards, normalized)
     return StepResult(metrics, stepped_all, rows)
 
 
@@ -326,7 +332,7 @@ def sft_step(model, batch: VideoBatch, optimizer, scheduler, params, config: Tra
     elapsed = time.perf_counter() - start
     metrics = {"loss": loss, "grad_norm": grad_norm, "answer_tokens": tokens, "nonfinite_skipped": int(not stepped),
                "time_update_s": elapsed, "samples_per_s": len(batch) / max(elapsed, 1e-9),
-               "tokens_per_s": float(batch.attention_mask.sum()) / max(elapsed, 1e-9)}  # fmt: skip
+               "tokens_per_s": batch.attention_mask.sum() / max(elapsed, 1e-9)}  # fmt: skip
     return StepResult(metrics, stepped)
 
 
@@ -426,10 +432,11 @@ def plot_reward_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def per_key_means(rows: list[tuple[str, float, float]]) -> dict[str, float]:
-    """``reward_raw/<key>`` and ``reward_norm/<key>`` means of a step (NaN rewards left out)."""
+def per_key_means(rows: tuple[list[str], torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """``reward_raw/<key>`` and ``reward_norm/<key>`` means of a step (NaN rewards left out); read when logged."""
+    keys, raw_rewards, normalized = rows
     sums: dict[str, list[float]] = {}
-    for key, raw, norm in rows:
+    for key, raw, norm in zip(keys, raw_rewards.tolist(), normalized.tolist()):
         for name, value in ((f"reward_raw/{key}", raw), (f"reward_norm/{key}", norm)):
             if math.isfinite(value):
                 sums.setdefault(name, []).append(value)
@@ -463,7 +470,10 @@ def train(config: TrainConfig) -> RunSummary:
     model, reference = build_model(config, runtime)
     optimizer, scheduler, params = build_optimizer(model, config)
     loader, sampler = build_loader(config, runtime, tokenizer)
-    reward_fn, stats = (build_rewards(config) if config.mode == "grpo" else (None, None))
+    rewarder = None
+    if config.mode == "grpo":
+        reward_fn, stats = build_rewards(config)
+        rewarder = Rewarder(reward_fn, stats, None if stats is None else stats.tensor(runtime.device))
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed * 7919 + runtime.rank)
     start_step = _maybe_resume(config, output, model, optimizer, scheduler, sampler, generator)
     log = MetricsLog(output, config.steps, runtime.is_main, start_step)
@@ -474,19 +484,20 @@ def train(config: TrainConfig) -> RunSummary:
     for step in range(start_step, config.steps):
         batch = next(stream).to(runtime.device, pixel_dtype)
         if config.mode == "grpo":
-            result = grpo_step(model, reference, batch, tokenizer, reward_fn, stats, optimizer, scheduler, params,
-                               config, generator)  # fmt: skip
-            result.metrics.update(per_key_means(result.reward_rows))
+            result = grpo_step(model, reference, batch, tokenizer, rewarder, optimizer, scheduler, params, config,
+                               generator)  # fmt: skip
         else:
             result = sft_step(model, batch, optimizer, scheduler, params, config)
         skipped_steps += not result.stepped
         result.metrics.update(lr=scheduler.get_last_lr()[0], skipped_steps=skipped_steps,
                               skipped_records=loader.skipped_total, **_peak_memory(runtime.device))  # fmt: skip
         if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
+            if result.reward_rows is not None:
+                result.metrics.update(per_key_means(result.reward_rows))
             last = log.log(step + 1, result.metrics)
             rows.append(last)
         if config.eval_every and config.data.eval_file and (step + 1) % config.eval_every == 0:
-            evaluation = evaluate_during_training(model, tokenizer, config, reward_fn, stats, runtime)
+            evaluation = evaluate_during_training(model, tokenizer, config, rewarder, runtime)
             rows.append(log.log(step + 1, evaluation))
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.steps:
             _save(output, step + 1, model, optimizer, scheduler, sampler, generator, config.keep_checkpoints)
@@ -498,12 +509,14 @@ def train(config: TrainConfig) -> RunSummary:
     return RunSummary(config.steps - start_step, skipped_steps, dict(loader.skipped), last, output, export)
 
 
-def evaluate_during_training(model, tokenizer, config: TrainConfig, reward_fn, stats, runtime: Runtime) -> dict:
+def evaluate_during_training(model, tokenizer, config: TrainConfig, rewarder: Rewarder | None,
+                             runtime: Runtime) -> dict:  # fmt: skip
     """Greedy answers on ``data.eval_file`` (this rank's model), as ``eval/...`` metrics."""
     from medgrpo.train.evaluation import evaluate_policy
 
-    if reward_fn is None:
-        reward_fn, stats = build_rewards(config)
+    if rewarder is None:  # SFT runs build the rewards for evaluation only
+        rewarder = Rewarder(*build_rewards(config))
+    reward_fn, stats = rewarder.fn, rewarder.stats
     with gathered(model):
         result = evaluate_policy(model, tokenizer, config.data.eval_file, reward_fn, stats,
                                  options=decode_options(config), max_new_tokens=config.grpo.max_new_tokens,
