@@ -232,13 +232,28 @@ def _record_id(raw: Any, index: int) -> str | None:
     raise RecordError(f"must be a string or an integer, got {record_id!r}", index=index, field="id")
 
 
-def _build(raw: dict[str, Any], *, index: int, record_id: str | None, resolve: _Resolve) -> VideoRecord:
-    question, answer = _conversation(raw)
+def _qa_type(raw: Mapping[str, Any]) -> tuple[str, str]:
     qa_type_raw = _required(raw, "qa_type", str)
     try:
-        qa_type = normalize_qa_type(qa_type_raw)
+        return normalize_qa_type(qa_type_raw), qa_type_raw
     except ValueError as error:
         raise _FieldError("qa_type", str(error)) from None
+
+
+def task_key(raw: Any) -> tuple[str, str] | None:
+    """``(data_source, qa_type)`` of a raw record, read as :func:`parse_record` reads them, without
+    resolving any path (cheap enough for every record of a large file); None when either is invalid."""
+    if not isinstance(raw, Mapping):
+        return None
+    try:
+        return _data_source(raw), _qa_type(raw)[0]
+    except _FieldError:
+        return None
+
+
+def _build(raw: dict[str, Any], *, index: int, record_id: str | None, resolve: _Resolve) -> VideoRecord:
+    question, answer = _conversation(raw)
+    qa_type, qa_type_raw = _qa_type(raw)
     metadata = _required(raw, "metadata", dict)
     video = _video(raw, resolve)
     is_rc = _optional(raw, "is_RC", bool, default=False)

@@ -162,29 +162,21 @@ def decode_options(config: TrainConfig) -> DecodeOptions:
 
 
 def record_keys(records: RecordDataset) -> list[str]:
-    """Every record's sampler key, from the raw JSON (no path resolution, no validation).
+    """Every record's sampler key, from the raw JSON (:func:`~medgrpo.data.records.task_key`: no path resolved).
 
-    A line that is not a JSON object gets the key ``"invalid/invalid"``: it is still drawn,
-    and then skipped and counted by the loader like any other unusable record.
+    A record whose line is not JSON, or whose data source or task type is invalid, gets the key
+    ``"invalid/invalid"``: it is still drawn, then skipped and counted by the loader like any other
+    unusable record.
     """
-    from medgrpo.data.records import RecordError, normalize_qa_type
+    from medgrpo.data.records import RecordError, task_key
 
     keys = []
     for i in range(len(records)):
         try:
-            raw = records.raw(i)
+            key = task_key(records.raw(i))
         except RecordError:
-            raw = None
-        if not isinstance(raw, dict):
-            keys.append(record_key("invalid", "invalid"))
-            continue
-        source = raw.get("data_source") or raw.get("dataset_name") or "unknown"
-        qa_type = str(raw.get("qa_type", "unknown"))
-        try:
-            qa_type = normalize_qa_type(qa_type)
-        except ValueError:
-            pass
-        keys.append(record_key(str(source), qa_type))
+            key = None
+        keys.append(record_key(*(key or ("invalid", "invalid"))))
     return keys
 
 
