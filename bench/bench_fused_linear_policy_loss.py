@@ -57,8 +57,9 @@ def make_inputs(batch: int, tokens: int, device: str, seed: int = 0) -> dict[str
     with torch.no_grad():
         logp, _ = linear_logprob(x["hidden"], x["weight"], x["targets"], temperature=TEMPERATURE)
     old_logp = logp.cpu() + 0.2 * torch.randn(batch, tokens, generator=gen)  # some tokens clip
-    x.update(mask=mask.to(device), advantages=torch.randn(batch, generator=gen).to(device),
-             old_logp=old_logp.to(device))
+    x.update(
+        mask=mask.to(device), advantages=torch.randn(batch, generator=gen).to(device), old_logp=old_logp.to(device)
+    )
     return x
 
 
@@ -71,23 +72,43 @@ def make_provider(provider: str, x: dict[str, torch.Tensor]) -> Callable[[], Non
     if provider == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-        module = LigerFusedLinearGRPOLoss(beta=0.0, compiled=CUDA, use_ref_model=False, epsilon_low=EPS_LOW,
-                                          epsilon_high=EPS_HIGH, loss_type="dapo", temperature=TEMPERATURE)
+        module = LigerFusedLinearGRPOLoss(
+            beta=0.0,
+            compiled=CUDA,
+            use_ref_model=False,
+            epsilon_low=EPS_LOW,
+            epsilon_high=EPS_HIGH,
+            loss_type="dapo",
+            temperature=TEMPERATURE,
+        )
 
         def loss() -> torch.Tensor:
             return module(hidden, weight, targets, mask, adv, old_per_token_logps=old)[0]
     elif provider == "medgrpo":
+
         def loss() -> torch.Tensor:
-            return fused_linear_policy_loss(hidden, weight, targets, mask, adv, temperature=TEMPERATURE,
-                                            old_logp=old, **options).loss
+            return fused_linear_policy_loss(
+                hidden, weight, targets, mask, adv, temperature=TEMPERATURE, old_logp=old, **options
+            ).loss
     elif provider == "trl_eager":
+
         def loss() -> torch.Tensor:
-            return peers.trl_grpo_loss(trl_logps(hidden, weight, targets), adv, mask, old_per_token_logps=old,
-                                       loss_type="dapo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+            return peers.trl_grpo_loss(
+                trl_logps(hidden, weight, targets),
+                adv,
+                mask,
+                old_per_token_logps=old,
+                loss_type="dapo",
+                epsilon_low=EPS_LOW,
+                epsilon_high=EPS_HIGH,
+            )
     else:
+
         def loss() -> torch.Tensor:
-            return reference.fused_linear_policy_loss(hidden, weight, targets, mask, adv, temperature=TEMPERATURE,
-                                                      old_logp=old, **options).loss
+            return reference.fused_linear_policy_loss(
+                hidden, weight, targets, mask, adv, temperature=TEMPERATURE, old_logp=old, **options
+            ).loss
+
     return backward_step(loss, hidden, weight)
 
 
@@ -97,11 +118,34 @@ def bench_fused_linear_policy_loss(measure, benchmark, device: str, rows: int, p
     batch = rows // TOKENS
     x = make_inputs(batch, TOKENS, device)
     tokens_in = int((x["mask"] != 0).sum())
-    params = {"op": "fused_linear_policy_loss", "rows": rows, "batch": batch, "tokens": TOKENS,
-              "masked_in_tokens": tokens_in, "hidden": HIDDEN, "vocab": VOCAB, "dtype": DTYPE_NAME, "device": device,
-              "mask_dtype": str(MASK_DTYPE).removeprefix("torch."), "loss_type": "dapo", "epsilon_low": EPS_LOW,
-              "epsilon_high": EPS_HIGH, "old_logp": True, "beta": 0.0, "advantages": "per-sequence",
-              "flops_all_rows": head_flops(rows), "grads": "hidden, weight"}
-    run_provider(measure, benchmark, device, lambda: make_provider(provider, x),
-                 group=f"fused_linear_policy_loss fwd+bwd B={batch} T={TOKENS} H={HIDDEN} V={VOCAB} {DTYPE_NAME}",
-                 provider=provider, params=params, flops=head_flops(tokens_in), params_grad=(x["hidden"], x["weight"]))
+    params = {
+        "op": "fused_linear_policy_loss",
+        "rows": rows,
+        "batch": batch,
+        "tokens": TOKENS,
+        "masked_in_tokens": tokens_in,
+        "hidden": HIDDEN,
+        "vocab": VOCAB,
+        "dtype": DTYPE_NAME,
+        "device": device,
+        "mask_dtype": str(MASK_DTYPE).removeprefix("torch."),
+        "loss_type": "dapo",
+        "epsilon_low": EPS_LOW,
+        "epsilon_high": EPS_HIGH,
+        "old_logp": True,
+        "beta": 0.0,
+        "advantages": "per-sequence",
+        "flops_all_rows": head_flops(rows),
+        "grads": "hidden, weight",
+    }
+    run_provider(
+        measure,
+        benchmark,
+        device,
+        lambda: make_provider(provider, x),
+        group=f"fused_linear_policy_loss fwd+bwd B={batch} T={TOKENS} H={HIDDEN} V={VOCAB} {DTYPE_NAME}",
+        provider=provider,
+        params=params,
+        flops=head_flops(tokens_in),
+        params_grad=(x["hidden"], x["weight"]),
+    )

@@ -53,7 +53,17 @@ def bench_group_advantages(measure, device: str, n: int, provider: str) -> None:
     if provider == "verl" and n > VERL_MAX_N:
         pytest.skip(f"verl's Python loop is only timed for N <= {VERL_MAX_N}")
     rewards, keys, stats = make_inputs(n, device)
-    params = {"op": "group_advantages", "n": n, "group_size": GROUP_SIZE, "num_keys": NUM_KEYS,
-              "dtype": "float32", "device": device}
-    measure(provider_fn(provider, rewards, keys, stats), group=f"group_advantages N={n} G={GROUP_SIZE} K={NUM_KEYS}",
-            provider=provider, params=params)
+    params = {
+        "op": "group_advantages",
+        "n": n,
+        "group_size": GROUP_SIZE,
+        "num_keys": NUM_KEYS,
+        "dtype": "float32",
+        "device": device,
+    }
+    measure(
+        provider_fn(provider, rewards, keys, stats),
+        group=f"group_advantages N={n} G={GROUP_SIZE} K={NUM_KEYS}",
+        provider=provider,
+        params=params,
+    )

@@ -111,6 +111,7 @@ def gemm_floor(hidden: torch.Tensor, weight: torch.Tensor) -> Callable[[], None]
 
 def backward_step(loss: Callable[[], torch.Tensor], *params: torch.Tensor) -> Callable[[], None]:
     """A forward + backward of ``loss()``; the parameters' grads are reset to None first."""
+
     def run() -> None:
         for p in params:
             p.grad = None
@@ -135,8 +136,18 @@ def peak_extra_mib(make: Callable[[], Callable[[], None]], device: str, *params:
 RESULTS: dict[str, dict[str, dict[str, Any]]] = {}
 
 
-def run_provider(measure, benchmark, device: str, make: Callable[[], Callable[[], None]], *,
-                 group: str, provider: str, params: dict[str, Any], flops: int, params_grad: tuple) -> None:
+def run_provider(
+    measure,
+    benchmark,
+    device: str,
+    make: Callable[[], Callable[[], None]],
+    *,
+    group: str,
+    provider: str,
+    params: dict[str, Any],
+    flops: int,
+    params_grad: tuple,
+) -> None:
     """Memory (untimed call), then time; record both. On CUDA OOM: record "oom" and skip."""
     entry = RESULTS.setdefault(group, {}).setdefault(provider, {"flops": flops})
     oom = False
@@ -156,8 +167,9 @@ def run_provider(measure, benchmark, device: str, make: Callable[[], Callable[[]
         return
     entry["median_s"] = benchmark.stats.stats.median
     entry["info"] = benchmark.extra_info
-    benchmark.extra_info.update(peak_extra_mib=entry["peak_extra_mib"], flops=flops,
-                                tflop_per_s=flops / entry["median_s"] / 1e12)
+    benchmark.extra_info.update(
+        peak_extra_mib=entry["peak_extra_mib"], flops=flops, tflop_per_s=flops / entry["median_s"] / 1e12
+    )
 
 
 def summarize(results: dict[str, dict[str, dict[str, Any]]]) -> None:
@@ -172,8 +184,9 @@ def summarize(results: dict[str, dict[str, dict[str, Any]]]) -> None:
                 e["info"]["ratio_to_liger"] = e["median_s"] / liger["median_s"]
         if "medgrpo" in timed:
             ours = timed["medgrpo"]["info"]
-            ours["peak_extra_mib_by_provider"] = {n: "oom" if e.get("oom") else e.get("peak_extra_mib")
-                                                  for n, e in providers.items()}
+            ours["peak_extra_mib_by_provider"] = {
+                n: "oom" if e.get("oom") else e.get("peak_extra_mib") for n, e in providers.items()
+            }
             ours["tflop_per_s_by_provider"] = {n: e["info"]["tflop_per_s"] for n, e in timed.items()}
             for key in ("ratio_to_gemm_floor", "ratio_to_liger"):
                 if key in ours:
@@ -192,18 +205,23 @@ def make_provider(provider: str, x: dict[str, torch.Tensor]) -> Callable[[], Non
     if provider == "gemm_floor":
         return gemm_floor(hidden, weight)
     if provider == "medgrpo":
+
         def loss() -> torch.Tensor:
             return linear_logprob(hidden, weight, targets, temperature=TEMPERATURE)[0].sum()
     elif provider == "medgrpo_entropy":
+
         def loss() -> torch.Tensor:
             logp, entropy = linear_logprob(hidden, weight, targets, temperature=TEMPERATURE, return_entropy=True)
             return logp.sum() + entropy.sum()
     elif provider == "trl_eager":
+
         def loss() -> torch.Tensor:
             return trl_logps(hidden, weight, targets).sum()
     else:
+
         def loss() -> torch.Tensor:
             return reference.linear_logprob(hidden, weight, targets, temperature=TEMPERATURE)[0].sum()
+
     return backward_step(loss, hidden, weight)
 
 
@@ -211,9 +229,27 @@ def make_provider(provider: str, x: dict[str, torch.Tensor]) -> Callable[[], Non
 @pytest.mark.parametrize("rows", ROWS, ids=lambda m: f"M{m}")
 def bench_linear_logprob(measure, benchmark, device: str, rows: int, provider: str) -> None:
     x = make_head(rows // TOKENS, TOKENS, device)
-    params = {"op": "linear_logprob", "rows": rows, "batch": rows // TOKENS, "tokens": TOKENS, "hidden": HIDDEN,
-              "vocab": VOCAB, "dtype": DTYPE_NAME, "device": device, "temperature": TEMPERATURE,
-              "loss": "logp.sum() (+ entropy.sum() for medgrpo_entropy)", "grads": "hidden, weight"}
-    run_provider(measure, benchmark, device, lambda: make_provider(provider, x),
-                 group=f"linear_logprob fwd+bwd M={rows} H={HIDDEN} V={VOCAB} {DTYPE_NAME}", provider=provider,
-                 params=params, flops=head_flops(rows), params_grad=(x["hidden"], x["weight"]))
+    params = {
+        "op": "linear_logprob",
+        "rows": rows,
+        "batch": rows // TOKENS,
+        "tokens": TOKENS,
+        "hidden": HIDDEN,
+        "vocab": VOCAB,
+        "dtype": DTYPE_NAME,
+        "device": device,
+        "temperature": TEMPERATURE,
+        "loss": "logp.sum() (+ entropy.sum() for medgrpo_entropy)",
+        "grads": "hidden, weight",
+    }
+    run_provider(
+        measure,
+        benchmark,
+        device,
+        lambda: make_provider(provider, x),
+        group=f"linear_logprob fwd+bwd M={rows} H={HIDDEN} V={VOCAB} {DTYPE_NAME}",
+        provider=provider,
+        params=params,
+        flops=head_flops(rows),
+        params_grad=(x["hidden"], x["weight"]),
+    )

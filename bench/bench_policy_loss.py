@@ -53,8 +53,12 @@ def make_inputs(batch: int, tokens: int, dtype: torch.dtype, device: str, seed: 
     lengths = torch.randint(tokens // 4, tokens + 1, (batch, 1), generator=gen)
     mask = (torch.arange(tokens) < lengths).to(MASK_DTYPE)
     advantages = torch.randn(batch, generator=gen, dtype=ADVANTAGE_DTYPE)
-    return {"logp": logp.to(device, dtype).requires_grad_(True), "old_logp": old_logp.to(device, dtype),
-            "mask": mask.to(device), "advantages": advantages.to(device)}
+    return {
+        "logp": logp.to(device, dtype).requires_grad_(True),
+        "old_logp": old_logp.to(device, dtype),
+        "mask": mask.to(device),
+        "advantages": advantages.to(device),
+    }
 
 
 def provider_fn(provider: str, x: dict[str, torch.Tensor], nbytes: int) -> Callable[[], object]:
@@ -67,18 +71,29 @@ def provider_fn(provider: str, x: dict[str, torch.Tensor], nbytes: int) -> Calla
         return lambda: dst.copy_(src)
     options = dict(loss_type="dapo", epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
     if provider == "medgrpo":
+
         def loss() -> torch.Tensor:
             return medgrpo.policy_loss(logp, adv, mask, old_logp=old_logp, **options).loss
     elif provider == "reference":
+
         def loss() -> torch.Tensor:
             return reference.policy_loss(logp, adv, mask, old_logp=old_logp, **options).loss
     elif provider == "reference_compiled":
+
         def loss() -> torch.Tensor:
             return _compiled_reference(logp, adv, mask, old_logp=old_logp, **options).loss
     else:
+
         def loss() -> torch.Tensor:
-            return peers.trl_grpo_loss(logp, adv, mask, old_per_token_logps=old_logp, loss_type="dapo",
-                                       epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH)
+            return peers.trl_grpo_loss(
+                logp,
+                adv,
+                mask,
+                old_per_token_logps=old_logp,
+                loss_type="dapo",
+                epsilon_low=EPS_LOW,
+                epsilon_high=EPS_HIGH,
+            )
 
     def forward_backward() -> None:
         logp.grad = None  # a fresh gradient each call, no accumulation pass
@@ -95,8 +110,23 @@ def bench_policy_loss(measure, device: str, shape: tuple[int, int], dtype: torch
     x = make_inputs(batch, tokens, dtype, device)
     nbytes = fused_bytes(batch, tokens, dtype)
     dtype_name = str(dtype).removeprefix("torch.")
-    params = {"op": "policy_loss", "batch": batch, "tokens": tokens, "dtype": dtype_name, "device": device,
-              "mask_dtype": str(MASK_DTYPE).removeprefix("torch."), "loss_type": "dapo",
-              "epsilon_low": EPS_LOW, "epsilon_high": EPS_HIGH, "old_logp": True, "advantages": "per-sequence"}
-    measure(provider_fn(provider, x, nbytes), group=f"policy_loss fwd+bwd B={batch} T={tokens} {dtype_name}",
-            provider=provider, params=params, bytes_moved=nbytes)
+    params = {
+        "op": "policy_loss",
+        "batch": batch,
+        "tokens": tokens,
+        "dtype": dtype_name,
+        "device": device,
+        "mask_dtype": str(MASK_DTYPE).removeprefix("torch."),
+        "loss_type": "dapo",
+        "epsilon_low": EPS_LOW,
+        "epsilon_high": EPS_HIGH,
+        "old_logp": True,
+        "advantages": "per-sequence",
+    }
+    measure(
+        provider_fn(provider, x, nbytes),
+        group=f"policy_loss fwd+bwd B={batch} T={tokens} {dtype_name}",
+        provider=provider,
+        params=params,
+        bytes_moved=nbytes,
+    )

@@ -39,9 +39,11 @@ PROMPTS, G = 64, 8
 CONCURRENCY = 32
 LATENCY_S = 0.02
 
-_WORDS = ("the grasper retracts gallbladder while hook dissects cystic duct artery clip applied liver bed "
-          "calot triangle exposed scissors cut suture needle driver tissue bleeding irrigation suction "
-          "nurse prepares catheter sterile field patient wound dressing trocar port camera view").split()
+_WORDS = (
+    "the grasper retracts gallbladder while hook dissects cystic duct artery clip applied liver bed "
+    "calot triangle exposed scissors cut suture needle driver tissue bleeding irrigation suction "
+    "nurse prepares catheter sterile field patient wound dressing trocar port camera view"
+).split()
 
 
 @dataclass(frozen=True)
@@ -69,29 +71,48 @@ def _tal(rng: random.Random) -> tuple[Record, list[str]]:
     def completion(g: int) -> str:
         guess = ", ".join(f"{a + rng.uniform(-3, 3):.1f}-{b + rng.uniform(-3, 3):.1f}" for a, b in spans) + " seconds."
         return guess if g % 4 else f"The action takes place at {guess}"
+
     return record, [completion(g) for g in range(G)]
 
 
 def _stg(rng: random.Random) -> tuple[Record, list[str]]:
-    boxes = {f"{t:.1f}": [x := rng.randint(0, 400), y := rng.randint(0, 300), x + rng.randint(20, 200),
-                          y + rng.randint(20, 150)] for t in range(rng.randint(5, 10))}
+    boxes = {
+        f"{t:.1f}": [
+            x := rng.randint(0, 400),
+            y := rng.randint(0, 300),
+            x + rng.randint(20, 200),
+            y + rng.randint(20, 150),
+        ]
+        for t in range(rng.randint(5, 10))
+    }
     record = Record("stg", "", [{"bbox_dict": boxes}], "CoPESD")
 
     def completion(g: int) -> str:
-        text = " ".join(f"{t} seconds: [{', '.join(str(v + rng.randint(-15, 15)) for v in box)}]"
-                        for t, box in boxes.items() if rng.random() > 0.2)
+        text = " ".join(
+            f"{t} seconds: [{', '.join(str(v + rng.randint(-15, 15)) for v in box)}]"
+            for t, box in boxes.items()
+            if rng.random() > 0.2
+        )
         return text if g % 4 else f"Here are the boxes: {text}"
+
     return record, [completion(g) for g in range(G)]
 
 
 def _dvc(rng: random.Random) -> tuple[Record, list[str]]:
-    events = [{"start": float(10 * i), "end": float(10 * i + rng.randint(5, 10)), "caption": _sentence(rng, 10, 25)}
-              for i in range(rng.randint(4, 8))]
+    events = [
+        {"start": float(10 * i), "end": float(10 * i + rng.randint(5, 10)), "caption": _sentence(rng, 10, 25)}
+        for i in range(rng.randint(4, 8))
+    ]
     record = Record("dense_captioning_gpt", "", [events], "CholecT50")
 
     def completion(_: int) -> str:
-        return "\n".join(f"{e['start'] + rng.uniform(-2, 2):.1f}-{e['end'] + rng.uniform(-2, 2):.1f} seconds: "
-                         f"dissection: {_sentence(rng, 10, 25)}" for e in events if rng.random() > 0.15)
+        return "\n".join(
+            f"{e['start'] + rng.uniform(-2, 2):.1f}-{e['end'] + rng.uniform(-2, 2):.1f} seconds: "
+            f"dissection: {_sentence(rng, 10, 25)}"
+            for e in events
+            if rng.random() > 0.15
+        )
+
     return record, [completion(g) for g in range(G)]
 
 
@@ -104,36 +125,48 @@ def _next_action(rng: random.Random) -> tuple[Record, list[str]]:
     def completion(g: int) -> str:
         label = rng.choice(classes)
         return label if g % 3 else f"After this step the surgeon will probably continue with {_sentence(rng, 3, 8)}"
+
     return record, [completion(g) for g in range(G)]
 
 
 def _cvs(rng: random.Random) -> tuple[Record, list[str]]:
     def text() -> str:
-        return ", ".join(f"{name}: {rng.randint(0, 2)}" for name in ("Two structures", "Cystic plate",
-                                                                      "Hepatocystic triangle"))
+        return ", ".join(
+            f"{name}: {rng.randint(0, 2)}" for name in ("Two structures", "Cystic plate", "Hepatocystic triangle")
+        )
+
     return Record("cvs_assessment", text(), [], "Cholec80_CVS"), [text() for _ in range(G)]
 
 
 def _skill(rng: random.Random) -> tuple[Record, list[str]]:
     def text() -> str:
         return ", ".join(f"{aspect}: {rng.randint(1, 5)}/5" for aspect in SKILL_ASPECTS)
+
     return Record("skill_assessment", text(), [], "JIGSAWS"), [text() for _ in range(G)]
 
 
 def _video_summary(rng: random.Random) -> tuple[Record, list[str]]:
     reference = " ".join(_sentence(rng, 12, 24) for _ in range(4))
     return Record("video_summary_gemini", reference, [], "CholecT50"), [
-        " ".join(_sentence(rng, 12, 24) for _ in range(rng.randint(2, 5))) for _ in range(G)]
+        " ".join(_sentence(rng, 12, 24) for _ in range(rng.randint(2, 5))) for _ in range(G)
+    ]
 
 
 def _region_caption(rng: random.Random) -> tuple[Record, list[str]]:
     return Record("region_caption", _sentence(rng, 15, 30), [], "EgoSurgery"), [
-        _sentence(rng, 15, 30) for _ in range(G)]
+        _sentence(rng, 15, 30) for _ in range(G)
+    ]
 
 
 MAKERS: dict[str, Callable[[random.Random], tuple[Record, list[str]]]] = {
-    "tal": _tal, "stg": _stg, "dense_captioning": _dvc, "next_action": _next_action, "cvs_assessment": _cvs,
-    "skill_assessment": _skill, "video_summary": _video_summary, "region_caption": _region_caption,
+    "tal": _tal,
+    "stg": _stg,
+    "dense_captioning": _dvc,
+    "next_action": _next_action,
+    "cvs_assessment": _cvs,
+    "skill_assessment": _skill,
+    "video_summary": _video_summary,
+    "region_caption": _region_caption,
 }
 assert set(MAKERS) == set(QA_TYPES)
 
@@ -161,15 +194,24 @@ def embedder():
 
 
 def _params(tasks: list[str], judged: bool, embedder: Any) -> dict[str, Any]:
-    return {"stage": "rewards", "prompts": PROMPTS, "group_size": G, "tasks": tasks,
-            "judge": f"loopback {LATENCY_S * 1000:.0f} ms, {CONCURRENCY} in flight, no cache" if judged else None,
-            "similarity_device": str(embedder.device), "threads": torch.get_num_threads()}
+    return {
+        "stage": "rewards",
+        "prompts": PROMPTS,
+        "group_size": G,
+        "tasks": tasks,
+        "judge": f"loopback {LATENCY_S * 1000:.0f} ms, {CONCURRENCY} in flight, no cache" if judged else None,
+        "similarity_device": str(embedder.device),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _run(measure, judge_url: Optional[str], embedder: Any, tasks: list[str], group: str) -> None:
     completions, records = batch(tasks)
-    judge = Judge(JudgeConfig(base_url=judge_url, model="loopback-judge", max_concurrency=CONCURRENCY)) \
-        if judge_url else None
+    judge = (
+        Judge(JudgeConfig(base_url=judge_url, model="loopback-judge", max_concurrency=CONCURRENCY))
+        if judge_url
+        else None
+    )
     reward = RewardFunction(RewardConfig(), judge=judge, embedder=embedder)
     try:
         counts: dict[str, int] = {}

@@ -36,9 +36,11 @@ CONCURRENCY = 32
 LATENCIES = [0.0, 0.02]
 SIM_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-_WORDS = ("the grasper retracts gallbladder while hook dissects cystic duct artery clip applied liver bed "
-          "calot triangle exposed scissors cut suture needle driver tissue bleeding irrigation suction "
-          "nurse prepares catheter sterile field patient wound dressing trocar port camera view").split()
+_WORDS = (
+    "the grasper retracts gallbladder while hook dissects cystic duct artery clip applied liver bed "
+    "calot triangle exposed scissors cut suture needle driver tissue bleeding irrigation suction "
+    "nurse prepares catheter sterile field patient wound dressing trocar port camera view"
+).split()
 
 
 def captions(seed: int) -> tuple[list[str], list[str]]:
@@ -68,21 +70,37 @@ def servers() -> Iterator[Callable[[float], str]]:
 
 
 def make_judge(base_url: str, tmp_path) -> Judge:
-    return Judge(JudgeConfig(base_url=base_url, model="loopback-judge", max_concurrency=CONCURRENCY,
-                             cache_path=str(tmp_path / "judge.sqlite")))
+    return Judge(
+        JudgeConfig(
+            base_url=base_url,
+            model="loopback-judge",
+            max_concurrency=CONCURRENCY,
+            cache_path=str(tmp_path / "judge.sqlite"),
+        )
+    )
 
 
 @pytest.mark.parametrize("latency", LATENCIES, ids=lambda s: f"{s * 1000:.0f}ms")
 def bench_judge_cold(measure, servers, tmp_path, latency: float) -> None:
     calls = itertools.count()
     with make_judge(servers(latency), tmp_path) as judge:
+
         def run() -> None:
             predictions, references = captions(next(calls))
             assert all(s is not None for s in judge.score_batch(predictions, references))
 
-        measure(run, group=f"judge cold {PROMPTS}x{G} latency={latency * 1000:.0f}ms", provider="medgrpo",
-                params={"stage": "judge", "cache": "cold", "n": PROMPTS * G, "latency_s": latency,
-                        "concurrency": CONCURRENCY})
+        measure(
+            run,
+            group=f"judge cold {PROMPTS}x{G} latency={latency * 1000:.0f}ms",
+            provider="medgrpo",
+            params={
+                "stage": "judge",
+                "cache": "cold",
+                "n": PROMPTS * G,
+                "latency_s": latency,
+                "concurrency": CONCURRENCY,
+            },
+        )
         assert judge.counters.cache_hits == 0 and judge.counters.missing == 0
 
 
@@ -91,8 +109,12 @@ def bench_judge_warm(measure, servers, tmp_path) -> None:
     with make_judge(servers(0.0), tmp_path) as judge:
         judge.score_batch(predictions, references)
         judge.reset_counters()
-        measure(lambda: judge.score_batch(predictions, references), group=f"judge warm {PROMPTS}x{G}",
-                provider="medgrpo", params={"stage": "judge", "cache": "warm", "n": PROMPTS * G})
+        measure(
+            lambda: judge.score_batch(predictions, references),
+            group=f"judge warm {PROMPTS}x{G}",
+            provider="medgrpo",
+            params={"stage": "judge", "cache": "warm", "n": PROMPTS * G},
+        )
         assert judge.counters.requests == 0 and judge.counters.cache_hits == judge.counters.items
 
 
@@ -122,10 +144,20 @@ def bench_caption_reward(measure, servers, tmp_path) -> None:
     calls = itertools.count()
     embedder = get_embedder(device=SIM_DEVICES[-1])
     with make_judge(servers(0.02), tmp_path) as judge:
+
         def run() -> None:
             predictions, references = captions(2 * 10**6 + next(calls))
             assert score_captions(predictions, references, judge=judge, embedder=embedder).missing == 0
 
-        measure(run, group=f"caption reward {PROMPTS}x{G} judge cold 20ms", provider="medgrpo",
-                params={"stage": "caption_reward", "n": PROMPTS * G, "latency_s": 0.02, "concurrency": CONCURRENCY,
-                        "device": str(embedder.device)})
+        measure(
+            run,
+            group=f"caption reward {PROMPTS}x{G} judge cold 20ms",
+            provider="medgrpo",
+            params={
+                "stage": "caption_reward",
+                "n": PROMPTS * G,
+                "latency_s": 0.02,
+                "concurrency": CONCURRENCY,
+                "device": str(embedder.device),
+            },
+        )

@@ -34,8 +34,17 @@ G = 8
 NEW_TOKENS = 256 if CUDA else 32
 SIDE = 448 if CUDA else 56
 FRAMES = 16
-SHAPE_3B = {"hidden_size": 2048, "layers": 36, "heads": 16, "kv_heads": 2, "intermediate_size": 11008,
-            "vision_depth": 32, "vision_hidden": 1280, "vision_heads": 16, "window_size": 112}  # fmt: skip
+SHAPE_3B = {
+    "hidden_size": 2048,
+    "layers": 36,
+    "heads": 16,
+    "kv_heads": 2,
+    "intermediate_size": 11008,
+    "vision_depth": 32,
+    "vision_hidden": 1280,
+    "vision_heads": 16,
+    "window_size": 112,
+}
 
 
 def _model(directory: Path, tokenizer):
@@ -49,9 +58,18 @@ def _model(directory: Path, tokenizer):
 
 
 def _batch(tokenizer, device: str):
-    record = VideoRecord(index=0, id="bench", question="Localize the grasper retraction. Answer in seconds.",
-                         answer="2.0-6.0 seconds.", qa_type="tal", qa_type_raw="tal", data_source="Bench",
-                         video=Path("unused.mp4"), fps=2.0, struc_info=[{"span": [2.0, 6.0]}])  # fmt: skip
+    record = VideoRecord(
+        index=0,
+        id="bench",
+        question="Localize the grasper retraction. Answer in seconds.",
+        answer="2.0-6.0 seconds.",
+        qa_type="tal",
+        qa_type_raw="tal",
+        data_source="Bench",
+        video=Path("unused.mp4"),
+        fps=2.0,
+        struc_info=[{"span": [2.0, 6.0]}],
+    )
     generator = torch.Generator().manual_seed(0)
     samples = []
     for _ in range(PROMPTS):
@@ -84,8 +102,13 @@ def _step(model, tokenizer, reward_fn, batch, optimizer, params) -> dict[str, fl
     times = {}
     start = time.perf_counter()
     with torch.no_grad():
-        rollout = generate(model, batch, RolloutConfig(group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0),
-                           eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        rollout = generate(
+            model,
+            batch,
+            RolloutConfig(group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0),
+            eos_token_ids=eos_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+        )
     _sync()
     times["rollout"] = time.perf_counter() - start
     mark = time.perf_counter()
@@ -117,14 +140,24 @@ def bench_grpo_step(setup, benchmark, request):
     _step(model, tokenizer, reward_fn, batch, optimizer, params)  # warm-up
     runs: list[dict[str, float]] = []
     benchmark.group = "grpo_step"
-    benchmark.pedantic(lambda: runs.append(_step(model, tokenizer, reward_fn, batch, optimizer, params)),
-                       rounds=3 if CUDA else 5, iterations=1)  # fmt: skip
+    benchmark.pedantic(
+        lambda: runs.append(_step(model, tokenizer, reward_fn, batch, optimizer, params)),
+        rounds=3 if CUDA else 5,
+        iterations=1,
+    )
     median = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     samples = PROMPTS * G
     info = {f"time_{k}_s": v for k, v in median.items() if k != "completion_tokens"}
-    info.update(samples_per_s=samples / median["step"], tokens_per_s=median["completion_tokens"] / median["step"],
-                prompts=PROMPTS, group_size=G, new_tokens=NEW_TOKENS, frames=FRAMES, side=SIDE,
-                model="qwen2.5-vl-3b-shaped" if CUDA else "tiny")  # fmt: skip
+    info.update(
+        samples_per_s=samples / median["step"],
+        tokens_per_s=median["completion_tokens"] / median["step"],
+        prompts=PROMPTS,
+        group_size=G,
+        new_tokens=NEW_TOKENS,
+        frames=FRAMES,
+        side=SIDE,
+        model="qwen2.5-vl-3b-shaped" if CUDA else "tiny",
+    )
     if CUDA:
         info["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     benchmark.extra_info.update(provider="medgrpo", params={"prompts": PROMPTS, "group_size": G}, **info)

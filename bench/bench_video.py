@@ -56,8 +56,9 @@ def needed_frames_per_second() -> float:
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, list]:
     root = tmp_path_factory.mktemp("bench_video")
-    clips = [write_video(root / f"clip{i}.mp4", H264_SECONDS * H264_FPS, H264_FPS, (1920, 1080), "libx264")
-             for i in range(2)]  # fmt: skip
+    clips = [
+        write_video(root / f"clip{i}.mp4", H264_SECONDS * H264_FPS, H264_FPS, (1920, 1080), "libx264") for i in range(2)
+    ]
     folders = [write_jpeg_folder(root / f"frames{i}", JPEG_FRAMES, JPEG_SIZE) for i in range(2)]
     return {"h264_1080p": [clips[i % 2] for i in range(BATCH)], "jpeg_folder": [folders[i % 2] for i in range(BATCH)]}
 
@@ -124,8 +125,12 @@ def _qwen_vl_utils(sources: list, kind: str, device: str) -> int:
     processor = Qwen2VLVideoProcessor(do_resize=False)
     frames = 0
     for source in sources:
-        video = {"type": "video", "video": source if kind == "h264_1080p" else sorted(Path(source).iterdir()),
-                 "max_pixels": MAX_PIXELS, "fps": SAMPLE_FPS}  # fmt: skip
+        video = {
+            "type": "video",
+            "video": source if kind == "h264_1080p" else sorted(Path(source).iterdir()),
+            "max_pixels": MAX_PIXELS,
+            "fps": SAMPLE_FPS,
+        }
         if kind != "h264_1080p":
             video["video"] = [str(p) for p in video["video"]]
             video["sample_fps"] = 1.0
@@ -165,11 +170,15 @@ def _dali(sources: list, kind: str, device: str) -> int:
             total, fps, height, width = video_info(source)
             plans.append(sampling.plan_frames(total, fps, height, width, fps=SAMPLE_FPS, max_pixels=MAX_PIXELS))
         else:
-            plans.append(sampling.plan_frame_list(len(list_frame_files(source)), JPEG_SIZE[1], JPEG_SIZE[0],
-                                                  sample_fps=1.0, max_pixels=MAX_PIXELS))  # fmt: skip
+            plans.append(
+                sampling.plan_frame_list(
+                    len(list_frame_files(source)), JPEG_SIZE[1], JPEG_SIZE[0], sample_fps=1.0, max_pixels=MAX_PIXELS
+                )
+            )
     frames = 0
-    with DaliVideoLoader(sources, plans, batch_size=len(sources), device="gpu", num_threads=8,
-                         max_pixels=MAX_PIXELS) as loader:  # fmt: skip
+    with DaliVideoLoader(
+        sources, plans, batch_size=len(sources), device="gpu", num_threads=8, max_pixels=MAX_PIXELS
+    ) as loader:
         for batch in loader:
             for clip, _, _ in batch:
                 patchify(clip)
@@ -179,11 +188,17 @@ def _dali(sources: list, kind: str, device: str) -> int:
 
 def _record(benchmark, frames: int, kind: str) -> None:
     rate = frames / benchmark.stats.stats.median if benchmark.stats is not None else None
-    benchmark.extra_info.update(frames_per_batch=frames, frames_per_second=rate,
-                                needed_frames_per_second=needed_frames_per_second(), needed_setting=NEEDED)  # fmt: skip
+    benchmark.extra_info.update(
+        frames_per_batch=frames,
+        frames_per_second=rate,
+        needed_frames_per_second=needed_frames_per_second(),
+        needed_setting=NEEDED,
+    )
     if rate is not None:
-        print(f"\n{kind} {benchmark.extra_info['provider']}: {rate:.1f} frames/s "
-              f"(a node needs {needed_frames_per_second():.0f} frames/s)")  # fmt: skip
+        print(
+            f"\n{kind} {benchmark.extra_info['provider']}: {rate:.1f} frames/s "
+            f"(a node needs {needed_frames_per_second():.0f} frames/s)"
+        )
 
 
 PROVIDERS = ["medgrpo", "cpu_inline", "qwen_vl_utils"] + (["cpu_workers"] if torch.cuda.is_available() else [])

@@ -34,7 +34,7 @@ MEASURED = pytest.StashKey[list]()
 
 
 def bench_device() -> str:
-    """"cuda" when a GPU is visible, else "cpu"."""
+    """ "cuda" when a GPU is visible, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -95,8 +95,15 @@ def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[
     file); with it, the achieved GB/s is stored and compared to ``copy_floor``.
     """
 
-    def run(fn: Callable[[], Any], *, group: str, provider: str, params: dict[str, Any],
-            bytes_moved: Optional[int] = None, warmup: int = 3) -> None:
+    def run(
+        fn: Callable[[], Any],
+        *,
+        group: str,
+        provider: str,
+        params: dict[str, Any],
+        bytes_moved: Optional[int] = None,
+        warmup: int = 3,
+    ) -> None:
         def timed() -> None:
             fn()
             synchronize(device)
@@ -156,8 +163,11 @@ def _compare(providers: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if floor and ours.get("bytes_moved") and floor.get("bytes_moved"):
         ours_bw = ours["bytes_moved"] / ours["median_s"]
         copy_bw = floor["bytes_moved"] / floor["median_s"]
-        summary.update(medgrpo_gb_per_s=ours_bw / 1e9, copy_gb_per_s=copy_bw / 1e9,
-                       medgrpo_fraction_of_copy_bandwidth=ours_bw / copy_bw)
+        summary.update(
+            medgrpo_gb_per_s=ours_bw / 1e9,
+            copy_gb_per_s=copy_bw / 1e9,
+            medgrpo_fraction_of_copy_bandwidth=ours_bw / copy_bw,
+        )
     return summary
 
 
@@ -178,10 +188,15 @@ def _merge_results(measured: list, path: Path) -> dict[str, Any]:
         group = results["groups"].setdefault(meta.group, {"params": info["params"], "providers": {}})
         group["params"] = info["params"]
         group["providers"][info["provider"]] = {
-            "median_s": stats.median, "mean_s": stats.mean, "min_s": stats.min, "stddev_s": stats.stddev,
-            "rounds": stats.rounds, "iterations": meta.iterations,
+            "median_s": stats.median,
+            "mean_s": stats.mean,
+            "min_s": stats.min,
+            "stddev_s": stats.stddev,
+            "rounds": stats.rounds,
+            "iterations": meta.iterations,
             **{k: v for k, v in info.items() if k not in ("provider", "params")},
-            "date": env["date"], "commit": env["commit"],
+            "date": env["date"],
+            "commit": env["commit"],
         }
         touched.add(meta.group)
     for name in touched:

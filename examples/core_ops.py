@@ -30,8 +30,11 @@ print(f"zero-std groups    {out.zero_std_fraction.item():.2f}, NaN rewards {out.
 logp = (-torch.rand(prompts * group_size, length, device=device)).requires_grad_(True)
 old_logp = logp.detach() + 0.05 * torch.randn_like(logp)
 mask = torch.rand(prompts * group_size, length, device=device) > 0.1
-loss = medgrpo.policy_loss(logp, out.advantages, mask, old_logp=old_logp, loss_type="dapo",
-                           epsilon_low=0.2, epsilon_high=0.3)
+loss = medgrpo.policy_loss(
+    logp, out.advantages, mask, old_logp=old_logp, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.3
+)
 loss.loss.backward()
-print(f"loss {loss.loss.item():.5f}  clip fraction {loss.clip_fraction.item():.3f}  "
-      f"|grad| {logp.grad.abs().sum().item():.4f}  native CPU kernels: {medgrpo.has_native_cpu_kernels()}")
+print(
+    f"loss {loss.loss.item():.5f}  clip fraction {loss.clip_fraction.item():.3f}  "
+    f"|grad| {logp.grad.abs().sum().item():.4f}  native CPU kernels: {medgrpo.has_native_cpu_kernels()}"
+)

@@ -28,10 +28,14 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("medgrpo.rewards.evaluate:build_parser",
-             "MedVidBench metrics of a predictions file (the paper's table, official numbers)"),
-    "fit-norm": ("medgrpo.rewards.norm_stats:register",
-                 "per-(data_source, qa_type) reward quartiles from rollouts of the SFT model"),
+    "eval": (
+        "medgrpo.rewards.evaluate:build_parser",
+        "MedVidBench metrics of a predictions file (the paper's table, official numbers)",
+    ),
+    "fit-norm": (
+        "medgrpo.rewards.norm_stats:register",
+        "per-(data_source, qa_type) reward quartiles from rollouts of the SFT model",
+    ),
     "train": ("medgrpo.train.cli:register", "SFT or MedGRPO on Qwen2.5-VL (one process or torchrun)"),
     "demo": ("medgrpo.demo.pipeline:register", "SFT then MedGRPO on CPU on a synthetic dataset (a few minutes)"),
 }

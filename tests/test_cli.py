@@ -18,18 +18,40 @@ ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
 RESULTS = {
-    "0": {"metadata": {"fps": 1.0}, "qa_type": "tal", "data_source": "AVOS", "question": "When?",
-          "struc_info": [{"spans": [{"start": 1.0, "end": 4.0}]}], "answer": "1.0-3.0 seconds.", "gnd": ""},
-    "1": {"metadata": {"fps": 1.0}, "qa_type": "next_action", "data_source": "AVOS", "struc_info": [],
-          "question": "Next?", "answer": "The surgeon ties a knot", "gnd": "tying"},
-    "2": {"metadata": {"fps": 1.0}, "qa_type": "video_summary_gpt", "data_source": "AVOS", "struc_info": [],
-          "question": "Summarize.", "answer": "The surgeon sutures the wound.", "gnd": "Suturing of the wound."},
+    "0": {
+        "metadata": {"fps": 1.0},
+        "qa_type": "tal",
+        "data_source": "AVOS",
+        "question": "When?",
+        "struc_info": [{"spans": [{"start": 1.0, "end": 4.0}]}],
+        "answer": "1.0-3.0 seconds.",
+        "gnd": "",
+    },
+    "1": {
+        "metadata": {"fps": 1.0},
+        "qa_type": "next_action",
+        "data_source": "AVOS",
+        "struc_info": [],
+        "question": "Next?",
+        "answer": "The surgeon ties a knot",
+        "gnd": "tying",
+    },
+    "2": {
+        "metadata": {"fps": 1.0},
+        "qa_type": "video_summary_gpt",
+        "data_source": "AVOS",
+        "struc_info": [],
+        "question": "Summarize.",
+        "answer": "The surgeon sutures the wound.",
+        "gnd": "Suturing of the wound.",
+    },
 }
 
 
 def medgrpo(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medgrpo", *args], cwd=ROOT, env=ENV, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "medgrpo", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture
@@ -44,12 +66,13 @@ def test_help_lists_commands_without_importing_them():
     assert done.returncode == 0, done.stderr
     for name, (_, help_text) in COMMANDS.items():
         assert name in done.stdout and help_text.split()[0] in done.stdout
-    probe = ("import sys, contextlib, io\nfrom medgrpo.cli import main\n"
-             "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
-             "print(sorted(m for m in ('medgrpo.rewards.evaluate', 'medgrpo.rewards.norm_stats', 'medgrpo.rewards',"
-             " 'transformers', 'openai', 'matplotlib') if m in sys.modules))")
-    lazy = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    probe = (
+        "import sys, contextlib, io\nfrom medgrpo.cli import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n    main(['--help'])\n"
+        "print(sorted(m for m in ('medgrpo.rewards.evaluate', 'medgrpo.rewards.norm_stats', 'medgrpo.rewards',"
+        " 'transformers', 'openai', 'matplotlib') if m in sys.modules))"
+    )
+    lazy = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert lazy.stdout.strip() == "[]", lazy.stdout + lazy.stderr
 
 
@@ -77,8 +100,19 @@ def test_eval_with_judge_and_default_embedder(results_file, tmp_path):
 
     output, cache = tmp_path / "metrics.json", tmp_path / "judge.sqlite"
     with JudgeServer() as server:
-        args = ["eval", "--predictions", str(results_file), "--output", str(output),
-                "--judge-base-url", server.base_url, "--judge-model", "loopback-judge", "--judge-cache", str(cache)]
+        args = [
+            "eval",
+            "--predictions",
+            str(results_file),
+            "--output",
+            str(output),
+            "--judge-base-url",
+            server.base_url,
+            "--judge-model",
+            "loopback-judge",
+            "--judge-cache",
+            str(cache),
+        ]
         done = medgrpo(*args)
         assert done.returncode == 0, done.stderr
         assert server.requests == 1
@@ -92,8 +126,15 @@ def test_eval_with_judge_and_default_embedder(results_file, tmp_path):
 
 
 def test_eval_judge_needs_a_model(results_file, tmp_path):
-    done = medgrpo("eval", "--predictions", str(results_file), "--output", str(tmp_path / "m.json"),
-                   "--judge-base-url", "http://127.0.0.1:9/v1")
+    done = medgrpo(
+        "eval",
+        "--predictions",
+        str(results_file),
+        "--output",
+        str(tmp_path / "m.json"),
+        "--judge-base-url",
+        "http://127.0.0.1:9/v1",
+    )
     assert done.returncode == 2 and "--judge-model" in done.stderr
 
 

@@ -133,8 +133,9 @@ class VideoCollator:
         max_length: a sample whose tokens exceed it is skipped (kind ``"too_long"``), not truncated.
     """
 
-    def __init__(self, tokenizer, *, with_answers: bool = False, padding_side: str = "right",
-                 max_length: int | None = None):  # fmt: skip
+    def __init__(
+        self, tokenizer, *, with_answers: bool = False, padding_side: str = "right", max_length: int | None = None
+    ):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.tokenizer = tokenizer

@@ -286,17 +286,30 @@ def plan_source(
         paths = frame_paths(video)
         width, height = _image_size(paths[0])
         plan = sampling.plan_frame_list(
-            len(paths), height, width, sample_fps=fps, min_pixels=min_pixels, max_pixels=max_pixels,
+            len(paths),
+            height,
+            width,
+            sample_fps=fps,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
             total_pixels=total_pixels,
-        )  # fmt: skip
+        )
         return paths, plan
     path = os.fspath(video)
     total, video_fps, height, width = (info or video_info)(path)
     plan = sampling.plan_frames(
-        total, video_fps, height, width, fps=fps, nframes=nframes,
+        total,
+        video_fps,
+        height,
+        width,
+        fps=fps,
+        nframes=nframes,
         min_pixels=sampling.VIDEO_MIN_PIXELS if min_pixels is None else min_pixels,
-        max_pixels=max_pixels, total_pixels=total_pixels, start_frame=start_frame, end_frame=end_frame,
-    )  # fmt: skip
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+        start_frame=start_frame,
+        end_frame=end_frame,
+    )
     return path, plan
 
 
@@ -335,9 +348,15 @@ def load_video_sample(
         VideoDecodeError: unreadable input. ValueError: an impossible sampling request.
     """
     source, plan = plan_source(
-        video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame, min_pixels=min_pixels,
-        max_pixels=max_pixels, total_pixels=total_pixels,
-    )  # fmt: skip
+        video,
+        fps=fps,
+        nframes=nframes,
+        start_frame=start_frame,
+        end_frame=end_frame,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+    )
     if isinstance(source, list):
         label = video if isinstance(video, (str, os.PathLike)) else source[0]
         images = _decode_images(source, plan.indices, label)

@@ -268,10 +268,12 @@ class _Runner:
     def _pipeline(self):
         if self._pipe is None:
             pipe = self.dali.Pipeline(
-                batch_size=self.batch_size, num_threads=self.num_threads,
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
                 device_id=self.device_id if self.device == "gpu" else None,
-                prefetch_queue_depth=1, exec_dynamic=True,
-            )  # fmt: skip
+                prefetch_queue_depth=1,
+                exec_dynamic=True,
+            )
             with pipe:
                 pipe.set_outputs(self.graph(self.dali, self.device))
             pipe.build()
@@ -571,13 +573,25 @@ def load_video_sample(
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     _import_dali()
     source, plan = plan_source(
-        video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame, min_pixels=min_pixels,
-        max_pixels=max_pixels, total_pixels=total_pixels,
-    )  # fmt: skip
+        video,
+        fps=fps,
+        nframes=nframes,
+        start_frame=start_frame,
+        end_frame=end_frame,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+    )
     with DaliVideoLoader(
-        [source], [plan], device=device, num_threads=num_threads, min_pixels=min_pixels, max_pixels=max_pixels,
-        on_error="raise", region_boxes=[region_box],
-    ) as loader:  # fmt: skip
+        [source],
+        [plan],
+        device=device,
+        num_threads=num_threads,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        on_error="raise",
+        region_boxes=[region_box],
+    ) as loader:
         ((frames, plan, _),) = next(iter(loader))
     return frames, plan
 

@@ -164,13 +164,27 @@ def load_video_sample(
     """
     if decode_cpu.is_frame_source(video):
         return decode_cpu.load_video_sample(
-            video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame,
-            min_pixels=min_pixels, max_pixels=max_pixels, total_pixels=total_pixels, region_box=region_box,
-        )  # fmt: skip
+            video,
+            fps=fps,
+            nframes=nframes,
+            start_frame=start_frame,
+            end_frame=end_frame,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+            total_pixels=total_pixels,
+            region_box=region_box,
+        )
     path, plan = decode_cpu.plan_source(
-        video, fps=fps, nframes=nframes, start_frame=start_frame, end_frame=end_frame, min_pixels=min_pixels,
-        max_pixels=max_pixels, total_pixels=total_pixels, info=video_info,
-    )  # fmt: skip
+        video,
+        fps=fps,
+        nframes=nframes,
+        start_frame=start_frame,
+        end_frame=end_frame,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        total_pixels=total_pixels,
+        info=video_info,
+    )
     frames = _decode_video(path, plan.indices)
     if region_box is not None:
         draw_region_box_(frames[box_frame_position(plan.indices, region_box.frame_index)], region_box.bbox)

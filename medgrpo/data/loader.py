@@ -257,16 +257,32 @@ class DaliRecordLoader:
         num_threads, device_id: DALI threads and the CUDA device of this rank.
     """
 
-    def __init__(self, dataset: VideoDataset, collate: Callable[[list[Any]], Any], *, batch_size: int,
-                 sampler: Sampler, device: str | None = None, num_threads: int = 4,
-                 device_id: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        dataset: VideoDataset,
+        collate: Callable[[list[Any]], Any],
+        *,
+        batch_size: int,
+        sampler: Sampler,
+        device: str | None = None,
+        num_threads: int = 4,
+        device_id: int | None = None,
+    ):
         from medgrpo.data.decode_dali import DaliVideoLoader
 
         self.dataset, self.collate, self.batch_size, self.sampler = dataset, collate, batch_size, sampler
         options = dataset.options
-        self.decoder = DaliVideoLoader([], [], batch_size=batch_size, device=device, num_threads=num_threads,
-                                       device_id=device_id, min_pixels=options.min_pixels,
-                                       max_pixels=options.max_pixels, on_error="skip")  # fmt: skip
+        self.decoder = DaliVideoLoader(
+            [],
+            [],
+            batch_size=batch_size,
+            device=device,
+            num_threads=num_threads,
+            device_id=device_id,
+            min_pixels=options.min_pixels,
+            max_pixels=options.max_pixels,
+            on_error="skip",
+        )
         self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:

@@ -48,8 +48,14 @@ def _vertical_rows(start: int, end: int) -> tuple[int, int]:
     return 0, -1  # a zero-length line paints nothing
 
 
-def region_box_mask(height: int, width: int, bbox: Sequence[float], *, line_width: int = BOX_WIDTH,
-                    device: torch.device | str | None = None) -> torch.Tensor:  # fmt: skip
+def region_box_mask(
+    height: int,
+    width: int,
+    bbox: Sequence[float],
+    *,
+    line_width: int = BOX_WIDTH,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
     """Boolean ``(height, width)`` mask of the pixels PIL's ``rectangle(bbox, width=line_width)`` paints.
 
     PIL draws ``line_width`` nested outlines: rows ``y0 + i`` and ``y1 - i`` across ``[x0, x1]``,

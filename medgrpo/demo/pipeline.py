@@ -56,13 +56,15 @@ class DemoResult:
 
 
 def _model_section(path: Path, *, freeze_vision: bool) -> ModelSection:
-    return ModelSection(path=str(path), dtype="float32", attention="sdpa", activation_checkpointing=False,
-                        freeze_vision=freeze_vision)  # fmt: skip
+    return ModelSection(
+        path=str(path), dtype="float32", attention="sdpa", activation_checkpointing=False, freeze_vision=freeze_vision
+    )
 
 
 def _data_section(train_file: Path, side: int) -> DataSection:
-    return DataSection(train_file=str(train_file), min_pixels=float(side * side), max_pixels=float(side * side),
-                       num_workers=0)  # fmt: skip
+    return DataSection(
+        train_file=str(train_file), min_pixels=float(side * side), max_pixels=float(side * side), num_workers=0
+    )
 
 
 def prepare(settings: DemoSettings) -> tuple[object, Path]:
@@ -79,25 +81,40 @@ def prepare(settings: DemoSettings) -> tuple[object, Path]:
 
 def sft_config(settings: DemoSettings, dataset, model_dir: Path) -> TrainConfig:
     return TrainConfig(
-        mode="sft", output_dir=str(Path(settings.out_dir) / "sft"), seed=settings.seed, steps=settings.sft_steps,
-        save_every=0, device="cpu", model=_model_section(model_dir, freeze_vision=False),
+        mode="sft",
+        output_dir=str(Path(settings.out_dir) / "sft"),
+        seed=settings.seed,
+        steps=settings.sft_steps,
+        save_every=0,
+        device="cpu",
+        model=_model_section(model_dir, freeze_vision=False),
         data=_data_section(dataset.train, settings.side),
         optim=OptimSection(lr=settings.sft_lr, warmup_steps=10, schedule="cosine", max_grad_norm=1.0),
         sft=SFTSection(batch_size=settings.sft_batch_size),
         grpo=GRPOSection(micro_batch_size=settings.sft_batch_size),
-    )  # fmt: skip
+    )
 
 
 def grpo_config(settings: DemoSettings, dataset, model_dir: Path, stats: Path) -> TrainConfig:
     return TrainConfig(
-        mode="grpo", output_dir=str(Path(settings.out_dir) / "grpo"), seed=settings.seed, steps=settings.grpo_steps,
-        save_every=0, device="cpu", model=_model_section(model_dir, freeze_vision=True),
+        mode="grpo",
+        output_dir=str(Path(settings.out_dir) / "grpo"),
+        seed=settings.seed,
+        steps=settings.grpo_steps,
+        save_every=0,
+        device="cpu",
+        model=_model_section(model_dir, freeze_vision=True),
         data=_data_section(dataset.train, settings.side),
         optim=OptimSection(lr=settings.grpo_lr, max_grad_norm=1.0),
-        grpo=GRPOSection(group_size=settings.group_size, prompts_per_step=settings.prompts_per_step,
-                         max_new_tokens=settings.max_new_tokens, temperature=1.0, norm_stats=str(stats),
-                         micro_batch_size=settings.group_size * settings.prompts_per_step),
-    )  # fmt: skip
+        grpo=GRPOSection(
+            group_size=settings.group_size,
+            prompts_per_step=settings.prompts_per_step,
+            max_new_tokens=settings.max_new_tokens,
+            temperature=1.0,
+            norm_stats=str(stats),
+            micro_batch_size=settings.group_size * settings.prompts_per_step,
+        ),
+    )
 
 
 def _load(model_dir: Path):
@@ -115,9 +132,16 @@ def fit_stats(settings: DemoSettings, dataset, model_dir: Path, reward_fn) -> Pa
     from medgrpo.train.evaluation import rollouts, write_rollout_jsonl
 
     model, tokenizer = _load(model_dir)
-    records, texts = rollouts(model, tokenizer, dataset.train, decode_options(settings.side),
-                              group_size=settings.norm_rollouts_group, temperature=1.0,
-                              max_new_tokens=settings.max_new_tokens, seed=settings.seed)  # fmt: skip
+    records, texts = rollouts(
+        model,
+        tokenizer,
+        dataset.train,
+        decode_options(settings.side),
+        group_size=settings.norm_rollouts_group,
+        temperature=1.0,
+        max_new_tokens=settings.max_new_tokens,
+        seed=settings.seed,
+    )
     out = Path(settings.out_dir)
     jsonl = write_rollout_jsonl(out / "sft_rollouts.jsonl", records, texts, reward_fn)
     stats = out / "norm_stats.json"
@@ -133,10 +157,11 @@ def held_out(settings: DemoSettings, dataset, model_dir: Path, reward_fn, stats)
     model, tokenizer = _load(model_dir)
     options = decode_options(settings.side)
     results = [
-        evaluate_policy(model, tokenizer, path, reward_fn, stats, options=options,
-                        max_new_tokens=settings.max_new_tokens)
+        evaluate_policy(
+            model, tokenizer, path, reward_fn, stats, options=options, max_new_tokens=settings.max_new_tokens
+        )
         for path in (dataset.val, dataset.test)
-    ]  # fmt: skip
+    ]
     count = sum(r.count for r in results)
     keys = sorted({k for r in results for k in r.per_key_norm})
 
@@ -146,10 +171,17 @@ def held_out(settings: DemoSettings, dataset, model_dir: Path, reward_fn, stats)
     per_key = {}
     for key in keys:
         values = [(r.per_key_norm[key], r.per_key_raw[key]) for r in results if key in r.per_key_norm]
-        per_key[key] = {"reward_norm": sum(v for v, _ in values) / len(values),
-                        "reward_raw": sum(v for _, v in values) / len(values)}  # fmt: skip
-    return {"reward_raw": pooled("reward_raw"), "reward_norm": pooled("reward_norm"), "count": count,
-            "per_key": per_key, "examples": results[0].answers[:4]}  # fmt: skip
+        per_key[key] = {
+            "reward_norm": sum(v for v, _ in values) / len(values),
+            "reward_raw": sum(v for _, v in values) / len(values),
+        }
+    return {
+        "reward_raw": pooled("reward_raw"),
+        "reward_norm": pooled("reward_norm"),
+        "count": count,
+        "per_key": per_key,
+        "examples": results[0].answers[:4],
+    }
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
@@ -173,8 +205,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     result.grpo = held_out(settings, dataset, grpo.export_dir, reward_fn, stats)
     result.seconds = time.perf_counter() - start
     print_table(result)
-    (Path(settings.out_dir) / "demo_result.json").write_text(json.dumps(
-        {"sft": result.sft, "grpo": result.grpo, "seconds": result.seconds, "improved": result.improved}, indent=2))
+    (Path(settings.out_dir) / "demo_result.json").write_text(
+        json.dumps(
+            {"sft": result.sft, "grpo": result.grpo, "seconds": result.seconds, "improved": result.improved}, indent=2
+        )
+    )
     return result
 
 
@@ -183,10 +218,14 @@ def print_table(result: DemoResult) -> None:
     print(f"\n{'held-out key':34s} {'SFT norm':>9s} {'GRPO norm':>9s} {'SFT raw':>8s} {'GRPO raw':>8s}")
     for key, sft in result.sft["per_key"].items():
         grpo = result.grpo["per_key"].get(key, {})
-        print(f"{key:34s} {sft['reward_norm']:9.3f} {grpo.get('reward_norm', float('nan')):9.3f} "
-              f"{sft['reward_raw']:8.3f} {grpo.get('reward_raw', float('nan')):8.3f}")  # fmt: skip
-    print(f"{'all (' + str(result.sft['count']) + ' records)':34s} {result.sft['reward_norm']:9.3f} "
-          f"{result.grpo['reward_norm']:9.3f} {result.sft['reward_raw']:8.3f} {result.grpo['reward_raw']:8.3f}")
+        print(
+            f"{key:34s} {sft['reward_norm']:9.3f} {grpo.get('reward_norm', float('nan')):9.3f} "
+            f"{sft['reward_raw']:8.3f} {grpo.get('reward_raw', float('nan')):8.3f}"
+        )
+    print(
+        f"{'all (' + str(result.sft['count']) + ' records)':34s} {result.sft['reward_norm']:9.3f} "
+        f"{result.grpo['reward_norm']:9.3f} {result.sft['reward_raw']:8.3f} {result.grpo['reward_raw']:8.3f}"
+    )
     verdict = "improved" if result.improved else "did NOT improve"
     print(f"\nMedGRPO {verdict} the mean normalized held-out reward over SFT; {result.seconds:.0f} s in all.")
 
@@ -210,8 +249,11 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``demo`` to the ``medgrpo`` command line."""
-    parser = subparsers.add_parser("demo", help="SFT then MedGRPO on CPU on a synthetic dataset (a few minutes)",
-                                   description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser = subparsers.add_parser(
+        "demo",
+        help="SFT then MedGRPO on CPU on a synthetic dataset (a few minutes)",
+        description=__doc__.split("\n\n")[0],
+    )
     build_parser(parser).set_defaults(func=run)
     return parser
 

@@ -251,8 +251,15 @@ def _track(instrument: Instrument, size: tuple[int, int], frames: int, rng: np.r
     return tuple(boxes)
 
 
-def plan_scene(procedure: Procedure, video_id: str, *, size: tuple[int, int], frames: int,
-               rng: np.random.Generator, last_phase: int | None = None) -> Scene:
+def plan_scene(
+    procedure: Procedure,
+    video_id: str,
+    *,
+    size: tuple[int, int],
+    frames: int,
+    rng: np.random.Generator,
+    last_phase: int | None = None,
+) -> Scene:
     """Draw one video's random choices: phase durations, window, instrument paths, CVS cues.
 
     ``last_phase``: the phase of the window's last frame (drawn uniformly when None). It
@@ -266,9 +273,13 @@ def plan_scene(procedure: Procedure, video_id: str, *, size: tuple[int, int], fr
     timeline, start = _window(_phase_lengths(len(procedure.phases), frames, rng), frames, last_phase, rng)
     boxes = {i.name: _track(i, size, frames, rng) for i in procedure.instruments}
     cvs = tuple(int(v) for v in rng.integers(0, 3, size=3)) if procedure.has_cvs else None
-    texture = (float(rng.uniform(1.0, 3.0)), float(rng.uniform(1.0, 3.0)), float(rng.uniform(0, 2 * math.pi)),
-               float(rng.uniform(-8.0, 8.0)))
-    return Scene(procedure, video_id, start, tuple(timeline[start:start + frames]), boxes, cvs, texture)  # type: ignore[arg-type]
+    texture = (
+        float(rng.uniform(1.0, 3.0)),
+        float(rng.uniform(1.0, 3.0)),
+        float(rng.uniform(0, 2 * math.pi)),
+        float(rng.uniform(-8.0, 8.0)),
+    )
+    return Scene(procedure, video_id, start, tuple(timeline[start : start + frames]), boxes, cvs, texture)  # type: ignore[arg-type]
 
 
 # --- rendering -----------------------------------------------------------------------------
@@ -289,15 +300,15 @@ def _draw_cvs(image: np.ndarray, cvs: tuple[int, int, int]) -> None:
     duct = max(2, round(width * 0.055))
     for k in range(cvs[0]):
         x = round(width * (0.40 + 0.16 * k))
-        image[round(height * 0.30):round(height * 0.92), x:x + duct] = (245, 225, 90)
+        image[round(height * 0.30) : round(height * 0.92), x : x + duct] = (245, 225, 90)
     if cvs[1]:
         pw, ph = round(width * 0.17 * cvs[1]), round(height * 0.12 * cvs[1])
-        image[height - ph - 2:height - 2, 2:2 + pw] = (240, 215, 205)
+        image[height - ph - 2 : height - 2, 2 : 2 + pw] = (240, 215, 205)
     if cvs[2]:
         side = round(min(width, height) * 0.16 * cvs[2])
         rows, cols = np.mgrid[0:side, 0:side]
         mask = cols >= rows  # upper-right half of the square: a right triangle in the top-right corner
-        image[2:2 + side, width - side - 2:width - 2][mask] = (45, 20, 25)
+        image[2 : 2 + side, width - side - 2 : width - 2][mask] = (45, 20, 25)
 
 
 def _draw_instrument(image: np.ndarray, instrument: Instrument, box: Box, leading_right: bool) -> None:
@@ -312,7 +323,7 @@ def _draw_instrument(image: np.ndarray, instrument: Instrument, box: Box, leadin
         xs = slice(x2 - tip, x2) if leading_right else slice(x1, x1 + tip)
         image[y1:y2, xs] = instrument.tip
     else:
-        image[y2 - max(1, h // 4):y2, x1:x2] = instrument.tip
+        image[y2 - max(1, h // 4) : y2, x1:x2] = instrument.tip
 
 
 def render_frames(scene: Scene, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -360,8 +371,10 @@ def tal_qa(scene: Scene, fps: float, rng: np.random.Generator) -> QA:
     phase = visible[int(rng.integers(len(visible)))]
     frames = [i for i, p in enumerate(scene.phase_of_frame) if p == phase]
     start, end = _seconds(frames[0] / fps), _seconds((frames[-1] + 1) / fps)
-    question = (f"When does the {phases[phase]} phase happen in this video? "
-                'Answer with start-end seconds, e.g. "1.0-3.0 seconds."')
+    question = (
+        f"When does the {phases[phase]} phase happen in this video? "
+        'Answer with start-end seconds, e.g. "1.0-3.0 seconds."'
+    )
     struc = [{"label": phases[phase], "spans": [{"start": float(start), "end": float(end)}]}]
     return QA("tal", question, f"{start}-{end} seconds.", struc)
 
@@ -376,8 +389,10 @@ def stg_qa(scene: Scene, fps: float, size: tuple[int, int], rng: np.random.Gener
     times = [_seconds(f / fps) for f in picked]
     boxes = {t: list(scene.boxes[name][f]) for t, f in zip(times, picked)}
     listed = ", ".join(times[:-1]) + f" and {times[-1]}" if len(times) > 1 else times[0]
-    question = (f"Where is the {name} at {listed} seconds? Answer with its box in pixels of the "
-                f'{size[0]}x{size[1]} frame at each time: "<t> seconds: [x1, y1, x2, y2]".')
+    question = (
+        f"Where is the {name} at {listed} seconds? Answer with its box in pixels of the "
+        f'{size[0]}x{size[1]} frame at each time: "<t> seconds: [x1, y1, x2, y2]".'
+    )
     answer = " ".join(f"{t} seconds: [{', '.join(str(v) for v in box)}]" for t, box in boxes.items())
     return QA("stg", question, answer, [{"instrument": name, "bbox_dict": boxes}])
 
@@ -397,8 +412,10 @@ def cvs_qa(scene: Scene) -> QA:
     if scene.cvs is None:
         raise ValueError(f"{scene.procedure.data_source} scenes have no CVS cues")
     two, plate, triangle = scene.cvs
-    question = ("Assess the critical view of safety in this video. Answer as "
-                '"Two structures: <0-2>, Cystic plate: <0-2>, Hepatocystic triangle: <0-2>".')
+    question = (
+        "Assess the critical view of safety in this video. Answer as "
+        '"Two structures: <0-2>, Cystic plate: <0-2>, Hepatocystic triangle: <0-2>".'
+    )
     answer = f"Two structures: {two}, Cystic plate: {plate}, Hepatocystic triangle: {triangle}"
     return QA("cvs_assessment", question, answer, [{"cvs_scores": dict(zip(CVS_COMPONENTS, scene.cvs))}])
 
@@ -474,8 +491,9 @@ def _assign_splits(num_videos: int, fractions: Sequence[float], seed: int) -> li
     return assignment
 
 
-def _check_arguments(num_videos: int, frame_size: tuple[int, int], frames_per_video: int, fps: float,
-                     split_fractions: Sequence[float]) -> None:
+def _check_arguments(
+    num_videos: int, frame_size: tuple[int, int], frames_per_video: int, fps: float, split_fractions: Sequence[float]
+) -> None:
     if num_videos < len(PROCEDURES):
         raise ValueError(f"num_videos must be at least {len(PROCEDURES)} (one per data source), got {num_videos}")
     if len(frame_size) != 2 or min(frame_size) < 32:
@@ -552,9 +570,14 @@ def generate_dataset(
     for split, split_lines in lines.items():
         (root / f"{split}.jsonl").write_text("".join(line + "\n" for line in split_lines))
     manifest = {
-        "generator_version": GENERATOR_VERSION, "seed": seed, "num_videos": num_videos,
-        "frame_size": list(size), "frames_per_video": frames_per_video, "fps": fps,
-        "split_fractions": list(split_fractions), "records": {s: len(v) for s, v in lines.items()},
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "num_videos": num_videos,
+        "frame_size": list(size),
+        "frames_per_video": frames_per_video,
+        "fps": fps,
+        "split_fractions": list(split_fractions),
+        "records": {s: len(v) for s, v in lines.items()},
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return DemoDataset.at(root)
@@ -649,8 +672,10 @@ def majority_baseline(
     :func:`answer_stats` key (keys absent from train score 0). For next_action this is the
     majority-class ``nap_acc``; the mean over the three cvs components is the baseline ``cvs_acc``."""
     train_stats = answer_stats(train)
-    return {key: stats.fraction(train_stats[key].majority if key in train_stats else None)
-            for key, stats in answer_stats(held_out).items()}
+    return {
+        key: stats.fraction(train_stats[key].majority if key in train_stats else None)
+        for key, stats in answer_stats(held_out).items()
+    }
 
 
 __all__ = [

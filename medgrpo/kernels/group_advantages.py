@@ -72,11 +72,26 @@ def _advantage(deviation, valid, std, batch_std, eps, SCALE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["n", "group_size", "num_groups", "num_keys"])
 def _group_advantages_contiguous_kernel(
-    rewards_ptr, keys_ptr, stats_ptr,
-    adv_ptr, used_ptr, mean_ptr, std_ptr, count_ptr, summary_ptr,
-    n, group_size, num_groups, num_keys, k, eps, zero_std_atol,
-    NORMALIZE: tl.constexpr, SCALE: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr, BLOCK_G: tl.constexpr,
+    rewards_ptr,
+    keys_ptr,
+    stats_ptr,
+    adv_ptr,
+    used_ptr,
+    mean_ptr,
+    std_ptr,
+    count_ptr,
+    summary_ptr,
+    n,
+    group_size,
+    num_groups,
+    num_keys,
+    k,
+    eps,
+    zero_std_atol,
+    NORMALIZE: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK_GROUPS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
 ):
     batch_std = 0.0
     if SCALE == 1:
@@ -126,10 +141,25 @@ def _member_group(used_ptr, ids_ptr, sum_ptr, counts_ptr, offsets, n):
 
 @triton.jit(do_not_specialize=["n", "num_keys"])
 def _group_advantages_ids_kernel(
-    rewards_ptr, ids_ptr, keys_ptr, stats_ptr,
-    adv_ptr, used_ptr, mean_ptr, std_ptr, count_ptr, summary_ptr, scratch_ptr,
-    n, num_keys, k, eps, zero_std_atol,
-    NORMALIZE: tl.constexpr, SCALE: tl.constexpr, BLOCK: tl.constexpr,
+    rewards_ptr,
+    ids_ptr,
+    keys_ptr,
+    stats_ptr,
+    adv_ptr,
+    used_ptr,
+    mean_ptr,
+    std_ptr,
+    count_ptr,
+    summary_ptr,
+    scratch_ptr,
+    n,
+    num_keys,
+    k,
+    eps,
+    zero_std_atol,
+    NORMALIZE: tl.constexpr,
+    SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     # Per-group slots (n of them): the mean output first accumulates the sum; scratch
     # holds the float count [0, n) and the sum of squared deviations [n, 2n). The kernel
@@ -226,15 +256,48 @@ def group_advantages(
         block_g = max(triton.next_power_of_2(group_size), 1)
         block_groups = max(min(BLOCK_N // block_g, triton.next_power_of_2(max(num_groups, 1))), 1)
         _group_advantages_contiguous_kernel[(1,)](
-            rewards, keys_arg, stats_arg, advantages, used, mean, std, count, summary,
-            n, group_size, num_groups, num_keys, float(k), float(eps), ZERO_STD_ATOL,
-            NORMALIZE=normalize, SCALE=scale, BLOCK_GROUPS=block_groups, BLOCK_G=block_g,
+            rewards,
+            keys_arg,
+            stats_arg,
+            advantages,
+            used,
+            mean,
+            std,
+            count,
+            summary,
+            n,
+            group_size,
+            num_groups,
+            num_keys,
+            float(k),
+            float(eps),
+            ZERO_STD_ATOL,
+            NORMALIZE=normalize,
+            SCALE=scale,
+            BLOCK_GROUPS=block_groups,
+            BLOCK_G=block_g,
         )
     else:
         block = min(BLOCK_N, max(triton.next_power_of_2(max(n, 1)), 16))
         _group_advantages_ids_kernel[(1,)](
-            rewards, group_ids.contiguous(), keys_arg, stats_arg, advantages, used, mean, std, count, summary,
-            torch.empty(2 * n, **f32), n, num_keys, float(k), float(eps), ZERO_STD_ATOL,
-            NORMALIZE=normalize, SCALE=scale, BLOCK=block,
+            rewards,
+            group_ids.contiguous(),
+            keys_arg,
+            stats_arg,
+            advantages,
+            used,
+            mean,
+            std,
+            count,
+            summary,
+            torch.empty(2 * n, **f32),
+            n,
+            num_keys,
+            float(k),
+            float(eps),
+            ZERO_STD_ATOL,
+            NORMALIZE=normalize,
+            SCALE=scale,
+            BLOCK=block,
         )
     return advantages, used, mean, std, count, summary

@@ -47,8 +47,9 @@ def _row_stats(logits_ptr, row, stride, V, inv_temperature, BLOCK_V: tl.constexp
 
 
 @triton.jit(do_not_specialize=["V", "stride"])
-def _logprob_forward_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr, V, stride, inv_temperature,
-                            BLOCK_V: tl.constexpr):
+def _logprob_forward_kernel(
+    logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr, V, stride, inv_temperature, BLOCK_V: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     lse, entropy = _row_stats(logits_ptr, row, stride, V, inv_temperature, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -59,8 +60,19 @@ def _logprob_forward_kernel(logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_
 
 
 @triton.jit(do_not_specialize=["V", "stride"])
-def _logprob_backward_kernel(logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
-                             V, stride, inv_temperature, HAS_ENTROPY_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _logprob_backward_kernel(
+    logits_ptr,
+    targets_ptr,
+    lse_ptr,
+    entropy_ptr,
+    grad_logp_ptr,
+    grad_entropy_ptr,
+    V,
+    stride,
+    inv_temperature,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Overwrite the row's logits with d loss / d logits (= d loss / dz / T)."""
     row = tl.program_id(0).to(tl.int64)
     lse = tl.load(lse_ptr + row)
@@ -95,22 +107,40 @@ def logprob_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
     rows, V = logits.shape
     out = [torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3)]
     if rows:
-        _logprob_forward_kernel[(rows,)](logits, targets, *out, V, logits.stride(0), 1.0 / temperature,
-                                         BLOCK_V=_block_v(V), num_warps=8)
+        _logprob_forward_kernel[(rows,)](
+            logits, targets, *out, V, logits.stride(0), 1.0 / temperature, BLOCK_V=_block_v(V), num_warps=8
+        )
     return tuple(out)
 
 
-def logprob_backward_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor,
-                      grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def logprob_backward_(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor,
+    grad_entropy: torch.Tensor | None,
+    temperature: float,
+) -> torch.Tensor:
     """In place: the logits chunk becomes d loss / d logits (in its own dtype, for the GEMMs)."""
     rows, V = logits.shape
     if INTERPRETED and logits.dtype == torch.bfloat16:
-        return logits.copy_(logprob_backward_(logits.float(), targets, lse, entropy, grad_logp, grad_entropy,
-                                              temperature))
+        return logits.copy_(
+            logprob_backward_(logits.float(), targets, lse, entropy, grad_logp, grad_entropy, temperature)
+        )
     if rows:
         _logprob_backward_kernel[(rows,)](
-            logits, targets, lse, entropy, grad_logp.contiguous(),
-            grad_entropy.contiguous() if grad_entropy is not None else grad_logp, V, logits.stride(0),
-            1.0 / temperature, HAS_ENTROPY_GRAD=grad_entropy is not None, BLOCK_V=_block_v(V), num_warps=8,
+            logits,
+            targets,
+            lse,
+            entropy,
+            grad_logp.contiguous(),
+            grad_entropy.contiguous() if grad_entropy is not None else grad_logp,
+            V,
+            logits.stride(0),
+            1.0 / temperature,
+            HAS_ENTROPY_GRAD=grad_entropy is not None,
+            BLOCK_V=_block_v(V),
+            num_warps=8,
         )
     return logits

@@ -29,10 +29,20 @@ BLOCK_C = 128
 
 @triton.jit(
     do_not_specialize=[
-        "n_rows", "row_len", "channels", "patch", "merge", "temporal", "merged_w", "merged_h",
-        "stride_t", "stride_h", "stride_w", "stride_c",
+        "n_rows",
+        "row_len",
+        "channels",
+        "patch",
+        "merge",
+        "temporal",
+        "merged_w",
+        "merged_h",
+        "stride_t",
+        "stride_h",
+        "stride_w",
+        "stride_c",
     ]
-)  # fmt: skip
+)
 def _patchify_kernel(
     frames_ptr,
     mean_ptr,

@@ -25,8 +25,20 @@ MAX_BLOCK_B = 1024
 
 
 @triton.jit
-def _load_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t,
-              HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr):
+def _load_row(
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    row,
+    cols,
+    T,
+    adv_stride_b,
+    adv_stride_t,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+):
     """One block of a row: log-probs, log-ratio (0 off the mask), ref, advantages, mask weight."""
     inb = cols < T
     offsets = row * T + cols
@@ -46,15 +58,28 @@ def _load_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_s
 
 
 @triton.jit
-def _sequence_log_ratio(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T, adv_stride_b, adv_stride_t,
-                        HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, BLOCK_T: tl.constexpr):
+def _sequence_log_ratio(
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    row,
+    T,
+    adv_stride_b,
+    adv_stride_t,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     """GSPO: masked mean log-ratio of the row, and the row's token count."""
     total = tl.zeros([BLOCK_T], dtype=tl.float32)
     tokens = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         _, log_ratio, _, _, weight, _ = _load_row(
-            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF)
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF
+        )
         total += log_ratio * weight
         tokens += weight
     n = tl.sum(tokens, axis=0)
@@ -89,16 +114,31 @@ def _clip_state(ratio, adv, eps_low, eps_high, dual_clip):
 
 @triton.jit(do_not_specialize=["T", "adv_stride_b", "adv_stride_t"])
 def _policy_loss_rows_kernel(
-    logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, partial_ptr,
-    T, adv_stride_b, adv_stride_t, eps_low, eps_high, beta, dual_clip,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, SEQUENCE_IS: tl.constexpr,
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    partial_ptr,
+    T,
+    adv_stride_b,
+    adv_stride_t,
+    eps_low,
+    eps_high,
+    beta,
+    dual_clip,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
+    SEQUENCE_IS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     seq_log_ratio = 0.0
     if SEQUENCE_IS:
-        seq_log_ratio, _ = _sequence_log_ratio(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T,
-                                               adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T)
+        seq_log_ratio, _ = _sequence_log_ratio(
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T
+        )
     loss_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
     tokens = tl.zeros([BLOCK_T], dtype=tl.float32)
     kl_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -108,7 +148,8 @@ def _policy_loss_rows_kernel(
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         logp, log_ratio, ref, adv, weight, active = _load_row(
-            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF)
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF
+        )
         if SEQUENCE_IS:
             log_ratio = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_log_ratio
         loss, low, high, dual = _clip_state(tl.exp(log_ratio), adv, eps_low, eps_high, dual_clip)
@@ -133,9 +174,17 @@ def _policy_loss_rows_kernel(
 
 @triton.jit(do_not_specialize=["B"])
 def _policy_loss_finalize_kernel(
-    partial_ptr, num_items_ptr, loss_ptr, metrics_ptr, row_weight_ptr,
-    B, num_items_value, max_completion_length,
-    LOSS_TYPE: tl.constexpr, HAS_NUM_ITEMS: tl.constexpr, BLOCK_B: tl.constexpr,
+    partial_ptr,
+    num_items_ptr,
+    loss_ptr,
+    metrics_ptr,
+    row_weight_ptr,
+    B,
+    num_items_value,
+    max_completion_length,
+    LOSS_TYPE: tl.constexpr,
+    HAS_NUM_ITEMS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
     sums = tl.zeros([8], dtype=tl.float32)
     columns = tl.arange(0, 8)
@@ -181,9 +230,25 @@ def _policy_loss_finalize_kernel(
 
 @triton.jit(do_not_specialize=["T", "adv_stride_b", "adv_stride_t"])
 def _policy_loss_backward_kernel(
-    grad_loss_ptr, logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row_weight_ptr, grad_ptr,
-    T, adv_stride_b, adv_stride_t, eps_low, eps_high, beta, dual_clip,
-    HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, KL_ESTIMATOR: tl.constexpr, SEQUENCE_IS: tl.constexpr,
+    grad_loss_ptr,
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    row_weight_ptr,
+    grad_ptr,
+    T,
+    adv_stride_b,
+    adv_stride_t,
+    eps_low,
+    eps_high,
+    beta,
+    dual_clip,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,
+    SEQUENCE_IS: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -192,14 +257,27 @@ def _policy_loss_backward_kernel(
     seq_factor = 0.0
     if SEQUENCE_IS:
         # d loss / d logp_t = ratio * w_t / n * sum_t' w_t' dloss_t'/dratio: one extra pass for the sum.
-        seq_log_ratio, n = _sequence_log_ratio(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T,
-                                               adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T)
+        seq_log_ratio, n = _sequence_log_ratio(
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T
+        )
         ratio = tl.exp(seq_log_ratio)
         dratio = tl.zeros([BLOCK_T], dtype=tl.float32)
         for start in range(0, T, BLOCK_T):
             cols = start + tl.arange(0, BLOCK_T)
-            _, _, _, adv, weight, active = _load_row(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T,
-                                                     adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF)
+            _, _, _, adv, weight, active = _load_row(
+                logp_ptr,
+                old_ptr,
+                ref_ptr,
+                adv_ptr,
+                mask_ptr,
+                row,
+                cols,
+                T,
+                adv_stride_b,
+                adv_stride_t,
+                HAS_OLD,
+                HAS_REF,
+            )
             row_ratio = tl.zeros([BLOCK_T], dtype=tl.float32) + ratio
             _, low, high, dual = _clip_state(row_ratio, adv, eps_low, eps_high, dual_clip)
             dratio += tl.where(active & ~(low | high | dual), -adv * weight, 0.0)
@@ -207,7 +285,8 @@ def _policy_loss_backward_kernel(
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         logp, log_ratio, ref, adv, weight, active = _load_row(
-            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF)
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF
+        )
         if SEQUENCE_IS:
             grad = seq_factor * weight
         else:
@@ -249,16 +328,39 @@ def policy_loss_forward(logp, advantages, mask, old_logp, ref_logp, num_items, h
     row_weight = torch.empty(B, dtype=torch.float32, device=device)
     if B > 0:
         _policy_loss_rows_kernel[(B,)](
-            logp, old, ref, advantages, mask, partial, T, adv_sb, adv_st,
-            float(eps_low), float(eps_high), float(beta), float(dual_clip),
-            HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, KL_ESTIMATOR=int(kl_estimator),
-            SEQUENCE_IS=bool(sequence_is), BLOCK_T=_block_t(T), num_warps=4,
+            logp,
+            old,
+            ref,
+            advantages,
+            mask,
+            partial,
+            T,
+            adv_sb,
+            adv_st,
+            float(eps_low),
+            float(eps_high),
+            float(beta),
+            float(dual_clip),
+            HAS_OLD=old_logp is not None,
+            HAS_REF=ref_logp is not None,
+            KL_ESTIMATOR=int(kl_estimator),
+            SEQUENCE_IS=bool(sequence_is),
+            BLOCK_T=_block_t(T),
+            num_warps=4,
         )
     _policy_loss_finalize_kernel[(1,)](
-        partial, num_items if num_items is not None else partial, loss, metrics, row_weight,
-        B, float(num_items_value), float(max_completion_length),
-        LOSS_TYPE=int(loss_type), HAS_NUM_ITEMS=num_items is not None,
-        BLOCK_B=min(max(triton.next_power_of_2(max(B, 1)), 16), MAX_BLOCK_B), num_warps=4,
+        partial,
+        num_items if num_items is not None else partial,
+        loss,
+        metrics,
+        row_weight,
+        B,
+        float(num_items_value),
+        float(max_completion_length),
+        LOSS_TYPE=int(loss_type),
+        HAS_NUM_ITEMS=num_items is not None,
+        BLOCK_B=min(max(triton.next_power_of_2(max(B, 1)), 16), MAX_BLOCK_B),
+        num_warps=4,
     )
     return loss, metrics, row_weight
 
@@ -273,9 +375,26 @@ def policy_loss_backward(grad_loss, logp, advantages, mask, old_logp, ref_logp, 
     grad = torch.empty(logp.shape, dtype=torch.float32 if round_in_torch else logp.dtype, device=logp.device)
     if B > 0 and T > 0:
         _policy_loss_backward_kernel[(B,)](
-            grad_loss.contiguous(), logp, old, ref, advantages, mask, row_weight.contiguous(), grad,
-            T, adv_sb, adv_st, float(eps_low), float(eps_high), float(beta), float(dual_clip),
-            HAS_OLD=old_logp is not None, HAS_REF=ref_logp is not None, KL_ESTIMATOR=int(kl_estimator),
-            SEQUENCE_IS=bool(sequence_is), BLOCK_T=_block_t(T), num_warps=4,
+            grad_loss.contiguous(),
+            logp,
+            old,
+            ref,
+            advantages,
+            mask,
+            row_weight.contiguous(),
+            grad,
+            T,
+            adv_sb,
+            adv_st,
+            float(eps_low),
+            float(eps_high),
+            float(beta),
+            float(dual_clip),
+            HAS_OLD=old_logp is not None,
+            HAS_REF=ref_logp is not None,
+            KL_ESTIMATOR=int(kl_estimator),
+            SEQUENCE_IS=bool(sequence_is),
+            BLOCK_T=_block_t(T),
+            num_warps=4,
         )
     return grad.to(logp.dtype)

@@ -24,33 +24,70 @@ class FusedLinearGRPOLoss(nn.Module):
     ``dual_clip`` (verl's clip_ratio_c) and ``kl_estimator``.
     """
 
-    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True, chunk_size: int = 1,
-                 epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_type: str = "dapo",
-                 max_completion_length: Optional[int] = None, importance_sampling_level: str = "token",
-                 temperature: float = 1.0, *, dual_clip: Optional[float] = None, kl_estimator: str = "k3") -> None:
+    def __init__(
+        self,
+        beta: float = 0.04,
+        compiled: bool = True,
+        use_ref_model: bool = True,
+        chunk_size: int = 1,
+        epsilon_low: float = 0.2,
+        epsilon_high: float = 0.2,
+        loss_type: str = "dapo",
+        max_completion_length: Optional[int] = None,
+        importance_sampling_level: str = "token",
+        temperature: float = 1.0,
+        *,
+        dual_clip: Optional[float] = None,
+        kl_estimator: str = "k3",
+    ) -> None:
         super().__init__()
         del compiled, chunk_size  # compatibility only
         self.beta, self.use_ref_model = beta, use_ref_model
-        self.options = dict(loss_type=loss_type, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
-                            importance_sampling=importance_sampling_level, max_completion_length=max_completion_length,
-                            dual_clip=dual_clip, kl_estimator=kl_estimator)
+        self.options = dict(
+            loss_type=loss_type,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            importance_sampling=importance_sampling_level,
+            max_completion_length=max_completion_length,
+            dual_clip=dual_clip,
+            kl_estimator=kl_estimator,
+        )
         self.temperature = temperature
 
-    def forward(self, _input: Tensor, lin_weight: Tensor, selected_token_ids: Tensor, attention_mask: Tensor,
-                advantages: Tensor, bias: Optional[Tensor] = None, ref_per_token_logps: Optional[Tensor] = None,
-                old_per_token_logps: Optional[Tensor] = None, ref_input: Optional[Tensor] = None,
-                ref_weight: Optional[Tensor] = None, ref_bias: Optional[Tensor] = None,
-                vllm_is_ratio: Optional[Tensor] = None,
-                num_items_in_batch: Union[Tensor, float, None] = None) -> tuple[Tensor, list[Tensor]]:
+    def forward(
+        self,
+        _input: Tensor,
+        lin_weight: Tensor,
+        selected_token_ids: Tensor,
+        attention_mask: Tensor,
+        advantages: Tensor,
+        bias: Optional[Tensor] = None,
+        ref_per_token_logps: Optional[Tensor] = None,
+        old_per_token_logps: Optional[Tensor] = None,
+        ref_input: Optional[Tensor] = None,
+        ref_weight: Optional[Tensor] = None,
+        ref_bias: Optional[Tensor] = None,
+        vllm_is_ratio: Optional[Tensor] = None,
+        num_items_in_batch: Union[Tensor, float, None] = None,
+    ) -> tuple[Tensor, list[Tensor]]:
         if vllm_is_ratio is not None:
             raise NotImplementedError("vllm_is_ratio (vLLM importance-sampling correction) is not supported")
         ref_logp = self._ref_logp(ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids)
         # Liger without a reference uses logp.detach() as the reference: KL value and gradient are 0.
         beta = self.beta if ref_logp is not None else 0.0
         out = fused_linear_policy_loss(
-            _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=bias,
-            temperature=self.temperature, old_logp=old_per_token_logps, ref_logp=ref_logp, beta=beta,
-            num_items=_per_rank(num_items_in_batch), **self.options,
+            _input,
+            lin_weight,
+            selected_token_ids,
+            attention_mask,
+            advantages,
+            bias=bias,
+            temperature=self.temperature,
+            old_logp=old_per_token_logps,
+            ref_logp=ref_logp,
+            beta=beta,
+            num_items=_per_rank(num_items_in_batch),
+            **self.options,
         )
         metrics = [out.clip_fraction]
         if self.beta != 0.0:

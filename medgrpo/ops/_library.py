@@ -99,4 +99,3 @@ def register_cuda(name: str, fn) -> None:
 def register_fake(name: str):
     """Decorator registering a shape-only kernel so torch.compile can trace the op."""
     return torch.library.register_fake(f"medgrpo::{name}", lib=LIBRARY)
-

@@ -64,22 +64,52 @@ class PackedTokens:
         return out
 
 
-def _token_policy_gradient(tokens: PackedTokens, start: int, end: int, logp: Tensor, advantages: Tensor, mask: Tensor,
-                           old_logp: Optional[Tensor], ref_logp: Optional[Tensor], row_weight: Tensor,
-                           hparams: list[float], modes: list[int]) -> Tensor:
+def _token_policy_gradient(
+    tokens: PackedTokens,
+    start: int,
+    end: int,
+    logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    old_logp: Optional[Tensor],
+    ref_logp: Optional[Tensor],
+    row_weight: Tensor,
+    hparams: list[float],
+    modes: list[int],
+) -> Tensor:
     """d loss / d logp of packed tokens [start, end): each token as a one-token row."""
     column = lambda x: None if x is None else x.reshape(-1, 1)  # noqa: E731
     grad = torch.ops.medgrpo.policy_loss_backward(
-        torch.ones((), dtype=logp.dtype, device=logp.device), column(logp),
-        column(tokens.take(advantages, start, end)), column(tokens.take(mask, start, end)),
-        column(tokens.take(old_logp, start, end)), column(tokens.take(ref_logp, start, end)),
-        tokens.take(row_weight, start, end).to(logp.dtype).contiguous(), hparams, modes,
+        torch.ones((), dtype=logp.dtype, device=logp.device),
+        column(logp),
+        column(tokens.take(advantages, start, end)),
+        column(tokens.take(mask, start, end)),
+        column(tokens.take(old_logp, start, end)),
+        column(tokens.take(ref_logp, start, end)),
+        tokens.take(row_weight, start, end).to(logp.dtype).contiguous(),
+        hparams,
+        modes,
     )
     return grad.reshape(-1)
 
 
-def _single_pass(hidden, weight, targets, bias, temperature, chunk_rows, tokens, mask, advantages, old_logp,
-                 ref_logp, row_weight, hparams, modes, grads):
+def _single_pass(
+    hidden,
+    weight,
+    targets,
+    bias,
+    temperature,
+    chunk_rows,
+    tokens,
+    mask,
+    advantages,
+    old_logp,
+    ref_logp,
+    row_weight,
+    hparams,
+    modes,
+    grads,
+):
     """Token-level IS: per chunk, logits -> log-probs -> policy gradient -> logits gradient -> GEMMs."""
     kernels = chunk_kernels_for(hidden)
     dtype = accumulation_dtype(hidden.dtype)
@@ -89,32 +119,83 @@ def _single_pass(hidden, weight, targets, bias, temperature, chunk_rows, tokens,
         hidden_chunk, target_chunk = tokens.take(hidden, start, end), tokens.take(targets, start, end)
         logits = chunk_logits(hidden_chunk, weight, bias)
         logp[start:end], lse, entropy[start:end] = kernels.stats(logits, target_chunk, temperature)
-        grad_logp = _token_policy_gradient(tokens, start, end, logp[start:end], advantages, mask, old_logp, ref_logp,
-                                           row_weight, hparams, modes)
+        grad_logp = _token_policy_gradient(
+            tokens, start, end, logp[start:end], advantages, mask, old_logp, ref_logp, row_weight, hparams, modes
+        )
         kernels.grad_(logits, target_chunk, lse, entropy[start:end], grad_logp, None, temperature)
         grads.add_chunk(start, logits, hidden_chunk, weight)
     return logp, entropy
 
 
-def _two_pass(hidden, weight, targets, bias, temperature, chunk_rows, tokens, mask, advantages, old_logp, ref_logp,
-              num_items, hparams, modes, grads):
+def _two_pass(
+    hidden,
+    weight,
+    targets,
+    bias,
+    temperature,
+    chunk_rows,
+    tokens,
+    mask,
+    advantages,
+    old_logp,
+    ref_logp,
+    num_items,
+    hparams,
+    modes,
+    grads,
+):
     """Sequence-level IS: all log-probs first, the (B, T) policy gradient, then the head's gradient."""
     kernels = chunk_kernels_for(hidden)
     packed_hidden, packed_targets = tokens.take(hidden), tokens.take(targets)
     logp, lse, entropy = head_forward(packed_hidden, weight, packed_targets, bias, temperature, chunk_rows, kernels)
     full_logp = tokens.scatter(logp, tuple(mask.shape))
-    _, _, row_weight = torch.ops.medgrpo.policy_loss_forward(full_logp, advantages, mask, old_logp, ref_logp,
-                                                             num_items, hparams, modes)
-    grad_full = torch.ops.medgrpo.policy_loss_backward(torch.ones((), dtype=logp.dtype, device=logp.device),
-                                                       full_logp, advantages, mask, old_logp, ref_logp, row_weight,
-                                                       hparams, modes)
-    head_backward(tokens.take(grad_full), None, packed_hidden, weight, packed_targets, bias, lse, entropy,
-                  temperature, chunk_rows, kernels, grads)
+    _, _, row_weight = torch.ops.medgrpo.policy_loss_forward(
+        full_logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes
+    )
+    grad_full = torch.ops.medgrpo.policy_loss_backward(
+        torch.ones((), dtype=logp.dtype, device=logp.device),
+        full_logp,
+        advantages,
+        mask,
+        old_logp,
+        ref_logp,
+        row_weight,
+        hparams,
+        modes,
+    )
+    head_backward(
+        tokens.take(grad_full),
+        None,
+        packed_hidden,
+        weight,
+        packed_targets,
+        bias,
+        lse,
+        entropy,
+        temperature,
+        chunk_rows,
+        kernels,
+        grads,
+    )
     return logp, entropy
 
 
-def _fused_impl(hidden, weight, targets, mask, advantages, bias, old_logp, ref_logp, num_items, temperature, hparams,
-                modes, chunk_rows, needs):
+def _fused_impl(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    bias,
+    old_logp,
+    ref_logp,
+    num_items,
+    temperature,
+    hparams,
+    modes,
+    chunk_rows,
+    needs,
+):
     config = PolicyLossConfig.unpack(hparams, modes)
     tokens = PackedTokens(mask)
     grad_hidden = torch.zeros_like(hidden) if needs[0] else hidden.new_empty(0)
@@ -126,14 +207,19 @@ def _fused_impl(hidden, weight, targets, mask, advantages, bias, old_logp, ref_l
     common = (hidden, weight, targets, bias, temperature, chunk_rows, tokens, mask, advantages, old_logp, ref_logp)
     if config.importance_sampling == "token":
         items = resolve_num_items(num_items, hparams)
-        row_weight = reference.loss_row_weights(mask, loss_type=config.loss_type, num_items=items,
-                                                max_completion_length=config.max_completion_length,
-                                                dtype=accumulation_dtype(hidden.dtype))
+        row_weight = reference.loss_row_weights(
+            mask,
+            loss_type=config.loss_type,
+            num_items=items,
+            max_completion_length=config.max_completion_length,
+            dtype=accumulation_dtype(hidden.dtype),
+        )
         logp, entropy = _single_pass(*common, row_weight, hparams, modes, grads)
     else:
         logp, entropy = _two_pass(*common, num_items, hparams, modes, grads)
-    loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(tokens.scatter(logp, tuple(mask.shape)), advantages,
-                                                             mask, old_logp, ref_logp, num_items, hparams, modes)
+    loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(
+        tokens.scatter(logp, tuple(mask.shape)), advantages, mask, old_logp, ref_logp, num_items, hparams, modes
+    )
     token_weight = tokens.take(mask).to(entropy.dtype)
     mean_entropy = (entropy * token_weight).sum() / token_weight.sum().clamp(min=1.0)
     _, grad_weight, grad_bias = grads.result(weight, bias)
@@ -146,13 +232,31 @@ for _key in ("CPU", "CUDA"):
 
 
 @_library.register_fake("fused_linear_policy_loss")
-def _fake(hidden, weight, targets, mask, advantages, bias, old_logp, ref_logp, num_items, temperature, hparams, modes,
-          chunk_rows, needs):
+def _fake(
+    hidden,
+    weight,
+    targets,
+    mask,
+    advantages,
+    bias,
+    old_logp,
+    ref_logp,
+    num_items,
+    temperature,
+    hparams,
+    modes,
+    chunk_rows,
+    needs,
+):
     dtype = accumulation_dtype(hidden.dtype)
     grad_bias = torch.empty_like(bias) if needs[2] and bias is not None else weight.new_empty(0)
-    return (hidden.new_empty((), dtype=dtype), hidden.new_empty(7, dtype=dtype),
-            torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
-            torch.empty_like(weight) if needs[1] else weight.new_empty(0), grad_bias)
+    return (
+        hidden.new_empty((), dtype=dtype),
+        hidden.new_empty(7, dtype=dtype),
+        torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if needs[1] else weight.new_empty(0),
+        grad_bias,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -228,16 +332,30 @@ def fused_linear_policy_loss(
     check_head_inputs(hidden, weight, targets, bias, temperature)
     logp_like = hidden.new_empty(hidden.shape[:2], dtype=torch.float32)  # shape stand-in for the loss checks
     _check_inputs(logp_like, advantages, mask, old_logp, ref_logp, num_items)
-    config = PolicyLossConfig(loss_type, epsilon_low, epsilon_high, beta, kl_estimator, importance_sampling,
-                              dual_clip, max_completion_length)
+    config = PolicyLossConfig(
+        loss_type, epsilon_low, epsilon_high, beta, kl_estimator, importance_sampling, dual_clip, max_completion_length
+    )
     config.validate(has_ref=ref_logp is not None)
     items_tensor, items_value = split_num_items(num_items)
     rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, hidden.device)
     grad_mode = torch.is_grad_enabled()
     needs = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, metrics, *_ = torch.ops.medgrpo.fused_linear_policy_loss(
-        hidden, weight, targets, mask, advantages, bias, old_logp, ref_logp, items_tensor, float(temperature),
-        config.hparams(items_value), config.modes(), int(rows), needs,
+        hidden,
+        weight,
+        targets,
+        mask,
+        advantages,
+        bias,
+        old_logp,
+        ref_logp,
+        items_tensor,
+        float(temperature),
+        config.hparams(items_value),
+        config.modes(),
+        int(rows),
+        needs,
     )
-    return output_from_metrics(loss, metrics, has_ref=ref_logp is not None, has_dual_clip=dual_clip is not None,
-                               entropy=metrics[6])
+    return output_from_metrics(
+        loss, metrics, has_ref=ref_logp is not None, has_dual_clip=dual_clip is not None, entropy=metrics[6]
+    )

@@ -21,15 +21,27 @@ def _fake(rewards, group_ids, group_size, keys, stats, k, scale, eps):
     dtype = reference.accumulation_dtype(rewards.dtype)
     per_member = rewards.new_empty(n, dtype=dtype)
     per_group = rewards.new_empty(num_groups, dtype=dtype)
-    return (per_member, per_member.clone(), per_group, per_group.clone(),
-            rewards.new_empty(num_groups, dtype=torch.int32), rewards.new_empty(2, dtype=dtype))
+    return (
+        per_member,
+        per_member.clone(),
+        per_group,
+        per_group.clone(),
+        rewards.new_empty(num_groups, dtype=torch.int32),
+        rewards.new_empty(2, dtype=dtype),
+    )
 
 
 def _reference_kernel(rewards, group_ids, group_size, keys, stats, k, scale, eps):
     scale_name = {code: name for name, code in SCALE_CODES.items()}[scale]
     out = reference.group_advantages(
-        rewards, group_size=group_size if group_size > 0 else None, group_ids=group_ids,
-        keys=keys, stats=stats, k=k, scale=scale_name, eps=eps,
+        rewards,
+        group_size=group_size if group_size > 0 else None,
+        group_ids=group_ids,
+        keys=keys,
+        stats=stats,
+        k=k,
+        scale=scale_name,
+        eps=eps,
     )
     summary = torch.stack([out.zero_std_fraction, out.nan_fraction])
     return out.advantages, out.rewards, out.group_mean, out.group_std, out.group_count, summary

@@ -36,8 +36,9 @@ class ChunkKernels:
     grad_: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], float], Tensor]
 
 
-def _torch_stats(logits: Tensor, targets: Tensor, temperature: float,
-                 with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def _torch_stats(
+    logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
     z = logits.to(accumulation_dtype(logits.dtype)) / temperature
     lse = torch.logsumexp(z, dim=-1)
     log_p = z.sub_(lse.unsqueeze(-1))
@@ -49,8 +50,15 @@ def _torch_stats(logits: Tensor, targets: Tensor, temperature: float,
     return logp, lse, entropy
 
 
-def _torch_grad_(logits: Tensor, targets: Tensor, lse: Tensor, entropy: Tensor, grad_logp: Tensor,
-                 grad_entropy: Optional[Tensor], temperature: float) -> Tensor:
+def _torch_grad_(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    entropy: Tensor,
+    grad_logp: Tensor,
+    grad_entropy: Optional[Tensor],
+    temperature: float,
+) -> Tensor:
     # d/dz [g log p_t + h H] = g (onehot - p) - h p (log p + H), with log p = z - lse.
     log_p = logits.to(accumulation_dtype(logits.dtype)).div(temperature).sub_(lse.unsqueeze(-1))
     p = log_p.exp()
@@ -137,8 +145,16 @@ def add_matmul_fp32_(out: Tensor, a: Tensor, b: Tensor) -> None:
 
 
 # ------------------------------------------------------------------------------ the head
-def head_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float,
-                 chunk_rows: int, kernels: ChunkKernels, with_entropy: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def head_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    temperature: float,
+    chunk_rows: int,
+    kernels: ChunkKernels,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(M, H) hidden -> fp32 (log-prob, log-sum-exp, entropy) of each row, chunk by chunk."""
     m = hidden.shape[0]
     dtype = accumulation_dtype(hidden.dtype)
@@ -146,8 +162,9 @@ def head_forward(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional
     for start in range(0, m, chunk_rows):
         end = min(start + chunk_rows, m)
         logits = chunk_logits(hidden[start:end], weight, bias)
-        logp[start:end], lse[start:end], entropy[start:end] = kernels.stats(logits, targets[start:end], temperature,
-                                                                            with_entropy)
+        logp[start:end], lse[start:end], entropy[start:end] = kernels.stats(
+            logits, targets[start:end], temperature, with_entropy
+        )
     return logp, lse, entropy
 
 
@@ -158,8 +175,14 @@ class HeadGradients:
     (M, H) buffer, the fused loss scatters it straight into the (B, T, H) gradient instead.
     """
 
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], needs: tuple[bool, bool, bool],
-                 place_hidden: Optional[Callable[[int, int, Tensor], None]] = None):
+    def __init__(
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Optional[Tensor],
+        needs: tuple[bool, bool, bool],
+        place_hidden: Optional[Callable[[int, int, Tensor], None]] = None,
+    ):
         self.needs = needs
         self.hidden = torch.empty_like(hidden) if needs[0] and place_hidden is None else hidden.new_empty(0)
         self.place_hidden = place_hidden or self._store_rows
@@ -185,29 +208,59 @@ class HeadGradients:
         return self.hidden, grad_weight, grad_bias
 
 
-def head_backward(grad_logp: Tensor, grad_entropy: Optional[Tensor], hidden: Tensor, weight: Tensor, targets: Tensor,
-                  bias: Optional[Tensor], lse: Tensor, entropy: Tensor, temperature: float, chunk_rows: int,
-                  kernels: ChunkKernels, grads: HeadGradients) -> None:
+def head_backward(
+    grad_logp: Tensor,
+    grad_entropy: Optional[Tensor],
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor],
+    lse: Tensor,
+    entropy: Tensor,
+    temperature: float,
+    chunk_rows: int,
+    kernels: ChunkKernels,
+    grads: HeadGradients,
+) -> None:
     """Recompute each logits chunk, turn it into d loss / d logits, feed the backward GEMMs."""
     for start in range(0, hidden.shape[0], chunk_rows):
         end = min(start + chunk_rows, hidden.shape[0])
         logits = chunk_logits(hidden[start:end], weight, bias)
-        kernels.grad_(logits, targets[start:end], lse[start:end], entropy[start:end], grad_logp[start:end],
-                      None if grad_entropy is None else grad_entropy[start:end], temperature)
+        kernels.grad_(
+            logits,
+            targets[start:end],
+            lse[start:end],
+            entropy[start:end],
+            grad_logp[start:end],
+            None if grad_entropy is None else grad_entropy[start:end],
+            temperature,
+        )
         grads.add_chunk(start, logits, hidden[start:end], weight)
 
 
 # ------------------------------------------------------------------------------ custom ops
 def _forward_impl(hidden, weight, targets, bias, temperature, chunk_rows, with_entropy):
-    return head_forward(hidden, weight, targets, bias, temperature, chunk_rows, chunk_kernels_for(hidden),
-                        with_entropy)
+    return head_forward(hidden, weight, targets, bias, temperature, chunk_rows, chunk_kernels_for(hidden), with_entropy)
 
 
-def _backward_impl(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
-                   needs):
+def _backward_impl(
+    grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows, needs
+):
     grads = HeadGradients(hidden, weight, bias, tuple(needs))
-    head_backward(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
-                  chunk_kernels_for(hidden), grads)
+    head_backward(
+        grad_logp,
+        grad_entropy,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        entropy,
+        temperature,
+        chunk_rows,
+        chunk_kernels_for(hidden),
+        grads,
+    )
     return grads.result(weight, bias)
 
 
@@ -222,8 +275,9 @@ def _fake_forward(hidden, weight, targets, bias, temperature, chunk_rows, with_e
 
 
 @_library.register_fake("linear_logprob_backward")
-def _fake_backward(grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows,
-                   needs):
+def _fake_backward(
+    grad_logp, grad_entropy, hidden, weight, targets, bias, lse, entropy, temperature, chunk_rows, needs
+):
     grad_hidden = torch.empty_like(hidden) if needs[0] else hidden.new_empty(0)
     grad_weight = torch.empty_like(weight) if needs[1] else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if needs[2] and bias is not None else weight.new_empty(0)
@@ -244,11 +298,27 @@ def _backward(ctx, grad_logp, _grad_lse, grad_entropy):
     if not any(needs):
         return None, None, None, None, None, None, None
     grad_hidden, grad_weight, grad_bias = torch.ops.medgrpo.linear_logprob_backward(
-        grad_logp, grad_entropy if ctx.with_entropy else None, hidden, weight, targets, bias, lse, entropy,
-        ctx.temperature, ctx.chunk_rows, needs,
+        grad_logp,
+        grad_entropy if ctx.with_entropy else None,
+        hidden,
+        weight,
+        targets,
+        bias,
+        lse,
+        entropy,
+        ctx.temperature,
+        ctx.chunk_rows,
+        needs,
     )
-    return (grad_hidden if needs[0] else None, grad_weight if needs[1] else None, None,
-            grad_bias if needs[2] else None, None, None, None)
+    return (
+        grad_hidden if needs[0] else None,
+        grad_weight if needs[1] else None,
+        None,
+        grad_bias if needs[2] else None,
+        None,
+        None,
+        None,
+    )
 
 
 torch.library.register_autograd(
@@ -264,15 +334,17 @@ def full_weight(weight: Tensor) -> Tensor:
     return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
-def check_head_inputs(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor],
-                      temperature: float) -> None:
+def check_head_inputs(
+    hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor], temperature: float
+) -> None:
     _checks.check_floating("hidden", hidden)
     _checks.check_floating("weight", weight)
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
-        raise ValueError(f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-                         f"got {tuple(weight.shape)}")
+        raise ValueError(
+            f"weight must be (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
     _checks.check_integer("targets", targets)
     _checks.check_shape("targets", targets, hidden.shape[:-1], "one target token per hidden row")
     if bias is not None:
@@ -327,4 +399,3 @@ def linear_logprob(
     )
     shape = targets.shape
     return logp.view(shape), (entropy.view(shape) if return_entropy else None)
-

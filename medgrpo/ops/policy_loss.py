@@ -49,29 +49,47 @@ class PolicyLossConfig:
 
     def hparams(self, num_items_value: float = NO_NUM_ITEMS) -> list[float]:
         """[epsilon_low, epsilon_high, beta, dual_clip (0 = off), num_items (-1 = none), max_len]."""
-        return [float(self.epsilon_low), float(self.epsilon_high), float(self.beta),
-                float(self.dual_clip or 0.0), float(num_items_value), float(self.max_completion_length or 0)]
+        return [
+            float(self.epsilon_low),
+            float(self.epsilon_high),
+            float(self.beta),
+            float(self.dual_clip or 0.0),
+            float(num_items_value),
+            float(self.max_completion_length or 0),
+        ]
 
     def modes(self) -> list[int]:
         """[loss_type code, kl_estimator code, 1 for sequence-level importance sampling]."""
-        return [LOSS_TYPE_CODES[self.loss_type], KL_CODES[self.kl_estimator],
-                int(self.importance_sampling == "sequence")]
+        return [
+            LOSS_TYPE_CODES[self.loss_type],
+            KL_CODES[self.kl_estimator],
+            int(self.importance_sampling == "sequence"),
+        ]
 
     @classmethod
     def unpack(cls, hparams: Sequence[float], modes: Sequence[int]) -> PolicyLossConfig:
         loss_types = {code: name for name, code in LOSS_TYPE_CODES.items()}
         estimators = {code: name for name, code in KL_CODES.items()}
         return cls(
-            loss_type=loss_types[modes[0]], epsilon_low=hparams[0], epsilon_high=hparams[1], beta=hparams[2],
-            kl_estimator=estimators[modes[1]], importance_sampling="sequence" if modes[2] else "token",
+            loss_type=loss_types[modes[0]],
+            epsilon_low=hparams[0],
+            epsilon_high=hparams[1],
+            beta=hparams[2],
+            kl_estimator=estimators[modes[1]],
+            importance_sampling="sequence" if modes[2] else "token",
             dual_clip=hparams[3] if hparams[3] > 0 else None,
             max_completion_length=int(hparams[5]) or None,
         )
 
     def per_token_options(self) -> dict:
-        return dict(epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
-                    kl_estimator=self.kl_estimator, importance_sampling=self.importance_sampling,
-                    dual_clip=self.dual_clip)
+        return dict(
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            beta=self.beta,
+            kl_estimator=self.kl_estimator,
+            importance_sampling=self.importance_sampling,
+            dual_clip=self.dual_clip,
+        )
 
 
 def split_num_items(num_items: Union[Tensor, float, None]) -> tuple[Optional[Tensor], float]:
@@ -88,8 +106,9 @@ def resolve_num_items(num_items: Optional[Tensor], hparams: Sequence[float]) -> 
     return hparams[4] if hparams[4] >= 0 else None
 
 
-def output_from_metrics(loss: Tensor, metrics: Tensor, *, has_ref: bool, has_dual_clip: bool,
-                        entropy: Optional[Tensor] = None) -> PolicyLossOutput:
+def output_from_metrics(
+    loss: Tensor, metrics: Tensor, *, has_ref: bool, has_dual_clip: bool, entropy: Optional[Tensor] = None
+) -> PolicyLossOutput:
     """PolicyLossOutput from the op's metrics vector [kl, clip low, clip high, clip region, dual, tokens]."""
     return PolicyLossOutput(
         loss=loss,
@@ -106,8 +125,7 @@ def output_from_metrics(loss: Tensor, metrics: Tensor, *, has_ref: bool, has_dua
 @_library.register_fake("policy_loss_forward")
 def _fake_forward(logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes):
     dtype = reference.accumulation_dtype(logp.dtype)
-    return (logp.new_empty((), dtype=dtype), logp.new_empty(6, dtype=dtype),
-            logp.new_empty(logp.shape[0], dtype=dtype))
+    return (logp.new_empty((), dtype=dtype), logp.new_empty(6, dtype=dtype), logp.new_empty(logp.shape[0], dtype=dtype))
 
 
 @_library.register_fake("policy_loss_backward")
@@ -118,18 +136,36 @@ def _fake_backward(grad_loss, logp, advantages, mask, old_logp, ref_logp, row_we
 def _reference_forward(logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes):
     config = PolicyLossConfig.unpack(hparams, modes)
     items = resolve_num_items(num_items, hparams)
-    out = reference.policy_loss(logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp,
-                                loss_type=config.loss_type, max_completion_length=config.max_completion_length,
-                                num_items=items, **config.per_token_options())
+    out = reference.policy_loss(
+        logp,
+        advantages,
+        mask,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        loss_type=config.loss_type,
+        max_completion_length=config.max_completion_length,
+        num_items=items,
+        **config.per_token_options(),
+    )
     zero = out.loss.new_zeros(())
     tokens = mask.to(out.loss.dtype).sum()
-    metrics = torch.stack([
-        zero if out.kl is None else out.kl, out.clip_fraction_low, out.clip_fraction_high, out.clip_fraction,
-        zero if out.clip_fraction_dual is None else out.clip_fraction_dual, tokens,
-    ])
-    row_weight = reference.loss_row_weights(mask, loss_type=config.loss_type, num_items=items,
-                                            max_completion_length=config.max_completion_length,
-                                            dtype=out.loss.dtype)
+    metrics = torch.stack(
+        [
+            zero if out.kl is None else out.kl,
+            out.clip_fraction_low,
+            out.clip_fraction_high,
+            out.clip_fraction,
+            zero if out.clip_fraction_dual is None else out.clip_fraction_dual,
+            tokens,
+        ]
+    )
+    row_weight = reference.loss_row_weights(
+        mask,
+        loss_type=config.loss_type,
+        num_items=items,
+        max_completion_length=config.max_completion_length,
+        dtype=out.loss.dtype,
+    )
     return out.loss.detach(), metrics.detach(), row_weight.contiguous()
 
 
@@ -137,8 +173,9 @@ def _reference_backward(grad_loss, logp, advantages, mask, old_logp, ref_logp, r
     config = PolicyLossConfig.unpack(hparams, modes)
     with torch.enable_grad():
         leaf = logp.detach().requires_grad_(True)
-        per_token = reference.per_token_policy_loss(leaf, advantages, mask, old_logp=old_logp, ref_logp=ref_logp,
-                                                    **config.per_token_options())
+        per_token = reference.per_token_policy_loss(
+            leaf, advantages, mask, old_logp=old_logp, ref_logp=ref_logp, **config.per_token_options()
+        )
         loss = (per_token.loss.sum(-1) * row_weight.to(per_token.loss.dtype)).sum()
         (grad,) = torch.autograd.grad(loss, leaf, grad_loss.to(loss.dtype))
     return grad
@@ -196,8 +233,10 @@ def _check_inputs(logp, advantages, mask, old_logp, ref_logp, num_items) -> None
     _checks.check_shape("mask", mask, logp.shape, "same as logp")
     _checks.check_floating("advantages", advantages)
     if tuple(advantages.shape) not in ((logp.shape[0],), tuple(logp.shape)):
-        raise ValueError(f"advantages must be (B,) = ({logp.shape[0]},) or (B, T) = {tuple(logp.shape)}, "
-                         f"got {tuple(advantages.shape)}")
+        raise ValueError(
+            f"advantages must be (B,) = ({logp.shape[0]},) or (B, T) = {tuple(logp.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
     for name, t in (("old_logp", old_logp), ("ref_logp", ref_logp)):
         if t is not None:
             _checks.check_floating(name, t)
@@ -207,8 +246,15 @@ def _check_inputs(logp, advantages, mask, old_logp, ref_logp, num_items) -> None
             raise ValueError(f"num_items must be a number or a one-element tensor, got shape {tuple(num_items.shape)}")
     elif num_items is not None and not (isinstance(num_items, (int, float)) and num_items >= 0):
         raise ValueError(f"num_items must be a non-negative number or a tensor, got {num_items!r}")
-    _checks.check_same_device("logp", logp, mask=mask, advantages=advantages, old_logp=old_logp,
-                              ref_logp=ref_logp, num_items=num_items if isinstance(num_items, Tensor) else None)
+    _checks.check_same_device(
+        "logp",
+        logp,
+        mask=mask,
+        advantages=advantages,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        num_items=num_items if isinstance(num_items, Tensor) else None,
+    )
 
 
 def policy_loss(
@@ -272,8 +318,9 @@ def policy_loss(
     (the PyTorch reference when the extension is absent). Works under torch.compile.
     """
     _check_inputs(logp, advantages, mask, old_logp, ref_logp, num_items)
-    config = PolicyLossConfig(loss_type, epsilon_low, epsilon_high, beta, kl_estimator, importance_sampling,
-                              dual_clip, max_completion_length)
+    config = PolicyLossConfig(
+        loss_type, epsilon_low, epsilon_high, beta, kl_estimator, importance_sampling, dual_clip, max_completion_length
+    )
     config.validate(has_ref=ref_logp is not None)
     return _apply(logp, advantages, mask, old_logp, ref_logp, num_items, config)
 
@@ -283,5 +330,4 @@ def _apply(logp, advantages, mask, old_logp, ref_logp, num_items, config: Policy
     loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(
         logp, advantages, mask, old_logp, ref_logp, items_tensor, config.hparams(items_value), config.modes()
     )
-    return output_from_metrics(loss, metrics, has_ref=ref_logp is not None,
-                               has_dual_clip=config.dual_clip is not None)
+    return output_from_metrics(loss, metrics, has_ref=ref_logp is not None, has_dual_clip=config.dual_clip is not None)

@@ -303,12 +303,25 @@ def policy_loss(
 ) -> PolicyLossOutput:
     """Reference clipped policy loss; same semantics as medgrpo.policy_loss (see there)."""
     per_token = per_token_policy_loss(
-        logp, advantages, mask, old_logp=old_logp, ref_logp=ref_logp,
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
-        kl_estimator=kl_estimator, importance_sampling=importance_sampling, dual_clip=dual_clip,
+        logp,
+        advantages,
+        mask,
+        old_logp=old_logp,
+        ref_logp=ref_logp,
+        epsilon_low=epsilon_low,
+        epsilon_high=epsilon_high,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        importance_sampling=importance_sampling,
+        dual_clip=dual_clip,
     )
-    weights = loss_row_weights(mask, loss_type=loss_type, max_completion_length=max_completion_length,
-                               num_items=num_items, dtype=per_token.loss.dtype)
+    weights = loss_row_weights(
+        mask,
+        loss_type=loss_type,
+        max_completion_length=max_completion_length,
+        num_items=num_items,
+        dtype=per_token.loss.dtype,
+    )
     loss = (per_token.loss.sum(-1) * weights).sum()
     tokens = mask.to(per_token.loss.dtype).sum().clamp(min=1.0)
     low = per_token.clipped_low.sum() / tokens

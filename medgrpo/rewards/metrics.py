@@ -59,8 +59,16 @@ from medgrpo.rewards.parsers import (
 TAL_THRESHOLDS = (0.3, 0.5)
 DVC_THRESHOLDS = (0.3, 0.5, 0.7)
 METRIC_KEYS = (
-    "cvs_acc", "nap_acc", "sa_acc", "stg_miou", "tag_miou_03", "tag_miou_05",
-    "dvc_f1", "dvc_llm", "vs_llm", "rc_llm",
+    "cvs_acc",
+    "nap_acc",
+    "sa_acc",
+    "stg_miou",
+    "tag_miou_03",
+    "tag_miou_05",
+    "dvc_f1",
+    "dvc_llm",
+    "vs_llm",
+    "rc_llm",
 )
 LLM_METRICS = ("dvc_llm", "vs_llm", "rc_llm")
 UNKNOWN_SOURCE = "Unknown"
@@ -189,8 +197,9 @@ def span_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def greedy_matched_ious(preds: Sequence[tuple[float, float]], gts: Sequence[tuple[float, float]],
-                        threshold: float) -> list[float]:
+def greedy_matched_ious(
+    preds: Sequence[tuple[float, float]], gts: Sequence[tuple[float, float]], threshold: float
+) -> list[float]:
     """IoUs of the official one-to-one greedy matching: each ground truth in order takes the
     not-yet-used prediction of highest IoU (first on ties); kept when it is >= ``threshold``."""
     used = [False] * len(preds)
@@ -209,8 +218,7 @@ def greedy_matched_ious(preds: Sequence[tuple[float, float]], gts: Sequence[tupl
     return matched
 
 
-def tal_record_miou(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[float, float]],
-                    threshold: float) -> float:
+def tal_record_miou(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[float, float]], threshold: float) -> float:
     """Mean IoU of the matched spans of one record; 0.0 when nothing matches (or no spans)."""
     return _mean(greedy_matched_ious(pred, gt, threshold))
 
@@ -381,8 +389,9 @@ def interval_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
     return float(inter) / (union + 1e-8)
 
 
-def temporal_f1(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[float, float]],
-                thresholds: Sequence[float] = DVC_THRESHOLDS) -> float:
+def temporal_f1(
+    pred: Sequence[tuple[float, float]], gt: Sequence[tuple[float, float]], thresholds: Sequence[float] = DVC_THRESHOLDS
+) -> float:
     """F1 of the mean precision and mean recall over ``thresholds``; a prediction (ground
     truth) is covered when some ground truth (prediction) has IoU > threshold (many-to-many)."""
     precisions, recalls = [], []
@@ -433,8 +442,10 @@ def dvc_record_f1(record: EvalRecord) -> float | None:
     spans = [(e.start, e.end) for e in dense_events(record.answer)]
     # Official: times become frames, int(t * fps), truncated.
     pred = [(_to_frame(a, fps), _to_frame(b, fps)) for a, b in _flatten(spans)]
-    gt = [(_to_frame(_gt_seconds(e["start"]), fps), _to_frame(_gt_seconds(e["end"]), fps))
-          for e in _dvc_gt(record.struc_info)]
+    gt = [
+        (_to_frame(_gt_seconds(e["start"]), fps), _to_frame(_gt_seconds(e["end"]), fps))
+        for e in _dvc_gt(record.struc_info)
+    ]
     if not pred or not gt:
         return None
     return temporal_f1(pred, gt)
@@ -600,8 +611,9 @@ def _nearest(texts: list[str], classes: Sequence[str], embed: Embed | None) -> l
     return [int(i) for i in torch.argmax(sims, dim=1).tolist()]
 
 
-def nap_group_results(dataset: str, procedure: str | None, records: Sequence[EvalRecord],
-                      embed: Embed | None) -> tuple[list[int], list[str], int]:
+def nap_group_results(
+    dataset: str, procedure: str | None, records: Sequence[EvalRecord], embed: Embed | None
+) -> tuple[list[int], list[str], int]:
     """(1/0 per scored record, keys of records left out, unresolved count) of one class group.
 
     Official rules: classes are the dataset's list (NurViD: the procedure's), else the sorted
@@ -716,10 +728,23 @@ def cvs_metrics(records: Sequence[EvalRecord]) -> TaskResult:
 
 
 _SKILL_LEVELS = {
-    "novice": "novice", "beginner": "novice", "intermediate": "intermediate", "expert": "expert",
-    "advanced": "expert", "n": "novice", "i": "intermediate", "e": "expert", "1": "novice",
-    "2": "intermediate", "3": "expert", "low": "novice", "medium": "intermediate", "high": "expert",
-    "poor": "novice", "good": "intermediate", "excellent": "expert",
+    "novice": "novice",
+    "beginner": "novice",
+    "intermediate": "intermediate",
+    "expert": "expert",
+    "advanced": "expert",
+    "n": "novice",
+    "i": "intermediate",
+    "e": "expert",
+    "1": "novice",
+    "2": "intermediate",
+    "3": "expert",
+    "low": "novice",
+    "medium": "intermediate",
+    "high": "expert",
+    "poor": "novice",
+    "good": "intermediate",
+    "excellent": "expert",
 }
 
 
@@ -797,8 +822,9 @@ def skill_metrics(records: Sequence[EvalRecord]) -> TaskResult:
 # --- all tasks ---------------------------------------------------------------------------
 
 
-def evaluate_records(records: Sequence[EvalRecord], *, judge: Judge | None = None,
-                     embed: Embed | None = None) -> dict[str, TaskResult]:
+def evaluate_records(
+    records: Sequence[EvalRecord], *, judge: Judge | None = None, embed: Embed | None = None
+) -> dict[str, TaskResult]:
     """Every task's :class:`TaskResult`, keyed by task; records whose ``qa_type`` names no
     task are returned under ``"unknown"`` (as skipped)."""
     by_task: dict[str | None, list[EvalRecord]] = defaultdict(list)

@@ -66,7 +66,7 @@ class KeyStats:
     p25: float
     p50: float
     p75: float
-    count: int          # finite rewards the quartiles come from
+    count: int  # finite rewards the quartiles come from
     nonfinite: int = 0  # null/NaN/inf rewards of this key, left out
 
 
@@ -95,8 +95,14 @@ class NormStats:
             raise KeyError(f"no normalization statistics for ({data_source!r}, {qa_type!r}); known keys: {known}")
         return row
 
-    def indices(self, data_sources: Sequence[str], qa_types: Sequence[str], *, unknown: str = "error",
-                device: Optional[torch.device | str] = None) -> torch.Tensor:
+    def indices(
+        self,
+        data_sources: Sequence[str],
+        qa_types: Sequence[str],
+        *,
+        unknown: str = "error",
+        device: Optional[torch.device | str] = None,
+    ) -> torch.Tensor:
         """(N,) int64 rows of ``zip(data_sources, qa_types)``, the ``keys`` of ``group_advantages``.
 
         ``unknown="error"`` raises KeyError for a key without statistics; ``unknown="nan"``
@@ -206,8 +212,11 @@ def fit_norm_stats(scan: RolloutScan, *, metadata: Optional[dict[str, Any]] = No
     rows = []
     for key in sorted(scan.rewards):
         p25, p50, p75 = quartiles(scan.rewards[key])
-        rows.append(KeyStats(*key, p25=p25, p50=p50, p75=p75, count=len(scan.rewards[key]),
-                             nonfinite=scan.nonfinite.get(key, 0)))
+        rows.append(
+            KeyStats(
+                *key, p25=p25, p50=p50, p75=p75, count=len(scan.rewards[key]), nonfinite=scan.nonfinite.get(key, 0)
+            )
+        )
     return NormStats(rows=tuple(rows), metadata=dict(metadata or {}))
 
 
@@ -218,11 +227,18 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
         parser = argparse.ArgumentParser(prog="medgrpo fit-norm", description=__doc__.split("\n\n")[0])
     parser.add_argument("rollouts", nargs="+", help="rollout JSONL file(s) of the SFT model")
     parser.add_argument("-o", "--output", required=True, help="stats file to write (JSON)")
-    parser.add_argument("--min-samples", type=int, default=DEFAULT_MIN_SAMPLES,
-                        help=f"report keys with fewer finite rewards than this (default {DEFAULT_MIN_SAMPLES})")
+    parser.add_argument(
+        "--min-samples",
+        type=int,
+        default=DEFAULT_MIN_SAMPLES,
+        help=f"report keys with fewer finite rewards than this (default {DEFAULT_MIN_SAMPLES})",
+    )
     parser.add_argument("--reward-field", default="reward", help="the raw reward's field name (default: reward)")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit 1 (after writing) if any line is malformed or any key is under --min-samples")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 1 (after writing) if any line is malformed or any key is under --min-samples",
+    )
     return parser
 
 
@@ -238,8 +254,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def _report(scan: RolloutScan, stats: NormStats, low: list[KeyStats], empty: list[Key], out: TextIO) -> None:
     nonfinite = sum(scan.nonfinite.values())
     total = sum(len(v) for v in scan.rewards.values())
-    print(f"fit-norm: {scan.lines} rollouts, {total} finite rewards over {len(stats.rows)} keys; "
-          f"{nonfinite} null/NaN/inf rewards left out; {len(scan.malformed)} malformed lines", file=out)
+    print(
+        f"fit-norm: {scan.lines} rollouts, {total} finite rewards over {len(stats.rows)} keys; "
+        f"{nonfinite} null/NaN/inf rewards left out; {len(scan.malformed)} malformed lines",
+        file=out,
+    )
     for path, number, reason in scan.malformed[:MAX_LINES_REPORTED]:
         print(f"  malformed {path}:{number}: {reason}", file=out)
     if len(scan.malformed) > MAX_LINES_REPORTED:
@@ -266,11 +285,15 @@ def run(args: argparse.Namespace, *, out: Optional[TextIO] = None) -> int:
     empty = sorted(k for k in scan.nonfinite if k not in scan.rewards)
     metadata = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(p) for p in args.rollouts], "reward_field": args.reward_field,
-        "percentiles": "torch.quantile linear interpolation, float64", "min_samples": args.min_samples,
-        "rollouts": scan.lines, "malformed_lines": len(scan.malformed),
+        "inputs": [str(p) for p in args.rollouts],
+        "reward_field": args.reward_field,
+        "percentiles": "torch.quantile linear interpolation, float64",
+        "min_samples": args.min_samples,
+        "rollouts": scan.lines,
+        "malformed_lines": len(scan.malformed),
         "nonfinite_rewards": sum(scan.nonfinite.values()),
-        "low_sample_keys": [[r.data_source, r.qa_type] for r in low], "keys_without_rewards": [list(k) for k in empty],
+        "low_sample_keys": [[r.data_source, r.qa_type] for r in low],
+        "keys_without_rewards": [list(k) for k in empty],
     }
     stats = NormStats(rows=stats.rows, metadata=metadata)
     stats.save(args.output)

@@ -215,9 +215,7 @@ def parse_stg(answer: Any) -> Parsed[StgBoxes]:
     """
     text = _text(answer)
     boxes = stg_boxes(text)
-    follows = bool(_STG_FORMAT.fullmatch(text)) and all(
-        b[0] <= b[2] and b[1] <= b[3] for b in boxes.timed.values()
-    )
+    follows = bool(_STG_FORMAT.fullmatch(text)) and all(b[0] <= b[2] and b[1] <= b[3] for b in boxes.timed.values())
     return Parsed(boxes, follows)
 
 

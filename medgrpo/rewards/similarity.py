@@ -64,8 +64,13 @@ def _max_seq_length(model_dir: Path, tokenizer) -> int:
 class SentenceEmbedder:
     """all-MiniLM-L6-v2 (or any BERT-style mean-pooled sentence model) from a local directory."""
 
-    def __init__(self, model_dir: Optional[str | os.PathLike] = None, *, device: Optional[str | torch.device] = None,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> None:
+    def __init__(
+        self,
+        model_dir: Optional[str | os.PathLike] = None,
+        *,
+        device: Optional[str | torch.device] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
         """Load tokenizer and weights from ``model_dir`` (default: :func:`default_model_dir`).
 
         ``device`` defaults to CUDA when present, else CPU. The weights stay in fp32: the model
@@ -85,8 +90,9 @@ class SentenceEmbedder:
 
     @torch.inference_mode()
     def _embed_batch(self, texts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(texts, padding=True, truncation="longest_first", max_length=self.max_seq_length,
-                                return_tensors="pt").to(self.device)
+        tokens = self.tokenizer(
+            texts, padding=True, truncation="longest_first", max_length=self.max_seq_length, return_tensors="pt"
+        ).to(self.device)
         hidden = self.model(**tokens).last_hidden_state.float()
         mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -102,7 +108,7 @@ class SentenceEmbedder:
         out = torch.empty(len(texts), self.model.config.hidden_size, dtype=torch.float32)
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start:start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             out[idx] = self._embed_batch([texts[i] for i in idx]).cpu()
         return out
 
@@ -149,13 +155,15 @@ def embed(texts: Sequence[str], *, model_dir: Optional[str | os.PathLike] = None
     return get_embedder(model_dir).embed(texts)
 
 
-def semantic_similarity(a: Sequence[str], b: Sequence[str], *,
-                        model_dir: Optional[str | os.PathLike] = None) -> torch.Tensor:
+def semantic_similarity(
+    a: Sequence[str], b: Sequence[str], *, model_dir: Optional[str | os.PathLike] = None
+) -> torch.Tensor:
     """(n,) cosine similarity of ``a[i]`` and ``b[i]`` with the cached default embedder."""
     return get_embedder(model_dir).similarity(a, b)
 
 
-def nearest_label(texts: Sequence[str], labels: Sequence[str], *,
-                  model_dir: Optional[str | os.PathLike] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_label(
+    texts: Sequence[str], labels: Sequence[str], *, model_dir: Optional[str | os.PathLike] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(index, score)`` of the most similar label for each text with the cached default embedder."""
     return get_embedder(model_dir).nearest_label(texts, labels)

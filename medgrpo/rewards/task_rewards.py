@@ -143,8 +143,13 @@ class RewardConfig:
     embedder_device: Optional[str] = None
 
     def __post_init__(self) -> None:
-        for name in ("format_penalty", "dense_localization_weight", "next_action_fallback_credit",
-                     "similarity_weight", "judge_weight"):
+        for name in (
+            "format_penalty",
+            "dense_localization_weight",
+            "next_action_fallback_credit",
+            "similarity_weight",
+            "judge_weight",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"RewardConfig.{name} must be in [0, 1], got {value}")
@@ -308,8 +313,10 @@ def stg_reward(completion: str, gt: Sequence[tuple[float, Box]], *, format_penal
 
 def reference_events(record: RecordLike) -> list[DenseEvent]:
     """The reference events of a dense-captioning record (struc_info's, else the answer text's)."""
-    events = [DenseEvent(_as_float(e["start"]), _as_float(e["end"]), str(e["caption"]))  # type: ignore[arg-type]
-              for e in _dvc_gt(record.struc_info)]
+    events = [
+        DenseEvent(_as_float(e["start"]), _as_float(e["end"]), str(e["caption"]))  # type: ignore[arg-type]
+        for e in _dvc_gt(record.struc_info)
+    ]
     if not events:
         events = list(dense_events(_text(record.answer)))
     events = [e for e in events if e.start is not None and e.end is not None and _finite((e.start, e.end))]
@@ -339,8 +346,7 @@ def next_action_classes(record: RecordLike) -> tuple[str, ...]:
     return nac.action_classes(record.data_source, procedure)
 
 
-def next_action_reward(completion: str, reference: str, classes: Sequence[str], *, fallback_credit: float
-                       ) -> TaskScore:
+def next_action_reward(completion: str, reference: str, classes: Sequence[str], *, fallback_credit: float) -> TaskScore:
     """1 for the reference label, ``fallback_credit`` when a prose answer names exactly the
     right class, 0 otherwise; a prose answer naming no single class is left for the nearest class."""
     gt_key = label_key(reference)
@@ -392,8 +398,11 @@ def reference_skill(record: RecordLike) -> dict[str, float]:
         raise BadReference(str(error)) from None
     scores = first.get("skill_scores", {}) if first is not None else {}
     scores = (scores if isinstance(scores, dict) else {}) or skill_aspects(_text(record.answer))
-    gt = {label_key(str(k)): float(v) for k, v in scores.items()
-          if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    gt = {
+        label_key(str(k)): float(v)
+        for k, v in scores.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     if not gt:
         raise BadReference("no reference skill score")
     return gt
@@ -433,8 +442,13 @@ class RewardFunction:
     on first use from ``config.embedder_dir``.
     """
 
-    def __init__(self, config: Optional[RewardConfig] = None, *, judge: Optional[Judge] = None,
-                 embedder: Optional[SentenceEmbedder] = None) -> None:
+    def __init__(
+        self,
+        config: Optional[RewardConfig] = None,
+        *,
+        judge: Optional[Judge] = None,
+        embedder: Optional[SentenceEmbedder] = None,
+    ) -> None:
         self.config = config or RewardConfig()
         self._owns_judge = judge is None and self.config.judge is not None
         if self._owns_judge:
@@ -472,8 +486,16 @@ class RewardFunction:
             raise ValueError(f"rewards: {len(completions)} completions for {len(records)} records")
         scores = [_score_one(_text(c), r, self.config) for c, r in zip(completions, records)]
         tasks = [_task(r.qa_type) for r in records]
-        counts: Counter = Counter(total=len(records), judge_missing=0, caption_similarity_only=0, format_penalized=0,
-                                  nonfinite=0, unknown_qa_type=0, next_action_nearest=0, empty_caption=0)
+        counts: Counter = Counter(
+            total=len(records),
+            judge_missing=0,
+            caption_similarity_only=0,
+            format_penalized=0,
+            nonfinite=0,
+            unknown_qa_type=0,
+            next_action_nearest=0,
+            empty_caption=0,
+        )
         for task, score in zip(tasks, scores):
             _tally(counts, task, score)
         self._resolve_nearest(scores, counts)
@@ -521,8 +543,10 @@ class RewardFunction:
         scored = score_captions(predictions, references, judge=self.judge, embedder=self.embedder)
         counts["judge_missing"] += scored.missing
         judge_part = (scored.judge - 1.0) / 4.0
-        return self.config.similarity_weight * normalize_similarity(scored.similarity) + \
-            self.config.judge_weight * judge_part
+        return (
+            self.config.similarity_weight * normalize_similarity(scored.similarity)
+            + self.config.judge_weight * judge_part
+        )
 
 
 def _task(qa_type: Any) -> Optional[str]:
@@ -541,12 +565,17 @@ def _score_one(completion: str, record: RecordLike, config: RewardConfig) -> Opt
         if task == "stg":
             return stg_reward(completion, reference_boxes(record), format_penalty=config.format_penalty)
         if task == "dense_captioning":
-            return dense_captioning_reward(completion, reference_events(record),
-                                           localization_weight=config.dense_localization_weight)
+            return dense_captioning_reward(
+                completion, reference_events(record), localization_weight=config.dense_localization_weight
+            )
         if task == "next_action":
             reference = nac.normalize_action(_reference_text(record), record.data_source)
-            return next_action_reward(nac.normalize_action(completion, record.data_source), reference,
-                                      next_action_classes(record), fallback_credit=config.next_action_fallback_credit)
+            return next_action_reward(
+                nac.normalize_action(completion, record.data_source),
+                reference,
+                next_action_classes(record),
+                fallback_credit=config.next_action_fallback_credit,
+            )
         if task == "cvs_assessment":
             return cvs_reward(completion, reference_cvs(record))
         if task == "skill_assessment":
@@ -575,8 +604,9 @@ def _tally(counts: Counter, task: Optional[str], score: Optional[TaskScore]) -> 
         counts["format_penalized"] += task in FORMAT_PENALIZED_TASKS and not score.follows_format
 
 
-def _final_value(score: Optional[TaskScore], captions: Mapping[tuple[str, str], float],
-                 counts: Counter) -> Optional[float]:
+def _final_value(
+    score: Optional[TaskScore], captions: Mapping[tuple[str, str], float], counts: Counter
+) -> Optional[float]:
     """The reward of one completion: its value plus its scaled caption rewards; None = missing."""
     if score is None or score.value is None:
         return None
@@ -593,8 +623,11 @@ def _final_value(score: Optional[TaskScore], captions: Mapping[tuple[str, str], 
 def _warn(counts: Counter, records: Sequence[RecordLike], tasks: Sequence[Optional[str]]) -> None:
     unknown = sorted({repr(r.qa_type) for r, t in zip(records, tasks) if t is None})
     if unknown:
-        logger.warning("rewards: %d records of unknown qa_type %s; their rewards are NaN",
-                       counts["unknown_qa_type"], ", ".join(unknown[:5]))
+        logger.warning(
+            "rewards: %d records of unknown qa_type %s; their rewards are NaN",
+            counts["unknown_qa_type"],
+            ", ".join(unknown[:5]),
+        )
     bad = {k: v for k, v in counts.items() if k.startswith("bad_reference/") and v}
     if bad:
         logger.warning("rewards: references that cannot be scored (rewards NaN): %s", bad)

@@ -73,8 +73,11 @@ class PeakMemory:
         self._profiler.__exit__(*exc)
         if exc[0] is not None:
             return
-        events = [e for e in self._profiler.profiler.kineto_results.events()
-                  if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU]
+        events = [
+            e
+            for e in self._profiler.profiler.kineto_results.events()
+            if e.name() == "[memory]" and e.device_type() == torch._C._autograd.DeviceType.CPU
+        ]
         live = peak = 0
         for event in sorted(events, key=lambda e: e.start_ns()):
             live += event.nbytes()  # > 0 an allocation, < 0 a free

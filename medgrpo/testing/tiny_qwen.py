@@ -168,17 +168,35 @@ def build_tiny_model(
     fullatt = sorted({i for i in range(vision_depth) if i % 4 == 3} | {vision_depth - 1})
     config = Qwen2_5_VLConfig(
         text_config={
-            "vocab_size": len(tokenizer), "hidden_size": hidden_size, "intermediate_size": intermediate_size,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-            "max_window_layers": layers, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
-                                "mrope_section": _mrope_section(hidden_size // heads)},
-            "bos_token_id": end_of_text, "eos_token_id": end_of_turn, "pad_token_id": end_of_text,
+            "vocab_size": len(tokenizer),
+            "hidden_size": hidden_size,
+            "intermediate_size": intermediate_size,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+            "max_window_layers": layers,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1000000.0,
+                "mrope_section": _mrope_section(hidden_size // heads),
+            },
+            "bos_token_id": end_of_text,
+            "eos_token_id": end_of_turn,
+            "pad_token_id": end_of_text,
         },
         vision_config={
-            "depth": vision_depth, "hidden_size": vision_hidden, "intermediate_size": 2 * vision_hidden,
-            "num_heads": vision_heads, "out_hidden_size": hidden_size, "patch_size": 14, "temporal_patch_size": 2,
-            "spatial_merge_size": 2, "window_size": window_size, "fullatt_block_indexes": fullatt,
+            "depth": vision_depth,
+            "hidden_size": vision_hidden,
+            "intermediate_size": 2 * vision_hidden,
+            "num_heads": vision_heads,
+            "out_hidden_size": hidden_size,
+            "patch_size": 14,
+            "temporal_patch_size": 2,
+            "spatial_merge_size": 2,
+            "window_size": window_size,
+            "fullatt_block_indexes": fullatt,
             "tokens_per_second": 2,
         },
         image_token_id=_token_id(tokenizer, "<|image_pad|>"),
@@ -186,12 +204,13 @@ def build_tiny_model(
         vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
         vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
         tie_word_embeddings=False,
-    )  # fmt: skip
+    )
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     # As Qwen2.5-VL's generation_config.json: stop at the end of the turn or of the text.
-    model.generation_config = GenerationConfig(bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text],
-                                               pad_token_id=end_of_text)  # fmt: skip
+    model.generation_config = GenerationConfig(
+        bos_token_id=end_of_text, eos_token_id=[end_of_turn, end_of_text], pad_token_id=end_of_text
+    )
     model.save_pretrained(os.fspath(directory), safe_serialization=True)
     return model
 

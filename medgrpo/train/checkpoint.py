@@ -108,10 +108,15 @@ def rng_state() -> dict[str, Any]:
     state = {
         "python": random.getstate(),
         # As a tensor, so the file loads with weights_only=True.
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(gauss),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -121,8 +126,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     """Restore generators saved by :func:`rng_state`."""
     random.setstate(_as_tuples(state["python"]))
     numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["cached_gaussian"]))  # fmt: skip
+    np.random.set_state(
+        (
+            numpy["name"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -185,8 +197,11 @@ def save_checkpoint(
             dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
     _save_file(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     if rank == 0:
-        trainer_state = {"step": step, "scheduler": None if scheduler is None else scheduler.state_dict(),
-                         "extra_state": dict(extra_state or {})}  # fmt: skip
+        trainer_state = {
+            "step": step,
+            "scheduler": None if scheduler is None else scheduler.state_dict(),
+            "extra_state": dict(extra_state or {}),
+        }
         _save_file(trainer_state, tmp / TRAINER_STATE)
     _barrier()
     if rank == 0:
@@ -301,8 +316,9 @@ def load_checkpoint(
 def _restore_rng(path: Path) -> None:
     file = path / "rng" / f"rank_{_rank():05d}.pt"
     if not file.is_file():
-        logger.warning("%s has no RNG state for rank %d (saved with another world size); keeping the current one",
-                       path, _rank())  # fmt: skip
+        logger.warning(
+            "%s has no RNG state for rank %d (saved with another world size); keeping the current one", path, _rank()
+        )
         return
     set_rng_state(torch.load(file, weights_only=True))
 

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"medgrpo train: {error}")
         return 2
     summary = train(config)
-    print(f"medgrpo train: {summary.steps} steps ({summary.skipped_steps} skipped, records skipped by kind: "
-          f"{summary.skipped_records or 'none'}); outputs in {summary.output_dir}, model in {summary.export_dir}")
+    print(
+        f"medgrpo train: {summary.steps} steps ({summary.skipped_steps} skipped, records skipped by kind: "
+        f"{summary.skipped_records or 'none'}); outputs in {summary.output_dir}, model in {summary.export_dir}"
+    )
     return 0

@@ -43,9 +43,19 @@ def _mean(values: list[float]) -> float:
 
 
 @torch.no_grad()
-def rollouts(model, tokenizer, records_file: str | Path, options: DecodeOptions, *, group_size: int = 1,
-             temperature: float = 0.0, max_new_tokens: int = 64, batch_size: int = 8, seed: int = 0,
-             device: torch.device | str = "cpu") -> tuple[list[Any], list[str]]:  # fmt: skip
+def rollouts(
+    model,
+    tokenizer,
+    records_file: str | Path,
+    options: DecodeOptions,
+    *,
+    group_size: int = 1,
+    temperature: float = 0.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[list[Any], list[str]]:
     """Completions of every record of ``records_file`` (greedy by default), with their records."""
     from medgrpo.train.loop import eos_ids
 
@@ -59,19 +69,35 @@ def rollouts(model, tokenizer, records_file: str | Path, options: DecodeOptions,
     for batch in loader:
         if len(batch) == 0:
             continue
-        rollout = generate(model, batch.to(device, dtype), config, eos_token_ids=eos_ids(tokenizer),
-                           pad_token_id=tokenizer.pad_token_id, generator=generator)  # fmt: skip
+        rollout = generate(
+            model,
+            batch.to(device, dtype),
+            config,
+            eos_token_ids=eos_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
         texts += decode_text(tokenizer, rollout)
         records += [r for r in batch.records for _ in range(group_size)]
     return records, texts
 
 
-def evaluate_policy(model, tokenizer, records_file: str | Path, reward_fn, stats=None, *,
-                    options: DecodeOptions, max_new_tokens: int = 64, batch_size: int = 8,
-                    device: torch.device | str = "cpu") -> EvalResult:  # fmt: skip
+def evaluate_policy(
+    model,
+    tokenizer,
+    records_file: str | Path,
+    reward_fn,
+    stats=None,
+    *,
+    options: DecodeOptions,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> EvalResult:
     """Greedy answers on ``records_file`` scored by ``reward_fn``; normalized with ``stats`` when given."""
-    records, texts = rollouts(model, tokenizer, records_file, options, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size, device=device)  # fmt: skip
+    records, texts = rollouts(
+        model, tokenizer, records_file, options, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
+    )
     rewards = reward_fn(texts, records).rewards.float()
     keys = [record_key(r.data_source, r.qa_type) for r in records]
     normalized = None
@@ -84,14 +110,19 @@ def evaluate_policy(model, tokenizer, records_file: str | Path, reward_fn, stats
         per_raw[key] = _mean([float(rewards[i]) for i in picks])
         if normalized is not None:
             per_norm[key] = _mean([float(normalized[i]) for i in picks])
-    answers = [{"id": r.id, "key": k, "prediction": t, "reference": r.answer, "reward": float(v)}
-               for r, k, t, v in zip(records, keys, texts, rewards)]  # fmt: skip
+    answers = [
+        {"id": r.id, "key": k, "prediction": t, "reference": r.answer, "reward": float(v)}
+        for r, k, t, v in zip(records, keys, texts, rewards)
+    ]
     return EvalResult(
         reward_raw=_mean(rewards.tolist()),
         reward_norm=None if normalized is None else _mean(normalized.tolist()),
-        per_key_raw=per_raw, per_key_norm=per_norm, count=len(texts),
-        missing=int(torch.isnan(rewards).sum()), answers=answers,
-    )  # fmt: skip
+        per_key_raw=per_raw,
+        per_key_norm=per_norm,
+        count=len(texts),
+        missing=int(torch.isnan(rewards).sum()),
+        answers=answers,
+    )
 
 
 def write_rollout_jsonl(path: str | Path, records: list[Any], texts: list[str], reward_fn) -> Path:
@@ -100,8 +131,12 @@ def write_rollout_jsonl(path: str | Path, records: list[Any], texts: list[str], 
     path = Path(path)
     with open(path, "w") as handle:
         for record, reward in zip(records, rewards):
-            line = {"id": record.id or str(record.index), "data_source": record.data_source,
-                    "qa_type": record.qa_type, "reward": reward if math.isfinite(reward) else None}  # fmt: skip
+            line = {
+                "id": record.id or str(record.index),
+                "data_source": record.data_source,
+                "qa_type": record.qa_type,
+                "reward": reward if math.isfinite(reward) else None,
+            }
             handle.write(json.dumps(line) + "\n")
     return path
 

@@ -82,9 +82,13 @@ def video_rows(pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) 
     return list(pixel_values_videos.split(sizes))
 
 
-def policy_inputs(model: nn.Module, rollout: Rollout, video_grid_thw: torch.Tensor,
-                  second_per_grid_ts: torch.Tensor, pixel_values_videos: torch.Tensor | None = None
-                  ) -> PolicyInputs:  # fmt: skip
+def policy_inputs(
+    model: nn.Module,
+    rollout: Rollout,
+    video_grid_thw: torch.Tensor,
+    second_per_grid_ts: torch.Tensor,
+    pixel_values_videos: torch.Tensor | None = None,
+) -> PolicyInputs:
     """Concatenate prompts and completions and compute their 3D rope positions (videos repeated G times).
 
     ``pixel_values_videos`` (the batch's) is needed for a sharded model, whose forward re-encodes them.
@@ -122,11 +126,14 @@ def completion_hidden(model: nn.Module, inputs: PolicyInputs, rows: slice) -> to
         from medgrpo.train.model import final_hidden_states
 
         hidden = final_hidden_states(
-            model, input_ids=ids, attention_mask=inputs.attention_mask[rows],
-            pixel_values_videos=torch.cat(inputs.pixels[rows]), video_grid_thw=inputs.video_grid_thw[rows],
+            model,
+            input_ids=ids,
+            attention_mask=inputs.attention_mask[rows],
+            pixel_values_videos=torch.cat(inputs.pixels[rows]),
+            video_grid_thw=inputs.video_grid_thw[rows],
             second_per_grid_ts=inputs.second_per_grid_ts[rows],
             mm_token_type_ids=qwen.mm_token_type_ids(model, ids),
-        )  # fmt: skip
+        )
     else:
         embeds = qwen.build_inputs_embeds(model, ids, inputs.video_embeds[rows])
         hidden = qwen.hidden_states(model, embeds, inputs.position_ids[:, rows], inputs.attention_mask[rows])
@@ -140,8 +147,9 @@ def micro_batches(total: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def sequence_logprobs(model: nn.Module, inputs: PolicyInputs, *, temperature: float, micro_batch_size: int
-                      ) -> torch.Tensor:  # fmt: skip
+def sequence_logprobs(
+    model: nn.Module, inputs: PolicyInputs, *, temperature: float, micro_batch_size: int
+) -> torch.Tensor:
     """Per-token log-probs ``(N, T)`` of the completions under ``model`` (old policy or reference)."""
     out = []
     for rows in micro_batches(inputs.input_ids.shape[0], micro_batch_size):
@@ -205,11 +213,17 @@ def backward_policy_loss(
         weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
         mask = inputs.completion_mask[rows]
         out = fused_linear_policy_loss(
-            hidden, weight, inputs.completion_ids[rows], mask, advantages[rows],
+            hidden,
+            weight,
+            inputs.completion_ids[rows],
+            mask,
+            advantages[rows],
             old_logp=None if old_logp is None else old_logp[rows],
             ref_logp=None if ref_logp is None else ref_logp[rows],
-            temperature=options.temperature, num_items=num_items, **asdict(options.loss),
-        )  # fmt: skip
+            temperature=options.temperature,
+            num_items=num_items,
+            **asdict(options.loss),
+        )
         # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its
         # share, and by 1/world since gradients are summed over ranks.
         loss = out.loss if loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / _world())
@@ -217,15 +231,26 @@ def backward_policy_loss(
         tokens = mask.sum().to(torch.float32)
         sums["loss"] += loss.detach()
         sums["tokens"] += tokens
-        parts = (("kl", out.kl), ("clip", out.clip_fraction), ("clip_low", out.clip_fraction_low),
-                 ("clip_high", out.clip_fraction_high), ("entropy", out.entropy))  # fmt: skip
+        parts = (
+            ("kl", out.kl),
+            ("clip", out.clip_fraction),
+            ("clip_low", out.clip_fraction_low),
+            ("clip_high", out.clip_fraction_high),
+            ("entropy", out.entropy),
+        )
         for name, value in parts:
             if value is not None:
                 sums[name] += value.detach().float() * tokens
     tokens = sums["tokens"].clamp_min(1.0)
-    return UpdateMetrics(loss=sums["loss"], kl=sums["kl"] / tokens, clip_fraction=sums["clip"] / tokens,
-                         clip_fraction_low=sums["clip_low"] / tokens, clip_fraction_high=sums["clip_high"] / tokens,
-                         entropy=sums["entropy"] / tokens, tokens=sums["tokens"])  # fmt: skip
+    return UpdateMetrics(
+        loss=sums["loss"],
+        kl=sums["kl"] / tokens,
+        clip_fraction=sums["clip"] / tokens,
+        clip_fraction_low=sums["clip_low"] / tokens,
+        clip_fraction_high=sums["clip_high"] / tokens,
+        entropy=sums["entropy"] / tokens,
+        tokens=sums["tokens"],
+    )
 
 
 def optimizer_step(

@@ -84,9 +84,13 @@ def build_model(config: TrainConfig, runtime: Runtime):
     from medgrpo.train.model import ModelConfig, load_model, load_reference_model, shard_model
 
     section = config.model
-    model_config = ModelConfig(path=section.path, dtype=section.dtype, attention=section.attention,
-                               activation_checkpointing=section.activation_checkpointing,
-                               freeze_vision=section.freeze_vision)  # fmt: skip
+    model_config = ModelConfig(
+        path=section.path,
+        dtype=section.dtype,
+        attention=section.attention,
+        activation_checkpointing=section.activation_checkpointing,
+        freeze_vision=section.freeze_vision,
+    )
     model = load_model(model_config, runtime.device)
     reference = None
     if config.mode == "grpo" and config.grpo.beta > 0:
@@ -139,8 +143,9 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig):
     """AdamW over the trainable parameters, with linear warmup then constant or cosine decay."""
     section = config.optim
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=section.lr, betas=(section.beta1, section.beta2),
-                                  weight_decay=section.weight_decay)  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        params, lr=section.lr, betas=(section.beta1, section.beta2), weight_decay=section.weight_decay
+    )
     steps, warmup = max(config.steps, 1), section.warmup_steps
 
     def factor(step: int) -> float:
@@ -180,26 +185,40 @@ def record_keys(records: RecordDataset) -> list[str]:
     return keys
 
 
-def build_loader(config: TrainConfig, runtime: Runtime, tokenizer
-                 ) -> tuple[VideoLoader | DaliRecordLoader, BalancedSampler]:  # fmt: skip
+def build_loader(
+    config: TrainConfig, runtime: Runtime, tokenizer
+) -> tuple[VideoLoader | DaliRecordLoader, BalancedSampler]:
     """The rank's loader: balanced sampler; DALI (``data.backend: dali``) or CPU decoder workers; the collator."""
     data = config.data
     records = RecordDataset(data.train_file, root=data.root or None)
     sft = config.mode == "sft"
     batch_size = config.sft.batch_size if sft else config.grpo.prompts_per_step
-    sampler = BalancedSampler(record_keys(records), data.sampler_weights, rank=runtime.rank,
-                              world_size=runtime.world_size, seed=config.seed,
-                              samples_per_epoch=max(len(records) // runtime.world_size, batch_size))  # fmt: skip
-    collate = VideoCollator(tokenizer, with_answers=sft, padding_side="right" if sft else "left",
-                            max_length=data.max_length)  # fmt: skip
+    sampler = BalancedSampler(
+        record_keys(records),
+        data.sampler_weights,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        seed=config.seed,
+        samples_per_epoch=max(len(records) // runtime.world_size, batch_size),
+    )
+    collate = VideoCollator(
+        tokenizer, with_answers=sft, padding_side="right" if sft else "left", max_length=data.max_length
+    )
     dataset = VideoDataset(records, decode_options(config))
     if data.backend == "dali":
         device = "gpu" if runtime.device.type == "cuda" else "cpu"
-        loader = DaliRecordLoader(dataset, collate, batch_size=batch_size, sampler=sampler, device=device,
-                                  device_id=runtime.device.index)  # fmt: skip
+        loader = DaliRecordLoader(
+            dataset, collate, batch_size=batch_size, sampler=sampler, device=device, device_id=runtime.device.index
+        )
     else:
-        loader = VideoLoader(dataset, collate, batch_size=batch_size, sampler=sampler, num_workers=data.num_workers,
-                             pin_memory=runtime.device.type == "cuda")  # fmt: skip
+        loader = VideoLoader(
+            dataset,
+            collate,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=data.num_workers,
+            pin_memory=runtime.device.type == "cuda",
+        )
     return loader, sampler
 
 
@@ -222,10 +241,15 @@ def build_rewards(config: TrainConfig):
     section = config.rewards
     judge = None
     if section.judge_base_url:
-        judge = JudgeConfig(base_url=section.judge_base_url, model=section.judge_model,
-                            api_key_env=section.judge_api_key_env, cache_path=section.judge_cache or None)  # fmt: skip
-    reward_fn = RewardFunction(RewardConfig(format_penalty=section.format_penalty, judge=judge,
-                                            embedder_dir=section.embedder or None))  # fmt: skip
+        judge = JudgeConfig(
+            base_url=section.judge_base_url,
+            model=section.judge_model,
+            api_key_env=section.judge_api_key_env,
+            cache_path=section.judge_cache or None,
+        )
+    reward_fn = RewardFunction(
+        RewardConfig(format_penalty=section.format_penalty, judge=judge, embedder_dir=section.embedder or None)
+    )
     stats = load_norm_stats(config.grpo.norm_stats) if config.grpo.norm_stats else None
     return reward_fn, stats
 
@@ -256,8 +280,18 @@ class StepResult:
     reward_rows: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # keys, raw and normalized rewards
 
 
-def grpo_step(model, reference, batch: VideoBatch, tokenizer, rewarder: Rewarder, optimizer, scheduler, params,
-              config: TrainConfig, generator: torch.Generator | None) -> StepResult:  # fmt: skip
+def grpo_step(
+    model,
+    reference,
+    batch: VideoBatch,
+    tokenizer,
+    rewarder: Rewarder,
+    optimizer,
+    scheduler,
+    params,
+    config: TrainConfig,
+    generator: torch.Generator | None,
+) -> StepResult:
     """One MedGRPO step on a batch of prompts (see the module docstring)."""
     from medgrpo.train.rollout import RolloutConfig, decode_text, generate
 
@@ -265,23 +299,30 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, rewarder: Rewarder
     device = batch.input_ids.device
     start = time.perf_counter()
     with gathered(model), torch.no_grad():
-        rollout = generate(model, batch, RolloutConfig(group_size=g.group_size, max_new_tokens=g.max_new_tokens,
-                                                       temperature=g.temperature, top_p=g.top_p),
-                           eos_token_ids=eos_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                           generator=generator)  # fmt: skip
+        rollout = generate(
+            model,
+            batch,
+            RolloutConfig(
+                group_size=g.group_size, max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p
+            ),
+            eos_token_ids=eos_ids(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            generator=generator,
+        )
     t_rollout = time.perf_counter()
     texts = decode_text(tokenizer, rollout)
     records = [r for r in batch.records for _ in range(g.group_size)]
     rewards, keys, reward_batch = rewarder.score(texts, records, device)
-    advantage = group_advantages(rewards, group_size=g.group_size, keys=keys, stats=rewarder.table, k=g.k,
-                                 scale=g.scale, return_stats=True)  # fmt: skip
+    advantage = group_advantages(
+        rewards, group_size=g.group_size, keys=keys, stats=rewarder.table, k=g.k, scale=g.scale, return_stats=True
+    )
     normalized = advantage.rewards  # the rewards the advantages came from: normalized when stats are given
     t_reward = time.perf_counter()
     inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
-    loss = PolicyLossConfig(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
-                            beta=g.beta)  # fmt: skip
-    options = LossOptions(loss=loss, temperature=g.temperature if g.temperature > 0 else 1.0,
-                          micro_batch_size=g.micro_batch_size)  # fmt: skip
+    loss = PolicyLossConfig(loss_type=g.loss_type, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high, beta=g.beta)
+    options = LossOptions(
+        loss=loss, temperature=g.temperature if g.temperature > 0 else 1.0, micro_batch_size=g.micro_batch_size
+    )
     logp_kwargs = {"temperature": options.temperature, "micro_batch_size": g.micro_batch_size}
     ref_logp = sequence_logprobs(reference, inputs, **logp_kwargs) if reference is not None else None
     old_logp = sequence_logprobs(model, inputs, **logp_kwargs) if g.num_iterations > 1 else None
@@ -289,26 +330,39 @@ def grpo_step(model, reference, batch: VideoBatch, tokenizer, rewarder: Rewarder
     model.train()
     stepped_all, skipped = True, 0
     for _ in range(g.num_iterations):
-        update = backward_policy_loss(model, inputs, advantage.advantages, options, old_logp=old_logp,
-                                      ref_logp=ref_logp)  # fmt: skip
-        stepped, grad_norm = optimizer_step(params, optimizer, scheduler, loss=update.loss,
-                                            max_grad_norm=config.optim.max_grad_norm)  # fmt: skip
+        update = backward_policy_loss(
+            model, inputs, advantage.advantages, options, old_logp=old_logp, ref_logp=ref_logp
+        )
+        stepped, grad_norm = optimizer_step(
+            params, optimizer, scheduler, loss=update.loss, max_grad_norm=config.optim.max_grad_norm
+        )
         stepped_all &= stepped
         skipped += not stepped
     end = time.perf_counter()
     tokens = int(rollout.completion_tokens)
     metrics = {
-        "loss": update.loss, "kl": update.kl, "clip_fraction": update.clip_fraction,
-        "clip_fraction_low": update.clip_fraction_low, "clip_fraction_high": update.clip_fraction_high,
+        "loss": update.loss,
+        "kl": update.kl,
+        "clip_fraction": update.clip_fraction,
+        "clip_fraction_low": update.clip_fraction_low,
+        "clip_fraction_high": update.clip_fraction_high,
         "entropy": update.entropy,
-        "grad_norm": grad_norm, "reward_raw": torch.nanmean(rewards), "reward_norm": torch.nanmean(normalized),
-        "reward_missing": torch.isnan(rewards).float().mean(), "advantage_std": advantage.advantages.std(),
-        "zero_std_group_fraction": advantage.zero_std_fraction, "completion_tokens": tokens,
-        "nonfinite_skipped": skipped, "time_rollout_s": t_rollout - start, "time_reward_s": t_reward - t_rollout,
-        "time_logprob_s": t_logp - t_reward, "time_update_s": end - t_logp,
-        "tokens_per_s": tokens / max(end - start, 1e-9), "samples_per_s": len(texts) / max(end - start, 1e-9),
+        "grad_norm": grad_norm,
+        "reward_raw": torch.nanmean(rewards),
+        "reward_norm": torch.nanmean(normalized),
+        "reward_missing": torch.isnan(rewards).float().mean(),
+        "advantage_std": advantage.advantages.std(),
+        "zero_std_group_fraction": advantage.zero_std_fraction,
+        "completion_tokens": tokens,
+        "nonfinite_skipped": skipped,
+        "time_rollout_s": t_rollout - start,
+        "time_reward_s": t_reward - t_rollout,
+        "time_logprob_s": t_logp - t_reward,
+        "time_update_s": end - t_logp,
+        "tokens_per_s": tokens / max(end - start, 1e-9),
+        "samples_per_s": len(texts) / max(end - start, 1e-9),
         **{f"reward_count/{k}": v for k, v in reward_batch.counts.items()},
-    }  # fmt: skip
+    }
     rows = ([record_key(r.data_source, r.qa_type) for r in records], rewards, normalized)
     return StepResult(metrics, stepped_all, rows)
 
@@ -317,14 +371,22 @@ def sft_step(model, batch: VideoBatch, optimizer, scheduler, params, config: Tra
     """One SFT step: answer-token NLL through the fused head, clipped, skipped when not finite."""
     start = time.perf_counter()
     model.train()
-    loss, tokens = sft_backward(model, batch, micro_batch_size=config.grpo.micro_batch_size,
-                                train_vision=not config.model.freeze_vision)  # fmt: skip
-    stepped, grad_norm = optimizer_step(params, optimizer, scheduler, loss=loss,
-                                        max_grad_norm=config.optim.max_grad_norm)  # fmt: skip
+    loss, tokens = sft_backward(
+        model, batch, micro_batch_size=config.grpo.micro_batch_size, train_vision=not config.model.freeze_vision
+    )
+    stepped, grad_norm = optimizer_step(
+        params, optimizer, scheduler, loss=loss, max_grad_norm=config.optim.max_grad_norm
+    )
     elapsed = time.perf_counter() - start
-    metrics = {"loss": loss, "grad_norm": grad_norm, "answer_tokens": tokens, "nonfinite_skipped": int(not stepped),
-               "time_update_s": elapsed, "samples_per_s": len(batch) / max(elapsed, 1e-9),
-               "tokens_per_s": batch.attention_mask.sum() / max(elapsed, 1e-9)}  # fmt: skip
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "answer_tokens": tokens,
+        "nonfinite_skipped": int(not stepped),
+        "time_update_s": elapsed,
+        "samples_per_s": len(batch) / max(elapsed, 1e-9),
+        "tokens_per_s": batch.attention_mask.sum() / max(elapsed, 1e-9),
+    }
     return StepResult(metrics, stepped)
 
 
@@ -382,10 +444,10 @@ class MetricsLog:
         eta = elapsed / max(done, 1) * (self.total - step)
         width = 24
         filled = int(width * step / max(self.total, 1))
-        shown = " ".join(f"{k}={row[k]:.4g}" for k in ("loss", "reward_raw", "reward_norm")
-                         if isinstance(row.get(k), (int, float)))  # fmt: skip
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} "
-                         f"eta {eta:5.0f}s ")  # fmt: skip
+        shown = " ".join(
+            f"{k}={row[k]:.4g}" for k in ("loss", "reward_raw", "reward_norm") if isinstance(row.get(k), (int, float))
+        )
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} eta {eta:5.0f}s ")
         if step == self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -476,13 +538,18 @@ def train(config: TrainConfig) -> RunSummary:
     for step in range(start_step, config.steps):
         batch = next(stream).to(runtime.device, pixel_dtype)
         if config.mode == "grpo":
-            result = grpo_step(model, reference, batch, tokenizer, rewarder, optimizer, scheduler, params, config,
-                               generator)  # fmt: skip
+            result = grpo_step(
+                model, reference, batch, tokenizer, rewarder, optimizer, scheduler, params, config, generator
+            )
         else:
             result = sft_step(model, batch, optimizer, scheduler, params, config)
         skipped_steps += not result.stepped
-        result.metrics.update(lr=scheduler.get_last_lr()[0], skipped_steps=skipped_steps,
-                              skipped_records=loader.skipped_total, **_peak_memory(runtime.device))  # fmt: skip
+        result.metrics.update(
+            lr=scheduler.get_last_lr()[0],
+            skipped_steps=skipped_steps,
+            skipped_records=loader.skipped_total,
+            **_peak_memory(runtime.device),
+        )
         if (step + 1) % max(config.log_every, 1) == 0 or step + 1 == config.steps:
             if result.reward_rows is not None:
                 result.metrics.update(per_key_means(result.reward_rows))
@@ -501,8 +568,9 @@ def train(config: TrainConfig) -> RunSummary:
     return RunSummary(config.steps - start_step, skipped_steps, dict(loader.skipped), last, output, export)
 
 
-def evaluate_during_training(model, tokenizer, config: TrainConfig, rewarder: Rewarder | None,
-                             runtime: Runtime) -> dict:  # fmt: skip
+def evaluate_during_training(
+    model, tokenizer, config: TrainConfig, rewarder: Rewarder | None, runtime: Runtime
+) -> dict:
     """Greedy answers on ``data.eval_file`` (this rank's model), as ``eval/...`` metrics."""
     from medgrpo.train.evaluation import evaluate_policy
 
@@ -510,11 +578,22 @@ def evaluate_during_training(model, tokenizer, config: TrainConfig, rewarder: Re
         rewarder = Rewarder(*build_rewards(config))
     reward_fn, stats = rewarder.fn, rewarder.stats
     with gathered(model):
-        result = evaluate_policy(model, tokenizer, config.data.eval_file, reward_fn, stats,
-                                 options=decode_options(config), max_new_tokens=config.grpo.max_new_tokens,
-                                 device=runtime.device)  # fmt: skip
-    metrics = {"eval/reward_raw": result.reward_raw, "eval/reward_norm": result.reward_norm,
-               "eval/missing": result.missing, "eval/count": result.count}  # fmt: skip
+        result = evaluate_policy(
+            model,
+            tokenizer,
+            config.data.eval_file,
+            reward_fn,
+            stats,
+            options=decode_options(config),
+            max_new_tokens=config.grpo.max_new_tokens,
+            device=runtime.device,
+        )
+    metrics = {
+        "eval/reward_raw": result.reward_raw,
+        "eval/reward_norm": result.reward_norm,
+        "eval/missing": result.missing,
+        "eval/count": result.count,
+    }
     metrics.update({f"eval/reward_raw/{k}": v for k, v in result.per_key_raw.items()})
     metrics.update({f"eval/reward_norm/{k}": v for k, v in result.per_key_norm.items()})
     model.train()
@@ -532,8 +611,15 @@ def _peak_memory(device: torch.device) -> dict[str, float]:
 
 def _save(output: Path, step: int, model, optimizer, scheduler, sampler, generator, keep: int) -> None:
     extra = {"sampler": sampler.state_dict(), "generator": generator.get_state(), "step": step}
-    ckpt.save_checkpoint(output / "checkpoints", step, model=model, optimizer=optimizer, scheduler=scheduler,
-                         extra_state=extra, keep=keep)  # fmt: skip
+    ckpt.save_checkpoint(
+        output / "checkpoints",
+        step,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        extra_state=extra,
+        keep=keep,
+    )
 
 
 def _maybe_resume(config: TrainConfig, output: Path, model, optimizer, scheduler, sampler, generator) -> int:

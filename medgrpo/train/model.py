@@ -134,9 +134,11 @@ def load_reference_model(cfg: ModelConfig, device: torch.device | str = "cpu") -
 
     attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
     model = AutoModelForImageTextToText.from_pretrained(
-        _model_directory(cfg.path), local_files_only=True, dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
+        _model_directory(cfg.path),
+        local_files_only=True,
+        dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
         attn_implementation=attention,
-    )  # fmt: skip
+    )
     model.requires_grad_(False)
     return model.to(device).eval()
 

@@ -48,9 +48,16 @@ class BalancedSampler(Sampler[int]):
         seed: with the epoch, fixes the draws (identical on every rank).
     """
 
-    def __init__(self, keys: Sequence[str], weights: Mapping[str, float] | None = None, *,
-                 samples_per_epoch: int | None = None, rank: int = 0, world_size: int = 1,
-                 seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        keys: Sequence[str],
+        weights: Mapping[str, float] | None = None,
+        *,
+        samples_per_epoch: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
         if not keys:
             raise ValueError("BalancedSampler needs at least one record")
         if not 0 <= rank < world_size:

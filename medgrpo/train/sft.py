@@ -19,8 +19,9 @@ from medgrpo.train import qwen
 from medgrpo.train.grpo import global_token_count, is_sharded, micro_batches
 
 
-def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_vision: bool,
-                 positions: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+def batch_hidden(
+    model: nn.Module, batch: VideoBatch, rows: slice, *, train_vision: bool, positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row).
 
     A sharded (FSDP2) model runs its root forward (see :mod:`medgrpo.train.grpo`); others run the
@@ -35,21 +36,29 @@ def batch_hidden(model: nn.Module, batch: VideoBatch, rows: slice, *, train_visi
     if is_sharded(model):
         from medgrpo.train.model import final_hidden_states
 
-        return final_hidden_states(model, input_ids=ids, attention_mask=mask, pixel_values_videos=pixels,
-                                   video_grid_thw=grids, second_per_grid_ts=batch.second_per_grid_ts[rows],
-                                   mm_token_type_ids=qwen.mm_token_type_ids(model, ids))  # fmt: skip
+        return final_hidden_states(
+            model,
+            input_ids=ids,
+            attention_mask=mask,
+            pixel_values_videos=pixels,
+            video_grid_thw=grids,
+            second_per_grid_ts=batch.second_per_grid_ts[rows],
+            mm_token_type_ids=qwen.mm_token_type_ids(model, ids),
+        )
     with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
         videos = qwen.encode_videos(model, pixels, grids)
     if positions is None:
-        positions, _ = qwen.rope_positions(model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts,
-                                           batch.attention_mask)  # fmt: skip
+        positions, _ = qwen.rope_positions(
+            model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
+        )
     positions = positions[:, rows]
     embeds = qwen.build_inputs_embeds(model, ids, videos)
     return qwen.hidden_states(model, embeds, positions, mask)
 
 
-def sft_backward(model: nn.Module, batch: VideoBatch, *, micro_batch_size: int, train_vision: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def sft_backward(
+    model: nn.Module, batch: VideoBatch, *, micro_batch_size: int, train_vision: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of the answer-token NLL of ``batch`` (on its device, with labels); returns ``(loss, tokens)``."""
     if batch.labels is None:
         raise ValueError("SFT needs labels: collate with VideoCollator(with_answers=True)")
@@ -59,8 +68,9 @@ def sft_backward(model: nn.Module, batch: VideoBatch, *, micro_batch_size: int, 
     tokens = torch.zeros((), device=batch.input_ids.device)
     positions = None
     if not is_sharded(model):  # one host round trip for the whole batch, not one per micro-batch
-        positions, _ = qwen.rope_positions(model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts,
-                                           batch.attention_mask)  # fmt: skip
+        positions, _ = qwen.rope_positions(
+            model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
+        )
     for rows in micro_batches(len(batch), micro_batch_size):
         hidden = batch_hidden(model, batch, rows, train_vision=train_vision, positions=positions)[:, :-1]
         weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2

@@ -80,8 +80,14 @@ def bad(tmp_path_factory, sources) -> dict[str, object]:
     garbage.write_bytes(b"not a jpeg at all")
     empty = root / "empty"
     empty.mkdir()
-    return {"junk": str(junk), "cut": str(cut), "truncated_jpeg": jpegs, "garbage_jpeg": [str(garbage)],
-            "missing": str(root / "nope.webm"), "empty_folder": str(empty)}  # fmt: skip
+    return {
+        "junk": str(junk),
+        "cut": str(cut),
+        "truncated_jpeg": jpegs,
+        "garbage_jpeg": [str(garbage)],
+        "missing": str(root / "nope.webm"),
+        "empty_folder": str(empty),
+    }
 
 
 def test_import_without_dali_is_lazy():
@@ -285,8 +291,13 @@ def test_more_bad_input(sources, bad):
     with pytest.raises(VideoDecodeError, match="junk.webm.*cannot decode video"):
         next(iter(DaliVideoLoader([bad["junk"]], [plan], device="cpu", on_error="raise")))
     with pytest.raises(VideoDecodeError, match="clip.webm.*out-of-bounds frame index 24"):
-        next(iter(DaliVideoLoader([sources["webm"]], [sampling.FramePlan((0, N), 84, 140, 2.0)],
-                                  device="cpu", on_error="raise")))  # fmt: skip
+        next(
+            iter(
+                DaliVideoLoader(
+                    [sources["webm"]], [sampling.FramePlan((0, N), 84, 140, 2.0)], device="cpu", on_error="raise"
+                )
+            )
+        )
 
 
 def _with_bad_sources(sources: dict, bad: dict) -> tuple[list, list[sampling.FramePlan], set[int]]:

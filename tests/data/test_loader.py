@@ -67,11 +67,15 @@ def dataset_file(tmp_path_factory) -> Path:
         _record("clip.webm", "Which phase is next?", answer="clipping"),
         _record("clip.mp4", "Summarize the video.", answer="The hook dissects."),
         _record(["frames_c/gray.jpg", "frames_c/cmyk.jpg"], "Gray and CMYK frames."),
-        _record(short, "Describe the region.", is_RC=True,
-                RC_info={"start_frame": short[1], "start_frame_bbox": [10, 10, 60, 50]}),
+        _record(
+            short,
+            "Describe the region.",
+            is_RC=True,
+            RC_info={"start_frame": short[1], "start_frame_bbox": [10, 10, 60, 50]},
+        ),
         _record(short[:3], "Odd frame count."),
         _record(odd[:1], "One frame."),
-    ]  # fmt: skip
+    ]
     bad = [
         _record("missing.mp4", "A missing file."),
         _record("broken.mp4", "A corrupt file."),
@@ -91,8 +95,14 @@ def test_dataset_decodes_good_records_and_skips_bad_ones(dataset_file):
     good, bad = items[:8], items[8:]
     assert all(not isinstance(item, SkippedSample) for item in good)
     assert all(isinstance(item, SkippedSample) for item in bad)
-    assert [s.kind for s in bad] == ["unreadable_video", "unreadable_video", "bad_record", "unreadable_video",
-                                     "bad_record", "bad_record"]  # fmt: skip
+    assert [s.kind for s in bad] == [
+        "unreadable_video",
+        "unreadable_video",
+        "bad_record",
+        "unreadable_video",
+        "bad_record",
+        "bad_record",
+    ]
     assert "missing.mp4" in bad[0].reason and "truncated.jpg" in bad[3].reason
     for sample in good:
         frames, plan = sample.frames, sample.plan
@@ -102,9 +112,19 @@ def test_dataset_decodes_good_records_and_skips_bad_ones(dataset_file):
     assert good[1].plan.indices == (0, 1, 2, 3, 4, 5, 6, 6)
     assert good[6].plan.indices == (0, 1, 2, 2) and good[7].plan.indices == (0, 0)
     webm = good[2]
-    barcodes = [read_barcode(torch.nn.functional.interpolate(
-        webm.frames.permute(0, 3, 1, 2).float(), size=(SIZE[1], SIZE[0]), mode="bilinear").round().clamp(0, 255)
-        .to(torch.uint8).permute(0, 2, 3, 1)[i].numpy()) for i in range(len(webm.plan.indices))]  # fmt: skip
+    barcodes = [
+        read_barcode(
+            torch.nn.functional.interpolate(
+                webm.frames.permute(0, 3, 1, 2).float(), size=(SIZE[1], SIZE[0]), mode="bilinear"
+            )
+            .round()
+            .clamp(0, 255)
+            .to(torch.uint8)
+            .permute(0, 2, 3, 1)[i]
+            .numpy()
+        )
+        for i in range(len(webm.plan.indices))
+    ]
     assert barcodes == list(webm.plan.indices)
     # The region-caption record carries the green box on its second frame only.
     boxed, plain = good[5].frames, good[0].frames
@@ -151,8 +171,9 @@ def test_collate_skips_too_long_and_answerless(dataset_file, tokenizer):
     records = RecordDataset(dataset_file)
     dataset = VideoDataset(records)
     sample = dataset[0]
-    answerless = type(sample)(record=type(sample.record)(**{**sample.record.__dict__, "answer": None}),
-                              frames=sample.frames, plan=sample.plan)  # fmt: skip
+    answerless = type(sample)(
+        record=type(sample.record)(**{**sample.record.__dict__, "answer": None}), frames=sample.frames, plan=sample.plan
+    )
     batch = VideoCollator(tokenizer, with_answers=True, max_length=20)([sample, answerless])
     assert len(batch) == 0 and sorted(s.kind for s in batch.skipped) == ["no_answer", "too_long"]
 
@@ -165,8 +186,14 @@ def test_batch_to_device_patchifies_each_video(dataset_file, tokenizer):
     assert torch.equal(batch.pixel_values_videos, torch.cat(rows))
     assert batch.pixel_values_videos.shape[0] == int(batch.video_grid_thw.prod(1).sum())
     inputs = batch.model_inputs()
-    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts",
-                           "mm_token_type_ids"}
+    assert set(inputs) == {
+        "input_ids",
+        "attention_mask",
+        "pixel_values_videos",
+        "video_grid_thw",
+        "second_per_grid_ts",
+        "mm_token_type_ids",
+    }
     assert torch.equal(inputs["mm_token_type_ids"] == 2, inputs["input_ids"] == collate_pad_id(tokenizer))
 
 
@@ -178,8 +205,9 @@ def test_loader_counts_skips_and_shards_by_rank(dataset_file, tokenizer, num_wor
     seen = []
     skipped_total = 0
     for rank in range(2):
-        loader = VideoLoader(dataset, collate, batch_size=3, num_workers=num_workers, rank=rank, world_size=2,
-                             shuffle=True, seed=3)  # fmt: skip
+        loader = VideoLoader(
+            dataset, collate, batch_size=3, num_workers=num_workers, rank=rank, world_size=2, shuffle=True, seed=3
+        )
         loader.set_epoch(1)
         with caplog.at_level(logging.WARNING, logger="medgrpo.data.loader"):
             for batch in loader:

@@ -22,8 +22,13 @@ BUDGET = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
 
 
 def _record(video, question: str = "Which phase?", **extra) -> dict:
-    record = {"conversations": [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": "x"}],
-              "video": video, "metadata": {"fps": "1.0"}, "qa_type": "tal", "data_source": "AVOS"}  # fmt: skip
+    record = {
+        "conversations": [{"from": "human", "value": f"<video>\n{question}"}, {"from": "gpt", "value": "x"}],
+        "video": video,
+        "metadata": {"fps": "1.0"},
+        "qa_type": "tal",
+        "data_source": "AVOS",
+    }
     record.update(extra)
     return record
 

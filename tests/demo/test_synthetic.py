@@ -151,7 +151,15 @@ def test_records_load_and_decode_at_the_demo_budget(dataset):
 def test_raw_records_have_the_medvidbench_fields(dataset):
     raw = dataset.records("train").raw(0)
     assert set(raw) == {
-        "id", "conversations", "video", "metadata", "qa_type", "data_source", "struc_info", "is_RC", "RC_info",
+        "id",
+        "conversations",
+        "video",
+        "metadata",
+        "qa_type",
+        "data_source",
+        "struc_info",
+        "is_RC",
+        "RC_info",
     }
     assert raw["conversations"][0]["from"] == "human" and raw["conversations"][0]["value"].startswith("<video>\n")
     assert raw["conversations"][1]["from"] == "gpt"
@@ -181,8 +189,16 @@ def test_reference_answers_follow_the_formats(dataset):
 
 def eval_records(records: list[VideoRecord], answers: list[str]) -> list[EvalRecord]:
     return [
-        EvalRecord(key=str(i), qa_type=r.qa_type_raw, data_source=r.data_source, answer=a, gnd=r.answer,
-                   question=r.question, struc_info=r.struc_info, fps=r.metadata["fps"])
+        EvalRecord(
+            key=str(i),
+            qa_type=r.qa_type_raw,
+            data_source=r.data_source,
+            answer=a,
+            gnd=r.answer,
+            question=r.question,
+            struc_info=r.struc_info,
+            fps=r.metadata["fps"],
+        )
         for i, (r, a) in enumerate(zip(records, answers))
     ]
 
@@ -221,8 +237,12 @@ def test_official_results_file_of_the_references_scores_perfectly(dataset, tmp_p
     for i, record in enumerate(dataset.records("test")):
         raw = dataset.records("test").raw(i)
         entries[str(i)] = {
-            "question": record.question, "answer": record.answer, "gnd": record.answer,
-            "qa_type": raw["qa_type"], "data_source": raw["data_source"], "struc_info": raw["struc_info"],
+            "question": record.question,
+            "answer": record.answer,
+            "gnd": record.answer,
+            "qa_type": raw["qa_type"],
+            "data_source": raw["data_source"],
+            "struc_info": raw["struc_info"],
             "metadata": raw["metadata"],
         }
     path = tmp_path / "results.json"
@@ -249,18 +269,21 @@ def test_phases_are_visually_separable(procedure):
     means, labels = [], []
     for index in range(24):
         rng = np.random.default_rng([11, index])
-        scene = plan_scene(procedure, f"v{index}", size=(112, 112), frames=8, rng=rng,
-                           last_phase=index % len(procedure.phases))
+        scene = plan_scene(
+            procedure, f"v{index}", size=(112, 112), frames=8, rng=rng, last_phase=index % len(procedure.phases)
+        )
         frames = render_frames(scene, (112, 112), rng)
         means.append(frames.reshape(8, -1, 3).mean(1))
         labels.extend(scene.phase_of_frame)
     means_array, labels_array = np.concatenate(means), np.asarray(labels)
     assert set(labels) == set(range(len(procedure.phases)))
     centroids = np.stack([means_array[labels_array == p].mean(0) for p in range(len(procedure.phases))])
-    gaps = [np.linalg.norm(a - b) for i, a in enumerate(centroids) for b in centroids[i + 1:]]
+    gaps = [np.linalg.norm(a - b) for i, a in enumerate(centroids) for b in centroids[i + 1 :]]
     assert min(gaps) > 40.0
-    spread = max(np.linalg.norm(means_array[labels_array == p] - centroids[p], axis=1).max()
-                 for p in range(len(procedure.phases)))
+    spread = max(
+        np.linalg.norm(means_array[labels_array == p] - centroids[p], axis=1).max()
+        for p in range(len(procedure.phases))
+    )
     assert spread < min(gaps) / 2  # so nearest-centroid classification of single frames is exact
     nearest = np.argmin(((means_array[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (nearest == labels_array).all()
@@ -314,8 +337,9 @@ def test_stg_boxes_hold_the_instrument(dataset):
             inside = instrument_distance(frame[y1:y2, x1:x2].reshape(-1, 3), instrument)
             assert (inside < 30).mean() > 0.6, (record.id, time_key)
             # The box is tight: the 2-pixel bands just above and below it are not the instrument.
-            ring = np.concatenate([frame[max(y1 - 2, 0):y1, x1:x2].reshape(-1, 3),
-                                   frame[y2:y2 + 2, x1:x2].reshape(-1, 3)])
+            ring = np.concatenate(
+                [frame[max(y1 - 2, 0) : y1, x1:x2].reshape(-1, 3), frame[y2 : y2 + 2, x1:x2].reshape(-1, 3)]
+            )
             if len(ring):
                 assert (instrument_distance(ring, instrument) < 30).mean() < 0.4, (record.id, time_key)
             checked += 1
@@ -364,14 +388,29 @@ def test_tokenizer_corpus_trains_the_demo_tokenizer(dataset, tmp_path):
 
 
 def record(answer: str, qa_type: str = "next_action", source: str = "S", struc_info=None) -> VideoRecord:
-    return VideoRecord(index=0, id=None, question="q", answer=answer, qa_type=qa_type, qa_type_raw=qa_type,
-                       data_source=source, video=(Path("/x.jpg"),), fps=1.0, struc_info=struc_info)
+    return VideoRecord(
+        index=0,
+        id=None,
+        question="q",
+        answer=answer,
+        qa_type=qa_type,
+        qa_type_raw=qa_type,
+        data_source=source,
+        video=(Path("/x.jpg"),),
+        fps=1.0,
+        struc_info=struc_info,
+    )
 
 
 def test_answer_stats_and_majority_baseline():
     cvs = [{"cvs_scores": {"two_structures": 2, "cystic_plate": 0, "hepatocystic_triangle": 1}}]
-    train = [record("b"), record("a"), record("b"), record("c", source="T"),
-             record("Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1", "cvs_assessment", struc_info=cvs)]
+    train = [
+        record("b"),
+        record("a"),
+        record("b"),
+        record("c", source="T"),
+        record("Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1", "cvs_assessment", struc_info=cvs),
+    ]
     stats = answer_stats(train)
     assert stats[("S", "next_action", "answer")].counts == {"a": 1, "b": 2}
     assert stats[("S", "next_action", "answer")].majority == "b"

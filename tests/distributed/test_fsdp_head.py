@@ -26,8 +26,9 @@ class TinyPolicyHead(torch.nn.Module):
 
     def forward(self, hidden, targets, mask, advantages, old_logp):
         # Inside forward FSDP2 has unsharded the weight: the op sees a plain tensor.
-        return medgrpo.fused_linear_policy_loss(self.proj(hidden), self.lm_head.weight, targets, mask, advantages,
-                                                old_logp=old_logp, epsilon_high=0.3).loss
+        return medgrpo.fused_linear_policy_loss(
+            self.proj(hidden), self.lm_head.weight, targets, mask, advantages, old_logp=old_logp, epsilon_high=0.3
+        ).loss
 
 
 def make_data(seed: int = 0):
@@ -56,8 +57,9 @@ def worker(rank: int, port: int, expected: dict, results) -> None:
         model = TinyPolicyHead()
         fully_shard(model)
         model(*make_data()).backward()  # every rank holds the same batch: averaged grads = one-process grads
-        errors = {name: float((p.grad.full_tensor() - expected[name]).abs().max())
-                  for name, p in model.named_parameters()}
+        errors = {
+            name: float((p.grad.full_tensor() - expected[name]).abs().max()) for name, p in model.named_parameters()
+        }
         # Outside forward the weight is a DTensor shard: the op gathers it, with autograd.
         weight = model.lm_head.weight
         assert isinstance(weight, DTensor)

@@ -23,8 +23,22 @@ def free_port() -> int:
 
 
 def torchrun(config_path, timeout: int = 400) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "medgrpo", "train", "--config", str(config_path)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "medgrpo",
+        "train",
+        "--config",
+        str(config_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -41,14 +55,23 @@ def setup(tmp_path_factory):
 
 def write_config(path, out, dataset, model_dir, mode: str) -> None:
     config = {
-        "mode": mode, "output_dir": str(out), "steps": 3, "save_every": 2, "device": "cpu",
-        "model": {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "activation_checkpointing": True,
-                  "freeze_vision": True},
+        "mode": mode,
+        "output_dir": str(out),
+        "steps": 3,
+        "save_every": 2,
+        "device": "cpu",
+        "model": {
+            "path": str(model_dir),
+            "dtype": "float32",
+            "attention": "sdpa",
+            "activation_checkpointing": True,
+            "freeze_vision": True,
+        },
         "data": {"train_file": str(dataset.train), "min_pixels": 3136, "max_pixels": 3136, "num_workers": 0},
         "sft": {"batch_size": 2},
         "grpo": {"group_size": 4, "prompts_per_step": 1, "max_new_tokens": 8, "micro_batch_size": 2},
         "optim": {"lr": 1e-3},
-    }  # fmt: skip
+    }
     path.write_text(yaml.safe_dump(config))
 
 

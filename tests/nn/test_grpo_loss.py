@@ -16,8 +16,9 @@ def test_module_equals_functional():
     adv, mask = torch.randn(4, generator=gen), torch.rand(4, 10, generator=gen) > 0.2
     module = GRPOLoss(loss_type="grpo", epsilon_high=0.28, beta=0.04, dual_clip=3.0)
     got = module(logp, adv, mask, old_logp=old, ref_logp=ref)
-    want = medgrpo.policy_loss(logp, adv, mask, old_logp=old, ref_logp=ref, loss_type="grpo", epsilon_high=0.28,
-                               beta=0.04, dual_clip=3.0)
+    want = medgrpo.policy_loss(
+        logp, adv, mask, old_logp=old, ref_logp=ref, loss_type="grpo", epsilon_high=0.28, beta=0.04, dual_clip=3.0
+    )
     for a, b in zip(got, want):
         if a is not None:
             torch.testing.assert_close(a, b)

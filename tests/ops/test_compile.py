@@ -16,9 +16,13 @@ def grpo_step(logp, mask, old_logp, rewards, keys, stats):
 def test_inductor_fullgraph_matches_eager_with_gradients():
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(8, 16, generator=gen)
-    args = (torch.rand(8, 16, generator=gen) > 0.2, logp + 0.3 * torch.randn(8, 16, generator=gen),
-            torch.rand(8, generator=gen), torch.randint(0, 2, (8,), generator=gen),
-            torch.tensor([[0.2, 0.5, 0.8], [0.1, 0.1, 0.1]]))
+    args = (
+        torch.rand(8, 16, generator=gen) > 0.2,
+        logp + 0.3 * torch.randn(8, 16, generator=gen),
+        torch.rand(8, generator=gen),
+        torch.randint(0, 2, (8,), generator=gen),
+        torch.tensor([[0.2, 0.5, 0.8], [0.1, 0.1, 0.1]]),
+    )
     compiled = torch.compile(grpo_step, fullgraph=True)
     results = []
     for fn in (grpo_step, compiled):

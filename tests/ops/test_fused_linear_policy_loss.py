@@ -35,16 +35,27 @@ def make_batch(batch=3, length=9, hidden=16, vocab=41, *, seed=0, per_token_adva
     ref = current + 0.2 * torch.randn(batch, length, generator=gen, dtype=torch.float64)
     adv_shape = (batch, length) if per_token_advantages else (batch,)
     advantages = torch.randn(adv_shape, generator=gen, dtype=torch.float64)
-    return dict(hidden=h, weight=w, bias=b, targets=targets, mask=mask, advantages=advantages, old_logp=old,
-                ref_logp=ref)
+    return dict(
+        hidden=h, weight=w, bias=b, targets=targets, mask=mask, advantages=advantages, old_logp=old, ref_logp=ref
+    )
 
 
 def run(fn, batch: dict, dtype: torch.dtype, **options):
     """Loss, entropy, clip fraction and the gradients for hidden, weight and bias."""
     leaves = [batch[k].detach().to(dtype).clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
     cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-    out = fn(leaves[0], leaves[1], batch["targets"], batch["mask"], cast(batch["advantages"]), bias=leaves[2],
-             old_logp=cast(batch["old_logp"]), ref_logp=cast(batch["ref_logp"]), temperature=0.8, **options)
+    out = fn(
+        leaves[0],
+        leaves[1],
+        batch["targets"],
+        batch["mask"],
+        cast(batch["advantages"]),
+        bias=leaves[2],
+        old_logp=cast(batch["old_logp"]),
+        ref_logp=cast(batch["ref_logp"]),
+        temperature=0.8,
+        **options,
+    )
     (1.7 * out.loss).backward()
     return [out.loss.detach(), out.entropy, out.clip_fraction] + [leaf.grad for leaf in leaves]
 
@@ -60,8 +71,14 @@ def fused(chunk_rows):
 @pytest.mark.parametrize("loss_type,importance_sampling,beta,dual_clip,per_token", OPTIONS)
 def test_matches_reference_in_fp64(loss_type, importance_sampling, beta, dual_clip, per_token):
     batch = make_batch(seed=1, per_token_advantages=per_token)
-    options = dict(loss_type=loss_type, epsilon_high=0.3, beta=beta, importance_sampling=importance_sampling,
-                   dual_clip=dual_clip, max_completion_length=12)
+    options = dict(
+        loss_type=loss_type,
+        epsilon_high=0.3,
+        beta=beta,
+        importance_sampling=importance_sampling,
+        dual_clip=dual_clip,
+        max_completion_length=12,
+    )
     actual = run(fused(chunk_rows=4), batch, torch.float64, **options)
     want = run(reference.fused_linear_policy_loss, batch, torch.float64, **options)
     for name, a, w in zip(NAMES, actual, want):
@@ -84,23 +101,38 @@ def test_tolerance_rule_in_low_precision(backend, dtype, importance_sampling, re
     with context:
         actual = run(fused(chunk_rows=5), batch, dtype, **options)
     for i, name in enumerate(NAMES):
-        assert_within_reference_error(actual[i], same[i], exact[i], factor=3.0 if i >= 3 else 2.0, atol=1e-5,
-                                      name=name)
+        assert_within_reference_error(actual[i], same[i], exact[i], factor=3.0 if i >= 3 else 2.0, atol=1e-5, name=name)
 
 
-@pytest.mark.parametrize("loss_type,importance_sampling,beta", list(itertools.product(LOSS_TYPES, ["token", "sequence"],
-                                                                                      [0.0, 0.04])))
+@pytest.mark.parametrize(
+    "loss_type,importance_sampling,beta", list(itertools.product(LOSS_TYPES, ["token", "sequence"], [0.0, 0.04]))
+)
 def test_matches_liger_fused_linear_grpo_loss(loss_type, importance_sampling, beta):
     liger = pytest.importorskip("liger_kernel.chunked_loss")
     batch = make_batch(seed=3)
     f32 = {k: (v.float() if v.is_floating_point() else v) for k, v in batch.items()}
-    options = dict(beta=beta, epsilon_low=0.2, epsilon_high=0.3, loss_type=loss_type, max_completion_length=12,
-                   importance_sampling_level=importance_sampling, temperature=0.8)
+    options = dict(
+        beta=beta,
+        epsilon_low=0.2,
+        epsilon_high=0.3,
+        loss_type=loss_type,
+        max_completion_length=12,
+        importance_sampling_level=importance_sampling,
+        temperature=0.8,
+    )
     results = []
     for module in (FusedLinearGRPOLoss(**options), liger.LigerFusedLinearGRPOLoss(compiled=False, **options)):
         leaves = [f32[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
-        loss, metrics = module(leaves[0], leaves[1], f32["targets"], f32["mask"], f32["advantages"], bias=leaves[2],
-                               ref_per_token_logps=f32["ref_logp"], old_per_token_logps=f32["old_logp"])
+        loss, metrics = module(
+            leaves[0],
+            leaves[1],
+            f32["targets"],
+            f32["mask"],
+            f32["advantages"],
+            bias=leaves[2],
+            ref_per_token_logps=f32["ref_logp"],
+            old_per_token_logps=f32["old_logp"],
+        )
         loss.backward()
         results.append([loss.detach(), *metrics, *(leaf.grad for leaf in leaves)])
     for ours, theirs in zip(*results):
@@ -114,14 +146,36 @@ def test_module_computes_reference_logps_from_ref_input():
     ref_hidden = f32["hidden"] + 0.01
     with torch.no_grad():
         ref_logp, _ = medgrpo.linear_logprob(ref_hidden, f32["weight"], f32["targets"])
-    from_input = module(f32["hidden"], f32["weight"], f32["targets"], f32["mask"], f32["advantages"],
-                        ref_input=ref_hidden, ref_weight=f32["weight"], old_per_token_logps=f32["old_logp"])
-    from_logps = module(f32["hidden"], f32["weight"], f32["targets"], f32["mask"], f32["advantages"],
-                        ref_per_token_logps=ref_logp, old_per_token_logps=f32["old_logp"])
+    from_input = module(
+        f32["hidden"],
+        f32["weight"],
+        f32["targets"],
+        f32["mask"],
+        f32["advantages"],
+        ref_input=ref_hidden,
+        ref_weight=f32["weight"],
+        old_per_token_logps=f32["old_logp"],
+    )
+    from_logps = module(
+        f32["hidden"],
+        f32["weight"],
+        f32["targets"],
+        f32["mask"],
+        f32["advantages"],
+        ref_per_token_logps=ref_logp,
+        old_per_token_logps=f32["old_logp"],
+    )
     torch.testing.assert_close(from_input[0], from_logps[0])
     with pytest.raises(NotImplementedError, match="vllm_is_ratio"):
-        module(f32["hidden"], f32["weight"], f32["targets"], f32["mask"], f32["advantages"],
-               ref_per_token_logps=ref_logp, vllm_is_ratio=torch.ones(3, 9))
+        module(
+            f32["hidden"],
+            f32["weight"],
+            f32["targets"],
+            f32["mask"],
+            f32["advantages"],
+            ref_per_token_logps=ref_logp,
+            vllm_is_ratio=torch.ones(3, 9),
+        )
 
 
 def test_fully_masked_batch_and_single_token():
@@ -159,14 +213,17 @@ def test_no_grad_and_torch_compile():
     torch.testing.assert_close(compiled(*args), loss)
 
 
-@pytest.mark.parametrize("overrides,error,words", [
-    (dict(hidden=torch.randn(27, 16)), ValueError, "hidden"),
-    (dict(mask=torch.ones(3, 8, dtype=torch.bool)), ValueError, "mask"),
-    (dict(advantages=torch.randn(4)), ValueError, "advantages"),
-    (dict(targets=torch.zeros(3, 9)), TypeError, "targets"),
-    (dict(loss_type="ppo"), ValueError, "loss_type"),
-    (dict(beta=0.1, ref_logp=None), ValueError, "ref_logp"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (dict(hidden=torch.randn(27, 16)), ValueError, "hidden"),
+        (dict(mask=torch.ones(3, 8, dtype=torch.bool)), ValueError, "mask"),
+        (dict(advantages=torch.randn(4)), ValueError, "advantages"),
+        (dict(targets=torch.zeros(3, 9)), TypeError, "targets"),
+        (dict(loss_type="ppo"), ValueError, "loss_type"),
+        (dict(beta=0.1, ref_logp=None), ValueError, "ref_logp"),
+    ],
+)
 def test_bad_input_names_the_argument(overrides, error, words):
     batch = {k: (v.float() if v.is_floating_point() else v) for k, v in make_batch(seed=9).items()}
     kwargs = dict(old_logp=batch["old_logp"], ref_logp=batch["ref_logp"])

@@ -22,7 +22,7 @@ def make_rewards(num_groups: int, group_size: int, *, seed: int = 0, num_keys: i
     if n > 3:
         rewards[min(3, n - 1)] = float("nan")
     if num_groups > 2:
-        rewards[group_size:2 * group_size] = 0.25
+        rewards[group_size : 2 * group_size] = 0.25
     keys = torch.randint(0, num_keys, (n,), generator=gen)
     stats = torch.sort(torch.randn(num_keys, 3, generator=gen, dtype=torch.float64), dim=1).values
     stats[1] = torch.tensor([0.25, 0.25, 0.25])  # degenerate IQR
@@ -30,14 +30,21 @@ def make_rewards(num_groups: int, group_size: int, *, seed: int = 0, num_keys: i
 
 
 def reference_outputs(rewards, group_size, group_ids, keys, stats, scale):
-    out = reference.group_advantages(rewards, group_size=group_size, group_ids=group_ids, keys=keys,
-                                     stats=stats, scale=scale)
-    return [out.advantages, out.rewards, out.group_mean, out.group_std, out.group_count,
-            torch.stack([out.zero_std_fraction, out.nan_fraction])]
+    out = reference.group_advantages(
+        rewards, group_size=group_size, group_ids=group_ids, keys=keys, stats=stats, scale=scale
+    )
+    return [
+        out.advantages,
+        out.rewards,
+        out.group_mean,
+        out.group_std,
+        out.group_count,
+        torch.stack([out.zero_std_fraction, out.nan_fraction]),
+    ]
 
 
 def backend_outputs(backend, rewards, group_size, group_ids, keys, stats, scale, device):
-    move = (lambda t: None if t is None else t.to(device))
+    move = lambda t: None if t is None else t.to(device)
     args = (move(rewards), move(group_ids), group_size or 0, move(keys), move(stats), 3.0, SCALE_CODES[scale], 1e-4)
     if backend == "triton":
         from medgrpo.kernels.group_advantages import group_advantages as launch
@@ -57,8 +64,7 @@ def _device(backend, request) -> str:
 @pytest.mark.parametrize("scale", reference.ADVANTAGE_SCALES)
 @pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("grouping", ["contiguous", "ids"])
-@pytest.mark.parametrize("num_groups,group_size", [(1, 1), (7, 1), (1, 8), (3, 2), (97, 8), (13, 7), (5, 16),
-                                                   (129, 8)])
+@pytest.mark.parametrize("num_groups,group_size", [(1, 1), (7, 1), (1, 8), (3, 2), (97, 8), (13, 7), (5, 16), (129, 8)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_kernels_match_reference(backend, scale, normalize, grouping, num_groups, group_size, dtype, request):
     device = _device(backend, request)
@@ -98,17 +104,36 @@ def test_matches_verl_loop_with_arbitrary_ids():
 
 @pytest.mark.parametrize("device_kind", ["public", "triton"])
 def test_degenerate_groups_are_finite_and_counted(device_kind, request):
-    rewards = torch.tensor([1.0, 1.0, 1.0, 1.0,  # equal rewards
-                            float("nan"), 2.0, float("nan"), float("nan"),  # one scorable member
-                            float("nan")] * 1 + [float("nan")] * 3 +  # all NaN
-                           [0.0, 1.0, 2.0, 3.0])  # a normal group
+    rewards = torch.tensor(
+        [
+            1.0,
+            1.0,
+            1.0,
+            1.0,  # equal rewards
+            float("nan"),
+            2.0,
+            float("nan"),
+            float("nan"),  # one scorable member
+            float("nan"),
+        ]
+        * 1
+        + [float("nan")] * 3  # all NaN
+        + [0.0, 1.0, 2.0, 3.0]
+    )  # a normal group
     if device_kind == "public":
         out = medgrpo.group_advantages(rewards, group_size=4, return_stats=True)
-        outputs = [out.advantages, out.rewards, out.group_mean, out.group_std, out.group_count,
-                   torch.stack([out.zero_std_fraction, out.nan_fraction])]
+        outputs = [
+            out.advantages,
+            out.rewards,
+            out.group_mean,
+            out.group_std,
+            out.group_count,
+            torch.stack([out.zero_std_fraction, out.nan_fraction]),
+        ]
     else:
-        outputs = backend_outputs("triton", rewards, 4, None, None, None, "group", request.getfixturevalue(
-            "triton_device"))
+        outputs = backend_outputs(
+            "triton", rewards, 4, None, None, None, "group", request.getfixturevalue("triton_device")
+        )
     advantages, _, mean, std, count, summary = outputs
     assert torch.isfinite(advantages).all()
     assert torch.all(advantages[:12] == 0)
@@ -132,27 +157,34 @@ def test_torch_compile_fullgraph():
         return medgrpo.group_advantages(r, group_size=8, keys=k, stats=s, return_stats=True)
 
     compiled = torch.compile(advantages, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(rewards.float(), keys, stats.float()), advantages(rewards.float(), keys,
-                                                                                    stats.float())):
+    for got, want in zip(
+        compiled(rewards.float(), keys, stats.float()), advantages(rewards.float(), keys, stats.float())
+    ):
         torch.testing.assert_close(got, want, equal_nan=True)
 
 
-@pytest.mark.parametrize("kwargs,error,words", [
-    (dict(group_size=3), ValueError, "does not divide"),
-    (dict(), ValueError, "exactly one"),
-    (dict(group_size=4, group_ids=torch.zeros(8, dtype=torch.long)), ValueError, "exactly one"),
-    (dict(group_size=0), ValueError, "group_size"),
-    (dict(group_ids=torch.zeros(7, dtype=torch.long)), ValueError, "group_ids"),
-    (dict(group_ids=torch.full((8,), 8)), ValueError, "group_ids"),
-    (dict(group_ids=torch.zeros(8)), TypeError, "group_ids"),
-    (dict(group_size=4, keys=torch.zeros(8, dtype=torch.long)), ValueError, "together"),
-    (dict(group_size=4, keys=torch.full((8,), 5), stats=torch.zeros(5, 3)), ValueError, "keys"),
-    (dict(group_size=4, keys=torch.zeros(8, dtype=torch.long), stats=torch.zeros(5, 2)), ValueError, "stats"),
-    (dict(group_size=4, keys=torch.zeros(8, dtype=torch.long), stats=torch.tensor([[1.0, 0.0, 2.0]])),
-     ValueError, "ordered"),
-    (dict(group_size=4, scale="global"), ValueError, "scale"),
-    (dict(group_size=4, eps=-1.0), ValueError, "eps"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,words",
+    [
+        (dict(group_size=3), ValueError, "does not divide"),
+        (dict(), ValueError, "exactly one"),
+        (dict(group_size=4, group_ids=torch.zeros(8, dtype=torch.long)), ValueError, "exactly one"),
+        (dict(group_size=0), ValueError, "group_size"),
+        (dict(group_ids=torch.zeros(7, dtype=torch.long)), ValueError, "group_ids"),
+        (dict(group_ids=torch.full((8,), 8)), ValueError, "group_ids"),
+        (dict(group_ids=torch.zeros(8)), TypeError, "group_ids"),
+        (dict(group_size=4, keys=torch.zeros(8, dtype=torch.long)), ValueError, "together"),
+        (dict(group_size=4, keys=torch.full((8,), 5), stats=torch.zeros(5, 3)), ValueError, "keys"),
+        (dict(group_size=4, keys=torch.zeros(8, dtype=torch.long), stats=torch.zeros(5, 2)), ValueError, "stats"),
+        (
+            dict(group_size=4, keys=torch.zeros(8, dtype=torch.long), stats=torch.tensor([[1.0, 0.0, 2.0]])),
+            ValueError,
+            "ordered",
+        ),
+        (dict(group_size=4, scale="global"), ValueError, "scale"),
+        (dict(group_size=4, eps=-1.0), ValueError, "eps"),
+    ],
+)
 def test_bad_input_names_the_argument(kwargs, error, words):
     with pytest.raises(error, match=words):
         medgrpo.group_advantages(torch.randn(8), **kwargs)
@@ -169,7 +201,8 @@ def test_rewards_must_be_floating_1d():
 def test_public_op_on_cuda_matches_reference():
     rewards, keys, stats = make_rewards(1024, 8, seed=5, num_keys=16)
     for scale in reference.ADVANTAGE_SCALES:
-        got = medgrpo.group_advantages(rewards.float().cuda(), group_size=8, keys=keys.cuda(),
-                                       stats=stats.float().cuda(), scale=scale)
+        got = medgrpo.group_advantages(
+            rewards.float().cuda(), group_size=8, keys=keys.cuda(), stats=stats.float().cuda(), scale=scale
+        )
         want = reference.group_advantages(rewards, group_size=8, keys=keys, stats=stats, scale=scale).advantages
         torch.testing.assert_close(got.cpu().double(), want, atol=1e-5, rtol=1e-5)

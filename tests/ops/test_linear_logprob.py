@@ -30,12 +30,21 @@ def make_head(m: int, hidden: int, vocab: int, *, seed: int = 0, bias: bool = Tr
 
 def run_head(fn, inputs: dict, dtype: torch.dtype, temperature: float, device: str = "cpu"):
     """(logp, entropy, grad hidden, grad weight, grad bias) of L = sum(g1 logp + g2 entropy)."""
-    leaves = {k: (None if inputs[k] is None else inputs[k].detach().to(device, dtype).clone().requires_grad_(True))
-              for k in ("hidden", "weight", "bias")}
-    logp, entropy = fn(leaves["hidden"], leaves["weight"], inputs["targets"].to(device), bias=leaves["bias"],
-                       temperature=temperature, return_entropy=True)
-    loss = (logp * inputs["grad_logp"].to(device, logp.dtype)).sum() + \
-        (entropy * inputs["grad_entropy"].to(device, entropy.dtype)).sum()
+    leaves = {
+        k: (None if inputs[k] is None else inputs[k].detach().to(device, dtype).clone().requires_grad_(True))
+        for k in ("hidden", "weight", "bias")
+    }
+    logp, entropy = fn(
+        leaves["hidden"],
+        leaves["weight"],
+        inputs["targets"].to(device),
+        bias=leaves["bias"],
+        temperature=temperature,
+        return_entropy=True,
+    )
+    loss = (logp * inputs["grad_logp"].to(device, logp.dtype)).sum() + (
+        entropy * inputs["grad_entropy"].to(device, entropy.dtype)
+    ).sum()
     loss.backward()
     grads = [None if leaves[k] is None else leaves[k].grad.cpu() for k in ("hidden", "weight", "bias")]
     return [logp.detach().cpu(), entropy.detach().cpu(), *grads]
@@ -89,8 +98,9 @@ def test_shapes_single_token_and_default_chunking():
     logp, entropy = medgrpo.linear_logprob(inputs["hidden"].float(), inputs["weight"].float(), inputs["targets"])
     assert logp.shape == (1,) and entropy is None and logp.dtype == torch.float32
     hidden = torch.randn(2, 3, 4)
-    logp, entropy = medgrpo.linear_logprob(hidden, torch.randn(9, 4), torch.zeros(2, 3, dtype=torch.long),
-                                           return_entropy=True)
+    logp, entropy = medgrpo.linear_logprob(
+        hidden, torch.randn(9, 4), torch.zeros(2, 3, dtype=torch.long), return_entropy=True
+    )
     assert logp.shape == entropy.shape == (2, 3)
     for device in ("cpu", "cuda"):
         rows = default_chunk_rows(152064, torch.bfloat16, torch.device(device))
@@ -102,8 +112,9 @@ def test_gradcheck_fp64():
     targets = inputs["targets"]
 
     def fn(hidden, weight, bias):
-        logp, entropy = medgrpo.linear_logprob(hidden, weight, targets, bias=bias, temperature=0.9,
-                                               return_entropy=True, chunk_rows=2)
+        logp, entropy = medgrpo.linear_logprob(
+            hidden, weight, targets, bias=bias, temperature=0.9, return_entropy=True, chunk_rows=2
+        )
         return logp, entropy
 
     leaves = tuple(inputs[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias"))
@@ -127,16 +138,19 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("overrides,error,words", [
-    (dict(weight=torch.randn(9, 5)), ValueError, "weight"),
-    (dict(weight=torch.randn(9, 4, dtype=torch.float64)), TypeError, "weight"),
-    (dict(targets=torch.zeros(3, dtype=torch.long)), ValueError, "targets"),
-    (dict(targets=torch.full((2,), 9)), ValueError, "targets"),
-    (dict(targets=torch.zeros(2)), TypeError, "targets"),
-    (dict(bias=torch.randn(8)), ValueError, "bias"),
-    (dict(temperature=0.0), ValueError, "temperature"),
-    (dict(hidden=torch.zeros(2, 4, dtype=torch.long)), TypeError, "hidden"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (dict(weight=torch.randn(9, 5)), ValueError, "weight"),
+        (dict(weight=torch.randn(9, 4, dtype=torch.float64)), TypeError, "weight"),
+        (dict(targets=torch.zeros(3, dtype=torch.long)), ValueError, "targets"),
+        (dict(targets=torch.full((2,), 9)), ValueError, "targets"),
+        (dict(targets=torch.zeros(2)), TypeError, "targets"),
+        (dict(bias=torch.randn(8)), ValueError, "bias"),
+        (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(hidden=torch.zeros(2, 4, dtype=torch.long)), TypeError, "hidden"),
+    ],
+)
 def test_bad_input_names_the_argument(overrides, error, words):
     kwargs = dict(hidden=torch.randn(2, 4), weight=torch.randn(9, 4), targets=torch.zeros(2, dtype=torch.long))
     kwargs.update(overrides)

@@ -63,13 +63,16 @@ def test_out_of_range_key_raises_on_cpu():
         medgrpo.normalize_rewards(torch.zeros(3), torch.tensor([0, 1, 2]), torch.zeros(2, 3))
 
 
-@pytest.mark.parametrize("args,error,words", [
-    ((torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(1, 3)), TypeError, "rewards"),
-    ((torch.zeros(3), torch.zeros(3), torch.zeros(1, 3)), TypeError, "keys"),
-    ((torch.zeros(3), torch.zeros(4, dtype=torch.long), torch.zeros(1, 3)), ValueError, "keys"),
-    ((torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3)), ValueError, "stats"),
-    ((torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.tensor([[0.0, 2.0, 1.0]])), ValueError, "ordered"),
-])
+@pytest.mark.parametrize(
+    "args,error,words",
+    [
+        ((torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), torch.zeros(1, 3)), TypeError, "rewards"),
+        ((torch.zeros(3), torch.zeros(3), torch.zeros(1, 3)), TypeError, "keys"),
+        ((torch.zeros(3), torch.zeros(4, dtype=torch.long), torch.zeros(1, 3)), ValueError, "keys"),
+        ((torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.zeros(3)), ValueError, "stats"),
+        ((torch.zeros(3), torch.zeros(3, dtype=torch.long), torch.tensor([[0.0, 2.0, 1.0]])), ValueError, "ordered"),
+    ],
+)
 def test_bad_input_names_the_argument(args, error, words):
     with pytest.raises(error, match=words):
         medgrpo.normalize_rewards(*args)

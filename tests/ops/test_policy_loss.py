@@ -17,8 +17,15 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 METRIC_NAMES = ["kl", "clip_low", "clip_high", "clip_region", "clip_dual", "tokens"]
 
 
-def make_inputs(batch: int, length: int, *, seed: int = 0, per_token_advantages: bool = False,
-                log_ratio_scale: float = 0.3, with_old: bool = True) -> dict:
+def make_inputs(
+    batch: int,
+    length: int,
+    *,
+    seed: int = 0,
+    per_token_advantages: bool = False,
+    log_ratio_scale: float = 0.3,
+    with_old: bool = True,
+) -> dict:
     """fp64 inputs with a fully masked row (when B > 1), ratios on both sides of the clip range."""
     gen = torch.Generator().manual_seed(seed)
     logp = -3.0 * torch.rand(batch, length, generator=gen, dtype=torch.float64) - 0.01
@@ -46,15 +53,29 @@ def cast(inputs: dict, dtype: torch.dtype, device: str = "cpu") -> dict:
 def reference_run(inputs: dict, config: PolicyLossConfig, num_items=None):
     """Reference loss, metrics vector and d loss / d logp (autograd), in the inputs' dtype."""
     logp = inputs["logp"].detach().clone().requires_grad_(True)
-    out = reference.policy_loss(logp, inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"],
-                                ref_logp=inputs["ref_logp"], loss_type=config.loss_type,
-                                max_completion_length=config.max_completion_length, num_items=num_items,
-                                **config.per_token_options())
+    out = reference.policy_loss(
+        logp,
+        inputs["advantages"],
+        inputs["mask"],
+        old_logp=inputs["old_logp"],
+        ref_logp=inputs["ref_logp"],
+        loss_type=config.loss_type,
+        max_completion_length=config.max_completion_length,
+        num_items=num_items,
+        **config.per_token_options(),
+    )
     (grad,) = torch.autograd.grad(out.loss, logp)
     zero = out.loss.new_zeros(())
-    metrics = torch.stack([zero if out.kl is None else out.kl, out.clip_fraction_low, out.clip_fraction_high,
-                           out.clip_fraction, zero if out.clip_fraction_dual is None else out.clip_fraction_dual,
-                           inputs["mask"].to(out.loss.dtype).sum()])
+    metrics = torch.stack(
+        [
+            zero if out.kl is None else out.kl,
+            out.clip_fraction_low,
+            out.clip_fraction_high,
+            out.clip_fraction,
+            zero if out.clip_fraction_dual is None else out.clip_fraction_dual,
+            inputs["mask"].to(out.loss.dtype).sum(),
+        ]
+    )
     return out.loss.detach(), metrics.detach(), grad
 
 
@@ -74,8 +95,9 @@ def kernel_run(backend: str, inputs: dict, config: PolicyLossConfig, num_items_v
     return loss.cpu(), metrics.cpu(), grad.cpu()
 
 
-def assert_backend_matches(backend: str, inputs64: dict, dtype: torch.dtype, config: PolicyLossConfig,
-                           device: str = "cpu") -> None:
+def assert_backend_matches(
+    backend: str, inputs64: dict, dtype: torch.dtype, config: PolicyLossConfig, device: str = "cpu"
+) -> None:
     rounded = cast(inputs64, dtype)
     exact = reference_run(cast(rounded, torch.float64), config)
     same_dtype = reference_run(rounded, config)
@@ -104,8 +126,13 @@ def _skip_unavailable(backend: str, request) -> str:
 @pytest.mark.parametrize("loss_type", reference.LOSS_TYPES)
 def test_loss_types_and_shapes(backend, dtype, shape, importance_sampling, loss_type, request):
     device = _skip_unavailable(backend, request)
-    config = PolicyLossConfig(loss_type=loss_type, epsilon_low=0.2, epsilon_high=0.3,
-                              importance_sampling=importance_sampling, max_completion_length=shape[1] + 3)
+    config = PolicyLossConfig(
+        loss_type=loss_type,
+        epsilon_low=0.2,
+        epsilon_high=0.3,
+        importance_sampling=importance_sampling,
+        max_completion_length=shape[1] + 3,
+    )
     assert_backend_matches(backend, make_inputs(*shape, seed=sum(shape)), dtype, config, device)
 
 
@@ -115,11 +142,19 @@ OPTION_GRID = list(itertools.product(reference.KL_ESTIMATORS, [0.0, 0.04], [None
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("importance_sampling", reference.IMPORTANCE_SAMPLING_LEVELS)
 @pytest.mark.parametrize("kl_estimator,beta,dual_clip,per_token,with_old", OPTION_GRID)
-def test_kl_dual_clip_and_advantage_shapes(backend, importance_sampling, kl_estimator, beta, dual_clip, per_token,
-                                           with_old, request):
+def test_kl_dual_clip_and_advantage_shapes(
+    backend, importance_sampling, kl_estimator, beta, dual_clip, per_token, with_old, request
+):
     device = _skip_unavailable(backend, request)
-    config = PolicyLossConfig(loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.3, beta=beta,
-                              kl_estimator=kl_estimator, importance_sampling=importance_sampling, dual_clip=dual_clip)
+    config = PolicyLossConfig(
+        loss_type="bnpo",
+        epsilon_low=0.2,
+        epsilon_high=0.3,
+        beta=beta,
+        kl_estimator=kl_estimator,
+        importance_sampling=importance_sampling,
+        dual_clip=dual_clip,
+    )
     inputs = make_inputs(3, 37, seed=7, per_token_advantages=per_token, log_ratio_scale=1.5, with_old=with_old)
     assert_backend_matches(backend, inputs, torch.float32, config, device)
 
@@ -132,8 +167,9 @@ def test_extreme_log_ratios(backend, dtype, sign, request):
     inputs = make_inputs(4, 33, seed=3)
     inputs["old_logp"] = inputs["logp"] - sign * 50.0  # log-ratio +-50: ratio e^{+-50}
     for importance_sampling in reference.IMPORTANCE_SAMPLING_LEVELS:
-        config = PolicyLossConfig(loss_type="dapo", epsilon_high=0.3, dual_clip=3.0, beta=0.04,
-                                  importance_sampling=importance_sampling)
+        config = PolicyLossConfig(
+            loss_type="dapo", epsilon_high=0.3, dual_clip=3.0, beta=0.04, importance_sampling=importance_sampling
+        )
         assert_backend_matches(backend, inputs, dtype, config, device)
 
 
@@ -156,9 +192,16 @@ def test_fully_masked_batch_and_nan_padding(backend, request):
 @pytest.mark.parametrize("importance_sampling", reference.IMPORTANCE_SAMPLING_LEVELS)
 def test_gradcheck_reference_and_public_op(loss_type, importance_sampling):
     inputs = make_inputs(3, 6, seed=11, per_token_advantages=True, log_ratio_scale=0.5)
-    options = dict(old_logp=inputs["old_logp"], ref_logp=inputs["ref_logp"], loss_type=loss_type, beta=0.04,
-                   epsilon_high=0.3, dual_clip=2.0, importance_sampling=importance_sampling,
-                   max_completion_length=8)
+    options = dict(
+        old_logp=inputs["old_logp"],
+        ref_logp=inputs["ref_logp"],
+        loss_type=loss_type,
+        beta=0.04,
+        epsilon_high=0.3,
+        dual_clip=2.0,
+        importance_sampling=importance_sampling,
+        max_completion_length=8,
+    )
     adv, mask = inputs["advantages"], inputs["mask"]
     logp = inputs["logp"].clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda x: reference.policy_loss(x, adv, mask, **options).loss, (logp,))
@@ -169,14 +212,12 @@ def test_gradcheck_reference_and_public_op(loss_type, importance_sampling):
 def test_public_op_outputs_and_dtypes():
     inputs = cast(make_inputs(4, 9, seed=2), torch.bfloat16)
     logp = inputs["logp"].clone().requires_grad_(True)
-    out = medgrpo.policy_loss(logp, inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"],
-                              epsilon_high=0.3)
+    out = medgrpo.policy_loss(logp, inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"], epsilon_high=0.3)
     assert out.loss.dtype == torch.float32 and out.kl is None and out.clip_fraction_dual is None
     assert out.entropy is None and not out.clip_fraction.requires_grad
     out.loss.backward()
     assert logp.grad.dtype == torch.bfloat16 and torch.isfinite(logp.grad).all()
-    out = medgrpo.policy_loss(logp, inputs["advantages"], inputs["mask"], ref_logp=inputs["ref_logp"],
-                              dual_clip=3.0)
+    out = medgrpo.policy_loss(logp, inputs["advantages"], inputs["mask"], ref_logp=inputs["ref_logp"], dual_clip=3.0)
     assert out.kl is not None and out.clip_fraction_dual is not None
 
 
@@ -184,10 +225,12 @@ def test_public_op_outputs_and_dtypes():
 def test_dapo_num_items(num_items):
     inputs = make_inputs(3, 11, seed=4)
     items = torch.tensor(77.0, dtype=torch.float64) if num_items == "tensor" else num_items
-    got = medgrpo.policy_loss(inputs["logp"], inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"],
-                              num_items=items).loss
-    want = reference.policy_loss(inputs["logp"], inputs["advantages"], inputs["mask"],
-                                 old_logp=inputs["old_logp"], num_items=items).loss
+    got = medgrpo.policy_loss(
+        inputs["logp"], inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"], num_items=items
+    ).loss
+    want = reference.policy_loss(
+        inputs["logp"], inputs["advantages"], inputs["mask"], old_logp=inputs["old_logp"], num_items=items
+    ).loss
     torch.testing.assert_close(got, want)
 
 
@@ -217,21 +260,24 @@ def _call(**overrides):
     return medgrpo.policy_loss(logp, advantages, mask, **kwargs)
 
 
-@pytest.mark.parametrize("overrides,error,words", [
-    (dict(mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, "mask"),
-    (dict(logp=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "logp"),
-    (dict(logp=torch.zeros(10)), ValueError, "logp"),
-    (dict(advantages=torch.zeros(3)), ValueError, "advantages"),
-    (dict(old_logp=torch.zeros(2, 4)), ValueError, "old_logp"),
-    (dict(loss_type="ppo"), ValueError, "loss_type"),
-    (dict(kl_estimator="k4"), ValueError, "kl_estimator"),
-    (dict(importance_sampling="seq"), ValueError, "importance_sampling"),
-    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
-    (dict(beta=0.1), ValueError, "ref_logp"),
-    (dict(dual_clip=0.5), ValueError, "dual_clip"),
-    (dict(epsilon_low=1.5), ValueError, "epsilon_low"),
-    (dict(num_items=torch.ones(3)), ValueError, "num_items"),
-])
+@pytest.mark.parametrize(
+    "overrides,error,words",
+    [
+        (dict(mask=torch.ones(2, 6, dtype=torch.bool)), ValueError, "mask"),
+        (dict(logp=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "logp"),
+        (dict(logp=torch.zeros(10)), ValueError, "logp"),
+        (dict(advantages=torch.zeros(3)), ValueError, "advantages"),
+        (dict(old_logp=torch.zeros(2, 4)), ValueError, "old_logp"),
+        (dict(loss_type="ppo"), ValueError, "loss_type"),
+        (dict(kl_estimator="k4"), ValueError, "kl_estimator"),
+        (dict(importance_sampling="seq"), ValueError, "importance_sampling"),
+        (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+        (dict(beta=0.1), ValueError, "ref_logp"),
+        (dict(dual_clip=0.5), ValueError, "dual_clip"),
+        (dict(epsilon_low=1.5), ValueError, "epsilon_low"),
+        (dict(num_items=torch.ones(3)), ValueError, "num_items"),
+    ],
+)
 def test_bad_input_names_the_argument(overrides, error, words):
     with pytest.raises(error, match=words):
         _call(**overrides)
@@ -247,8 +293,16 @@ def test_public_op_on_cuda_matches_reference():
         same = reference_run(rounded, config)
         on_gpu = cast(inputs, dtype, "cuda")
         logp = on_gpu["logp"].clone().requires_grad_(True)
-        out = medgrpo.policy_loss(logp, on_gpu["advantages"], on_gpu["mask"], old_logp=on_gpu["old_logp"],
-                                  ref_logp=on_gpu["ref_logp"], epsilon_high=0.3, beta=0.04, dual_clip=3.0)
+        out = medgrpo.policy_loss(
+            logp,
+            on_gpu["advantages"],
+            on_gpu["mask"],
+            old_logp=on_gpu["old_logp"],
+            ref_logp=on_gpu["ref_logp"],
+            epsilon_high=0.3,
+            beta=0.04,
+            dual_clip=3.0,
+        )
         out.loss.backward()
         assert_within_reference_error(out.loss.cpu(), same[0], exact[0], name="loss")
         assert_within_reference_error(logp.grad.cpu(), same[2], exact[2], factor=3.0, name="grad")

@@ -12,8 +12,12 @@ finite_or_nan = st.one_of(st.floats(-1e6, 1e6, allow_nan=False, width=32), st.ju
 
 
 @settings(max_examples=150, deadline=None)
-@given(group_size=st.integers(1, 9), num_groups=st.integers(1, 6), data=st.data(),
-       scale=st.sampled_from(["group", "batch", "none"]))
+@given(
+    group_size=st.integers(1, 9),
+    num_groups=st.integers(1, 6),
+    data=st.data(),
+    scale=st.sampled_from(["group", "batch", "none"]),
+)
 def test_group_advantages_are_finite_and_centered(group_size, num_groups, data, scale):
     values = data.draw(st.lists(finite_or_nan, min_size=group_size * num_groups, max_size=group_size * num_groups))
     rewards = torch.tensor(values, dtype=torch.float64)
@@ -39,17 +43,31 @@ def test_normalized_rewards_lie_in_unit_interval(data, k):
 
 
 @settings(max_examples=100, deadline=None)
-@given(batch=st.integers(1, 5), length=st.integers(1, 12), seed=st.integers(0, 2**16),
-       loss_type=st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo"]),
-       importance_sampling=st.sampled_from(["token", "sequence"]), scale=st.floats(0.0, 60.0))
+@given(
+    batch=st.integers(1, 5),
+    length=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    loss_type=st.sampled_from(["grpo", "bnpo", "dr_grpo", "dapo"]),
+    importance_sampling=st.sampled_from(["token", "sequence"]),
+    scale=st.floats(0.0, 60.0),
+)
 def test_policy_loss_is_finite_and_bounded_by_clip(batch, length, seed, loss_type, importance_sampling, scale):
     gen = torch.Generator().manual_seed(seed)
     logp = (-torch.rand(batch, length, generator=gen, dtype=torch.float64)).requires_grad_(True)
     old = logp.detach() + scale * torch.randn(batch, length, generator=gen, dtype=torch.float64)
     mask = torch.rand(batch, length, generator=gen) > 0.3
     advantages = torch.randn(batch, generator=gen, dtype=torch.float64)
-    out = medgrpo.policy_loss(logp, advantages, mask, old_logp=old, loss_type=loss_type, epsilon_high=0.3,
-                              importance_sampling=importance_sampling, max_completion_length=length, dual_clip=3.0)
+    out = medgrpo.policy_loss(
+        logp,
+        advantages,
+        mask,
+        old_logp=old,
+        loss_type=loss_type,
+        epsilon_high=0.3,
+        importance_sampling=importance_sampling,
+        max_completion_length=length,
+        dual_clip=3.0,
+    )
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(logp.grad).all()
     assert torch.all(logp.grad[~mask] == 0)

@@ -16,26 +16,71 @@ from medgrpo.rewards.evaluate import build_parser, evaluate_file, format_table, 
 ROOT = Path(__file__).resolve().parents[2]
 
 OFFICIAL = {
-    "0": {"metadata": {"fps": "1.0", "video_id": "kcOqlifSukA"}, "qa_type": "tal", "data_source": "AVOS",
-          "struc_info": [{"spans": [{"start": 1.0, "end": 4.0}, {"start": 6.0, "end": 9.0}]}],
-          "question": "When?", "answer": "1.0-3.0, 5.0-9.0 seconds.", "gnd": "1.0-4.0, 6.0-9.0 seconds.",
-          "extra_field": "ignored"},
-    "1": {"metadata": {"fps": "1.0"}, "qa_type": "stg", "data_source": "CoPESD",
-          "struc_info": [{"bbox_dict": {"1.0": [0, 0, 10, 10], "2.0": [0, 0, 10, 10]}}],
-          "question": "Where?", "answer": "1.0 seconds: [0, 0, 10, 10] 2.0 seconds: [0, 0, 5, 5]", "gnd": ""},
-    "2": {"metadata": {"fps": "1.0"}, "qa_type": "cvs_assessment", "data_source": "Cholec80_CVS", "struc_info": [],
-          "question": "CVS?", "answer": "Two structures: 2, Cystic plate: 1, Hepatocystic triangle: 0",
-          "gnd": "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 0"},
-    "3": {"metadata": {"fps": "1.0"}, "qa_type": "next_action", "data_source": "AVOS", "struc_info": [],
-          "question": "Next?", "answer": "tying", "gnd": "tying"},
-    "4": {"metadata": {"fps": "1.0"}, "qa_type": "video_summary_gpt", "data_source": "AVOS", "struc_info": [],
-          "question": "Summarize.", "answer": "The surgeon sutures.", "gnd": "Suturing of the wound."},
-    "5": {"metadata": {"fps": "1.0"}, "qa_type": "dense_captioning_gemini", "data_source": "AVOS",
-          "struc_info": [{"start": 0, "end": 10, "caption": "cut"}], "question": "Describe.",
-          "answer": "0-10 seconds: cutting: the surgeon cuts", "gnd": "0-10 seconds: cut"},
+    "0": {
+        "metadata": {"fps": "1.0", "video_id": "kcOqlifSukA"},
+        "qa_type": "tal",
+        "data_source": "AVOS",
+        "struc_info": [{"spans": [{"start": 1.0, "end": 4.0}, {"start": 6.0, "end": 9.0}]}],
+        "question": "When?",
+        "answer": "1.0-3.0, 5.0-9.0 seconds.",
+        "gnd": "1.0-4.0, 6.0-9.0 seconds.",
+        "extra_field": "ignored",
+    },
+    "1": {
+        "metadata": {"fps": "1.0"},
+        "qa_type": "stg",
+        "data_source": "CoPESD",
+        "struc_info": [{"bbox_dict": {"1.0": [0, 0, 10, 10], "2.0": [0, 0, 10, 10]}}],
+        "question": "Where?",
+        "answer": "1.0 seconds: [0, 0, 10, 10] 2.0 seconds: [0, 0, 5, 5]",
+        "gnd": "",
+    },
+    "2": {
+        "metadata": {"fps": "1.0"},
+        "qa_type": "cvs_assessment",
+        "data_source": "Cholec80_CVS",
+        "struc_info": [],
+        "question": "CVS?",
+        "answer": "Two structures: 2, Cystic plate: 1, Hepatocystic triangle: 0",
+        "gnd": "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 0",
+    },
+    "3": {
+        "metadata": {"fps": "1.0"},
+        "qa_type": "next_action",
+        "data_source": "AVOS",
+        "struc_info": [],
+        "question": "Next?",
+        "answer": "tying",
+        "gnd": "tying",
+    },
+    "4": {
+        "metadata": {"fps": "1.0"},
+        "qa_type": "video_summary_gpt",
+        "data_source": "AVOS",
+        "struc_info": [],
+        "question": "Summarize.",
+        "answer": "The surgeon sutures.",
+        "gnd": "Suturing of the wound.",
+    },
+    "5": {
+        "metadata": {"fps": "1.0"},
+        "qa_type": "dense_captioning_gemini",
+        "data_source": "AVOS",
+        "struc_info": [{"start": 0, "end": 10, "caption": "cut"}],
+        "question": "Describe.",
+        "answer": "0-10 seconds: cutting: the surgeon cuts",
+        "gnd": "0-10 seconds: cut",
+    },
     "6": "not an object",
-    "7": {"metadata": {"fps": "fast"}, "qa_type": "tal", "data_source": "AVOS", "struc_info": [],
-          "question": "When?", "answer": "1-2 seconds.", "gnd": ""},
+    "7": {
+        "metadata": {"fps": "fast"},
+        "qa_type": "tal",
+        "data_source": "AVOS",
+        "struc_info": [],
+        "question": "When?",
+        "answer": "1-2 seconds.",
+        "gnd": "",
+    },
     "8": {"qa_type": "tal", "data_source": "AVOS", "answer": None, "gnd": ""},
 }
 
@@ -76,11 +121,20 @@ def test_injected_judge_and_normalized_average(results_file):
 
 def test_list_format(tmp_path):
     entries = [
-        {"id": "a", "qa_type": "skill_assessment", "data_source": "JIGSAWS",
-         "prediction": "Respect for tissue: 2/5, Time and motion: 4/5",
-         "reference": "Respect for tissue: 2/5, Time and motion: 3/5"},
-        {"qa_type": "tal", "data_source": "AVOS", "prediction": "0.0-5.0 seconds.", "fps": 2,
-         "struc_info": [{"spans": [{"start": 0.0, "end": 10.0}]}]},
+        {
+            "id": "a",
+            "qa_type": "skill_assessment",
+            "data_source": "JIGSAWS",
+            "prediction": "Respect for tissue: 2/5, Time and motion: 4/5",
+            "reference": "Respect for tissue: 2/5, Time and motion: 3/5",
+        },
+        {
+            "qa_type": "tal",
+            "data_source": "AVOS",
+            "prediction": "0.0-5.0 seconds.",
+            "fps": 2,
+            "struc_info": [{"spans": [{"start": 0.0, "end": 10.0}]}],
+        },
         7,
     ]
     path = tmp_path / "ours.json"
@@ -108,8 +162,18 @@ def test_comparison_plot(results_file, tmp_path):
     first = tmp_path / "first.json"
     assert main(["--predictions", str(results_file), "--output", str(first)]) == 0
     plot = tmp_path / "runs.png"
-    args = ["--predictions", str(results_file), "--output", str(tmp_path / "second.json"),
-            "--plot", str(plot), "--compare", str(first), "--label", "second"]
+    args = [
+        "--predictions",
+        str(results_file),
+        "--output",
+        str(tmp_path / "second.json"),
+        "--plot",
+        str(plot),
+        "--compare",
+        str(first),
+        "--label",
+        "second",
+    ]
     assert main(args) == 0
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -125,8 +189,15 @@ def test_registers_on_a_top_level_cli(results_file, tmp_path):
 def test_python_dash_m(results_file, tmp_path):
     output = tmp_path / "metrics.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "medgrpo.rewards.evaluate", "--predictions", str(results_file),
-               "--output", str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "medgrpo.rewards.evaluate",
+        "--predictions",
+        str(results_file),
+        "--output",
+        str(output),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert json.loads(output.read_text())["nap_acc"] == 1.0

@@ -54,8 +54,7 @@ def make_judge(server: JudgeServer, **overrides) -> Judge:
 
 
 # ------------------------------------------------------------------------ parsing and prompt
-VALID = {"medical_terminology": 4, "instrument_anatomy": 5, "specificity": 2, "procedure_context": 3,
-         "action_state": 1}
+VALID = {"medical_terminology": 4, "instrument_anatomy": 5, "specificity": 2, "procedure_context": 3, "action_state": 1}
 
 
 def test_parse_valid_replies() -> None:
@@ -67,16 +66,26 @@ def test_parse_valid_replies() -> None:
     assert parse_judge_reply("```\n" + json.dumps(VALID) + "```") == score
 
 
-@pytest.mark.parametrize("reply", [
-    None, "", "4", "[4, 5, 2, 3, 1]", "The scores are " + json.dumps(VALID),
-    json.dumps(VALID) + " Hope this helps.",
-    json.dumps({k: v for k, v in VALID.items() if k != "action_state"}),
-    json.dumps(VALID | {"rationale": "good"}),
-    json.dumps(VALID | {"specificity": 3.5}), json.dumps(VALID | {"specificity": 4.0}),
-    json.dumps(VALID | {"specificity": "4"}), json.dumps(VALID | {"specificity": True}),
-    json.dumps(VALID | {"specificity": 0}), json.dumps(VALID | {"specificity": 6}),
-    json.dumps(VALID | {"specificity": None}),
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        None,
+        "",
+        "4",
+        "[4, 5, 2, 3, 1]",
+        "The scores are " + json.dumps(VALID),
+        json.dumps(VALID) + " Hope this helps.",
+        json.dumps({k: v for k, v in VALID.items() if k != "action_state"}),
+        json.dumps(VALID | {"rationale": "good"}),
+        json.dumps(VALID | {"specificity": 3.5}),
+        json.dumps(VALID | {"specificity": 4.0}),
+        json.dumps(VALID | {"specificity": "4"}),
+        json.dumps(VALID | {"specificity": True}),
+        json.dumps(VALID | {"specificity": 0}),
+        json.dumps(VALID | {"specificity": 6}),
+        json.dumps(VALID | {"specificity": None}),
+    ],
+)
 def test_parse_rejects_anything_but_the_five_integer_scores(reply) -> None:
     assert parse_judge_reply(reply) is None
 
@@ -104,8 +113,14 @@ def test_scores_and_request_shape(server: JudgeServer) -> None:
     body = server.bodies[0]
     assert body["model"] == "loopback-judge" and body["temperature"] == 0.0 and body["max_tokens"] == 128
     assert "response_format" not in body
-    assert judge.counters.as_dict() == {"judge/items": 4, "judge/cache_hits": 0, "judge/scored": 4,
-                                        "judge/missing": 0, "judge/requests": 4, "judge/retries": 0}
+    assert judge.counters.as_dict() == {
+        "judge/items": 4,
+        "judge/cache_hits": 0,
+        "judge/scored": 4,
+        "judge/missing": 0,
+        "judge/requests": 4,
+        "judge/retries": 0,
+    }
 
 
 def test_identical_pairs_in_a_batch_are_asked_once(server: JudgeServer) -> None:
@@ -150,11 +165,12 @@ def test_429_and_5xx_are_retried_then_succeed(server: JudgeServer) -> None:
     assert (judge.counters.requests, judge.counters.retries, judge.counters.missing) == (5, 3, 0)
 
 
-def test_transport_failures_past_max_retries_are_missing(server: JudgeServer,
-                                                         caplog: pytest.LogCaptureFixture) -> None:
+def test_transport_failures_past_max_retries_are_missing(server: JudgeServer, caplog: pytest.LogCaptureFixture) -> None:
     server.push(*["500"] * 3)
-    with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"), \
-            make_judge(server, max_retries=2, max_concurrency=1) as judge:
+    with (
+        caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"),
+        make_judge(server, max_retries=2, max_concurrency=1) as judge,
+    ):
         scores = judge.score_batch(PREDICTIONS[:2], [REFERENCE] * 2)
     assert scores == [None, expected(PREDICTIONS[1])]
     assert (judge.counters.requests, judge.counters.retries, judge.counters.missing) == (4, 2, 1)
@@ -173,8 +189,10 @@ def test_timeout_is_retried_then_succeeds(server: JudgeServer) -> None:
 def test_timeouts_past_max_retries_are_missing(server: JudgeServer, caplog: pytest.LogCaptureFixture) -> None:
     server.slow_s = 1.0
     server.rule("[slow]", "slow")
-    with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"), \
-            make_judge(server, timeout_s=0.2, max_retries=1) as judge:
+    with (
+        caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"),
+        make_judge(server, timeout_s=0.2, max_retries=1) as judge,
+    ):
         scores = judge.score_batch(["x [slow]", PREDICTIONS[1]], [REFERENCE] * 2)
     assert scores == [None, expected(PREDICTIONS[1])]
     assert judge.counters.missing == 1 and judge.counters.retries == 1
@@ -182,12 +200,12 @@ def test_timeouts_past_max_retries_are_missing(server: JudgeServer, caplog: pyte
 
 
 @pytest.mark.parametrize("action", ["garbage", "invalid"])
-def test_unparseable_replies_are_retried_then_missing(server: JudgeServer, caplog: pytest.LogCaptureFixture,
-                                                      action: str) -> None:
+def test_unparseable_replies_are_retried_then_missing(
+    server: JudgeServer, caplog: pytest.LogCaptureFixture, action: str
+) -> None:
     server.rule("[bad]", action)
     predictions = ["one [bad]", PREDICTIONS[1], "two [bad]"]
-    with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"), \
-            make_judge(server, parse_retries=2) as judge:
+    with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"), make_judge(server, parse_retries=2) as judge:
         scores = judge.score_batch(predictions, [REFERENCE] * 3)
     assert scores == [None, expected(PREDICTIONS[1]), None]
     c = judge.counters
@@ -226,14 +244,17 @@ def test_cache_survives_a_restart(server: JudgeServer, tmp_path) -> None:
     assert (c.items, c.cache_hits, c.scored, c.requests) == (5, 5, 0, 0)
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        row = db.execute("SELECT model, prompt_version, medical_terminology, instrument_anatomy, specificity, "
-                         "procedure_context, action_state FROM judge_scores WHERE key = ?",
-                         [restarted._key(PREDICTIONS[1], REFERENCE)]).fetchone()
+        row = db.execute(
+            "SELECT model, prompt_version, medical_terminology, instrument_anatomy, specificity, "
+            "procedure_context, action_state FROM judge_scores WHERE key = ?",
+            [restarted._key(PREDICTIONS[1], REFERENCE)],
+        ).fetchone()
     assert row == ("loopback-judge", JUDGE_PROMPT_VERSION, *expected(PREDICTIONS[1]).scores)
 
 
-def test_cache_is_keyed_by_model_and_prompt_version(server: JudgeServer, tmp_path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_is_keyed_by_model_and_prompt_version(
+    server: JudgeServer, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = str(tmp_path / "judge.sqlite")
     with make_judge(server, cache_path=path) as judge:
         judge.score_batch(PREDICTIONS[:1], [REFERENCE])
@@ -265,8 +286,9 @@ def test_reset_counters(server: JudgeServer) -> None:
 
 
 # ------------------------------------------------------------------------ the API key
-def test_api_key_is_sent_but_never_logged_or_shown(monkeypatch: pytest.MonkeyPatch,
-                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_api_key_is_sent_but_never_logged_or_shown(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     secret = "sk-medgrpo-test-5f0c1d2e3a4b"
     monkeypatch.setenv("MY_JUDGE_KEY", secret)
     with JudgeServer(api_key=secret) as server:
@@ -313,14 +335,17 @@ def test_cache_writer_is_not_blocked_by_an_open_reader(tmp_path) -> None:
     assert reader.execute("SELECT COUNT(*) FROM judge_scores").fetchone() == (1,)  # its snapshot is stable
     reader.execute("COMMIT")
     assert reader.execute("SELECT COUNT(*) FROM judge_scores").fetchone() == (2,)
-    assert JudgeCache(path, DIMENSIONS).get_many([key, other, "absent"]) == {key: (1, 2, 3, 4, 5),
-                                                                             other: (5, 5, 5, 5, 5)}
+    assert JudgeCache(path, DIMENSIONS).get_many([key, other, "absent"]) == {
+        key: (1, 2, 3, 4, 5),
+        other: (5, 5, 5, 5, 5),
+    }
     reader.close()
     writer.close()
 
 
-def test_backoff_is_exponential_capped_and_honours_retry_after(server: JudgeServer,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backoff_is_exponential_capped_and_honours_retry_after(
+    server: JudgeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import httpx2
     import openai
 

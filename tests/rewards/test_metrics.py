@@ -100,8 +100,10 @@ class TestStg:
         assert stg_metrics([rec(0, "stg", bare, struc_info=gt_int_keys)]).overall["stg_miou"] == 0.0
 
     def test_record_without_valid_ground_truth_is_left_out(self):
-        records = [rec(0, "stg", "1.0 seconds: [0, 0, 10, 10]", struc_info=self.GT),
-                   rec(1, "stg", "1.0 seconds: [0, 0, 10, 10]", struc_info=[{"bbox_dict": {"1.0": "n/a"}}])]
+        records = [
+            rec(0, "stg", "1.0 seconds: [0, 0, 10, 10]", struc_info=self.GT),
+            rec(1, "stg", "1.0 seconds: [0, 0, 10, 10]", struc_info=[{"bbox_dict": {"1.0": "n/a"}}]),
+        ]
         result = stg_metrics(records)
         # Record 0: 2.0 and 3.0 take the box of 1.0 -> 1.0; record 1 is not averaged in as 0.
         assert result.overall["stg_miou"] == 1.0 and result.skipped == [("1", "no valid ground-truth box")]
@@ -119,9 +121,11 @@ class TestDenseCaptioning:
     def test_dataset_weights_count_unparsed_records(self):
         gt = [{"start": 0, "end": 10, "caption": "a"}]
         half = "0-10 seconds: a\n20-30 seconds: b"  # P = 1/2, R = 1 -> F1 = 2/3
-        records = [rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt, source="A"),
-                   rec(1, "dense_captioning", "nothing parsable", struc_info=gt, source="A"),
-                   rec(2, "dense_captioning", half, struc_info=gt, source="B")]
+        records = [
+            rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt, source="A"),
+            rec(1, "dense_captioning", "nothing parsable", struc_info=gt, source="A"),
+            rec(2, "dense_captioning", half, struc_info=gt, source="B"),
+        ]
         result = dvc_metrics(records)
         # Official quirk: A's F1 is 1 (its unparsed record left out) but A weighs 2 records.
         assert result.per_dataset["A"]["dvc_f1"] == 1.0
@@ -144,8 +148,10 @@ class TestDenseCaptioning:
 
     def test_dataset_without_matched_pairs_scores_zero_in_the_pool(self):
         gt = [{"start": 0, "end": 10, "caption": "a"}]
-        records = [rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt, source="A"),
-                   rec(1, "dense_captioning", "50-60 seconds: far", struc_info=gt, source="B")]
+        records = [
+            rec(0, "dense_captioning", "0-10 seconds: a", struc_info=gt, source="A"),
+            rec(1, "dense_captioning", "50-60 seconds: far", struc_info=gt, source="B"),
+        ]
         result = dvc_metrics(records, lambda rs: [5.0] * len(rs))
         assert result.per_dataset["B"]["dvc_llm"] == 0.0 and result.overall["dvc_llm"] == pytest.approx(2.5)
 
@@ -158,10 +164,12 @@ class TestDenseCaptioning:
 
 class TestNextAction:
     def test_exact_match_fallback_and_left_out(self):
-        records = [rec(0, "next_action", "cutting", "cutting"),
-                   rec(1, "next_action", " tying ", "tying"),
-                   rec(2, "next_action", "Suturing!", "suturing"),
-                   rec(3, "next_action", "cutting", "stapling")]  # ground truth not a class: left out
+        records = [
+            rec(0, "next_action", "cutting", "cutting"),
+            rec(1, "next_action", " tying ", "tying"),
+            rec(2, "next_action", "Suturing!", "suturing"),
+            rec(3, "next_action", "cutting", "stapling"),
+        ]  # ground truth not a class: left out
         no_embed = nap_metrics(records)
         # Without an embedder "Suturing!" still meets "suturing" loosely.
         assert no_embed.overall["nap_acc"] == 1.0 and no_embed.evaluated == 3
@@ -185,10 +193,12 @@ class TestNextAction:
         assert embed_calls[0] == ["Cutting"]
 
     def test_classes_from_ground_truths_and_copesd_renames(self):
-        records = [rec(0, "next_action", "grasp", "grasp", source="EgoSurgery"),
-                   rec(1, "next_action", "cut", "grasp", source="EgoSurgery"),
-                   rec(2, "next_action", "cutt", "cut", source="EgoSurgery"),
-                   rec(3, "next_action", "hold flap with forceps", "stabilize flap with forceps", source="CoPESD")]
+        records = [
+            rec(0, "next_action", "grasp", "grasp", source="EgoSurgery"),
+            rec(1, "next_action", "cut", "grasp", source="EgoSurgery"),
+            rec(2, "next_action", "cutt", "cut", source="EgoSurgery"),
+            rec(3, "next_action", "hold flap with forceps", "stabilize flap with forceps", source="CoPESD"),
+        ]
         result = nap_metrics(records, fake_embed)
         assert result.per_dataset["EgoSurgery"]["nap_acc"] == pytest.approx(2 / 3)
         assert result.per_dataset["CoPESD"]["nap_acc"] == 1.0
@@ -203,8 +213,14 @@ class TestNextAction:
         # Official quirk: "Subcutaneous Injection" precedes "... Insulin"; its list lacks
         # "Prepare medication solution", so this ground truth is left out.
         question = "In this Subcutaneous Injection Insulin video, what comes next?"
-        record = rec(0, "next_action", "Prepare medication solution", "Prepare medication solution",
-                     source="NurViD", question=question)
+        record = rec(
+            0,
+            "next_action",
+            "Prepare medication solution",
+            "Prepare medication solution",
+            source="NurViD",
+            question=question,
+        )
         assert nap_metrics([record]).evaluated == 0
 
 
@@ -213,12 +229,27 @@ class TestCvsAndSkill:
         gt = [{"cvs_scores": {"two_structures": 2, "cystic_plate": 0, "hepatocystic_triangle": 1, "total": 3}}]
         records = [
             rec(0, "cvs_assessment", "Two structures: 2, Cystic plate: 1", struc_info=gt, source="A"),
-            rec(1, "cvs_assessment", "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1", struc_info=gt,
-                source="A"),
-            rec(2, "cvs_assessment", "unparsable", "Two structures: 1, Cystic plate: 1, Hepatocystic triangle: 1",
-                source="B"),
-            rec(3, "cvs_assessment", "Two structures: 0, Cystic plate: 1, Hepatocystic triangle: 1",
-                "Two structures: 1, Cystic plate: 1, Hepatocystic triangle: 1", source="B"),
+            rec(
+                1,
+                "cvs_assessment",
+                "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1",
+                struc_info=gt,
+                source="A",
+            ),
+            rec(
+                2,
+                "cvs_assessment",
+                "unparsable",
+                "Two structures: 1, Cystic plate: 1, Hepatocystic triangle: 1",
+                source="B",
+            ),
+            rec(
+                3,
+                "cvs_assessment",
+                "Two structures: 0, Cystic plate: 1, Hepatocystic triangle: 1",
+                "Two structures: 1, Cystic plate: 1, Hepatocystic triangle: 1",
+                source="B",
+            ),
         ]
         result = cvs_metrics(records)
         # A: two_structures 2/2, cystic_plate 1/2, triangle 1/1 -> 5/6. B: 0, 1, 1 -> 2/3.
@@ -280,8 +311,12 @@ def official_module(tmp_path_factory, name: str):
     skip when the mirror is absent or the module's own imports are unavailable."""
     if not MIRROR.exists():
         pytest.skip("official evaluator mirror not available")
-    source = subprocess.run(["git", "-C", str(MIRROR), "show", f"{FIRST_COMMIT}:evaluation/{name}.py"],
-                            capture_output=True, text=True, check=False)
+    source = subprocess.run(
+        ["git", "-C", str(MIRROR), "show", f"{FIRST_COMMIT}:evaluation/{name}.py"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if source.returncode != 0:
         pytest.skip(f"evaluation/{name}.py not in the mirror")
     path = tmp_path_factory.mktemp("official") / f"{name}.py"
@@ -322,13 +357,24 @@ def test_cvs_equals_official(tmp_path_factory, seed):
     rng = random.Random(seed)
     raw = []
     for _ in range(60):
-        struc = [] if rng.random() < 0.5 else [{"cvs_scores": {
-            "two_structures": rng.randint(0, 2), "cystic_plate": rng.randint(0, 2),
-            "hepatocystic_triangle": rng.randint(0, 2)}}]
+        struc = (
+            []
+            if rng.random() < 0.5
+            else [
+                {
+                    "cvs_scores": {
+                        "two_structures": rng.randint(0, 2),
+                        "cystic_plate": rng.randint(0, 2),
+                        "hepatocystic_triangle": rng.randint(0, 2),
+                    }
+                }
+            ]
+        )
         raw.append({"question": "q", "answer": random_cvs_text(rng), "gnd": random_cvs_text(rng), "struc_info": struc})
     expected = official.evaluate_cvs_assessment(raw)["component_balanced_accuracy"]
-    ours = cvs_metrics([rec(i, "cvs_assessment", r["answer"], r["gnd"], struc_info=r["struc_info"])
-                        for i, r in enumerate(raw)])
+    ours = cvs_metrics(
+        [rec(i, "cvs_assessment", r["answer"], r["gnd"], struc_info=r["struc_info"]) for i, r in enumerate(raw)]
+    )
     assert ours.overall["cvs_acc"] == pytest.approx(expected, abs=1e-9)
 
 
@@ -339,9 +385,11 @@ def test_skill_equals_official(tmp_path_factory, seed):
     raw = []
     for _ in range(60):
         struc = [] if rng.random() < 0.6 else [{"skill_level": rng.choice(["N", "I", "E"])}]
-        raw.append({"question": "q", "answer": random_skill_text(rng), "gnd": random_skill_text(rng),
-                    "struc_info": struc})
+        raw.append(
+            {"question": "q", "answer": random_skill_text(rng), "gnd": random_skill_text(rng), "struc_info": struc}
+        )
     expected = official.evaluate_skill_assessment(raw)["aspect_balanced_accuracy"]
-    ours = skill_metrics([rec(i, "skill_assessment", r["answer"], r["gnd"], struc_info=r["struc_info"])
-                          for i, r in enumerate(raw)])
+    ours = skill_metrics(
+        [rec(i, "skill_assessment", r["answer"], r["gnd"], struc_info=r["struc_info"]) for i, r in enumerate(raw)]
+    )
     assert ours.overall["sa_acc"] == pytest.approx(expected, abs=1e-9)

@@ -32,8 +32,11 @@ def write_jsonl(path: Path, lines: list) -> Path:
 def rollouts(seed: int = 0) -> tuple[list[dict], dict[tuple[str, str], list[float]]]:
     """Rollouts of 3 keys with different scales (and variant qa types), and their finite rewards by key."""
     rng = np.random.default_rng(seed)
-    spec = {("CholecT50", "tal"): (0.4, 0.2, 97), ("NurViD", "dense_captioning"): (0.7, 0.05, 50),
-            ("AVOS", "stg"): (0.1, 0.3, 5)}
+    spec = {
+        ("CholecT50", "tal"): (0.4, 0.2, 97),
+        ("NurViD", "dense_captioning"): (0.7, 0.05, 50),
+        ("AVOS", "stg"): (0.1, 0.3, 5),
+    }
     rows, by_key = [], {}
     for (source, qa_type), (mu, sigma, n) in spec.items():
         values = rng.normal(mu, sigma, n)
@@ -60,8 +63,9 @@ def test_quartiles_equal_numpy_and_torch(tmp_path: Path, capsys: pytest.CaptureF
         values = by_key[(row.data_source, row.qa_type)]
         expected = np.percentile(np.asarray(values), [25, 50, 75])  # numpy's default: linear
         assert [row.p25, row.p50, row.p75] == pytest.approx(expected.tolist(), rel=0, abs=1e-12)
-        q = torch.quantile(torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75],
-                                                                                    dtype=torch.float64))
+        q = torch.quantile(
+            torch.tensor(values, dtype=torch.float64), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+        )
         assert [row.p25, row.p50, row.p75] == q.tolist()
         assert row.count == len(values) and row.nonfinite == 0
     report = capsys.readouterr().out
@@ -70,20 +74,22 @@ def test_quartiles_equal_numpy_and_torch(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_malformed_lines_and_nonfinite_rewards_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    good = [{"id": i, "data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": r}
-            for i, r in enumerate([0.0, 0.25, 0.5, 1.0])]
+    good = [
+        {"id": i, "data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": r}
+        for i, r in enumerate([0.0, 0.25, 0.5, 1.0])
+    ]
     lines = [
         good[0],
-        "{not json",                                                     # line 2
+        "{not json",  # line 2
         good[1],
-        "",                                                              # blank: skipped, not malformed
-        ["a", "list"],                                                   # line 5
-        {"data_source": "JIGSAWS", "qa_type": "skill_assessment"},       # line 6: no reward
+        "",  # blank: skipped, not malformed
+        ["a", "list"],  # line 5
+        {"data_source": "JIGSAWS", "qa_type": "skill_assessment"},  # line 6: no reward
         {"data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": "0.5"},  # line 7
-        {"data_source": "", "qa_type": "tal", "reward": 0.1},            # line 8
+        {"data_source": "", "qa_type": "tal", "reward": 0.1},  # line 8
         {"data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": None},
         '{"data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": NaN}',
-        {"data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": True},   # line 11
+        {"data_source": "JIGSAWS", "qa_type": "skill_assessment", "reward": True},  # line 11
         good[2],
         {"data_source": "EgoSurgery", "qa_type": "tal", "reward": None},  # a key with no finite reward
         good[3],
@@ -171,8 +177,21 @@ def test_build_parser_registers_as_a_subcommand() -> None:
 
 def test_python_dash_m_entry_point(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "r.jsonl", [{"data_source": "A", "qa_type": "tal", "reward": r} for r in (1, 2, 3)])
-    result = subprocess.run([sys.executable, "-m", "medgrpo.rewards.norm_stats", str(path), "-o",
-                             str(tmp_path / "s.json"), "--min-samples", "2"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medgrpo.rewards.norm_stats",
+            str(path),
+            "-o",
+            str(tmp_path / "s.json"),
+            "--min-samples",
+            "2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout
     assert load_norm_stats(tmp_path / "s.json").tensor().tolist() == [[1.5, 2.0, 2.5]]

@@ -66,8 +66,9 @@ def test_similarity_values(embedder: sim.SentenceEmbedder) -> None:
 
 def test_nearest_label(embedder: sim.SentenceEmbedder) -> None:
     labels = ["clipping and cutting", "gallbladder dissection", "suturing the wound"]
-    index, score = embedder.nearest_label(["the gallbladder is dissected from the liver bed", "stitch the skin"],
-                                          labels)
+    index, score = embedder.nearest_label(
+        ["the gallbladder is dissected from the liver bed", "stitch the skin"], labels
+    )
     assert index.tolist() == [1, 2]
     expected = embedder.embed(["stitch the skin"]) @ embedder.embed(labels).T
     torch.testing.assert_close(score[1], expected[0].max(), atol=1e-6, rtol=0)

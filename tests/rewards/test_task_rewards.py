@@ -43,21 +43,49 @@ class Rec:
 
 
 TAL = Rec("tal", "1.0-4.0, 6.0-9.0 seconds.", [{"spans": [{"start": 1.0, "end": 4.0}, {"start": 6.0, "end": 9.0}]}])
-STG = Rec("stg", "", [{"bbox_dict": {"1.0": [0, 0, 10, 10], "2.0": [0, 0, 10, 10], "3.0": [0, 0, 10, 10]}}],
-          data_source="CoPESD")
-DVC = Rec("dense_captioning_gpt", "", [{"start": 0, "end": 10, "caption": "the hook dissects the cystic duct"},
-                                       {"start": 10, "end": 20, "caption": "a clip is applied to the artery"}])
+STG = Rec(
+    "stg",
+    "",
+    [{"bbox_dict": {"1.0": [0, 0, 10, 10], "2.0": [0, 0, 10, 10], "3.0": [0, 0, 10, 10]}}],
+    data_source="CoPESD",
+)
+DVC = Rec(
+    "dense_captioning_gpt",
+    "",
+    [
+        {"start": 0, "end": 10, "caption": "the hook dissects the cystic duct"},
+        {"start": 10, "end": 20, "caption": "a clip is applied to the artery"},
+    ],
+)
 NAP = Rec("next_action", "tying", [], question="What comes next?")
-CVS = Rec("cvs_assessment", "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1", [],
-          data_source="Cholec80_CVS")
-SKILL = Rec("skill_assessment", "", [{"skill_level": "N", "skill_scores": {
-    "Respect for tissue": 2, "Suture/needle handling": 3, "Time and motion": 4, "Flow of operation": 2,
-    "Overall performance": 3, "Quality of final product": 5}}], data_source="JIGSAWS")
+CVS = Rec(
+    "cvs_assessment", "Two structures: 2, Cystic plate: 0, Hepatocystic triangle: 1", [], data_source="Cholec80_CVS"
+)
+SKILL = Rec(
+    "skill_assessment",
+    "",
+    [
+        {
+            "skill_level": "N",
+            "skill_scores": {
+                "Respect for tissue": 2,
+                "Suture/needle handling": 3,
+                "Time and motion": 4,
+                "Flow of operation": 2,
+                "Overall performance": 3,
+                "Quality of final product": 5,
+            },
+        }
+    ],
+    data_source="JIGSAWS",
+)
 VS = Rec("video_summary_gemini", "The surgeon dissects the gallbladder from the liver bed with a hook.")
 RC = Rec("region_caption", "A grasper holds the gallbladder fundus.")
 ALL = (TAL, STG, DVC, NAP, CVS, SKILL, VS, RC)
-SKILL_GOOD = ("Respect for tissue: 2/5, Suture/needle handling: 3/5, Time and motion: 4/5, Flow of operation: 2/5, "
-              "Overall performance: 3/5, Quality of final product: 5/5")
+SKILL_GOOD = (
+    "Respect for tissue: 2/5, Suture/needle handling: 3/5, Time and motion: 4/5, Flow of operation: 2/5, "
+    "Overall performance: 3/5, Quality of final product: 5/5"
+)
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +177,11 @@ def test_batch_without_judge_uses_similarity_only(reward, embedder):
     out = reward(completions, list(ALL))
     assert out.rewards.dtype == torch.float32 and out.format_ok.dtype == torch.bool
     assert torch.isfinite(out.rewards).all()
-    sims = cos(embedder, ["dissection: the hook dissects the cystic duct", "clipping: a clip is applied",
-                          completions[6]], [DVC.struc_info[0]["caption"], DVC.struc_info[1]["caption"], VS.answer])
+    sims = cos(
+        embedder,
+        ["dissection: the hook dissects the cystic duct", "clipping: a clip is applied", completions[6]],
+        [DVC.struc_info[0]["caption"], DVC.struc_info[1]["caption"], VS.answer],
+    )
     dvc = 0.5 * soft_f1(2, 2, [1.0, 0.8]) + 0.5 * soft_f1(2, 2, sims[:2].tolist())
     expected = [2 * (2 / 3 + 3 / 4) / 4, 0.5, dvc, 1.0, 1.0, 1.0, float(sims[2]), 0.0]
     torch.testing.assert_close(out.rewards, torch.tensor(expected), rtol=0, atol=1e-6)
@@ -161,8 +192,15 @@ def test_batch_without_judge_uses_similarity_only(reward, embedder):
 
 def test_next_action_partial_credit(reward):
     records = [NAP] * 5 + [Rec("next_action", "Grasp the needle", data_source="JIGSAWS")] * 2
-    completions = ["Tying.", "cutting", "I believe the next step is tying.", "The surgeon will tie a knot with thread",
-                   "", "grasp the needle", "Pull the suture"]
+    completions = [
+        "Tying.",
+        "cutting",
+        "I believe the next step is tying.",
+        "The surgeon will tie a knot with thread",
+        "",
+        "grasp the needle",
+        "Pull the suture",
+    ]
     out = reward(completions, records)
     assert out.rewards.tolist() == [1.0, 0.0, 0.5, 0.5, 0.0, 1.0, 0.0]
     assert out.format_ok.tolist() == [True, True, False, False, False, True, True]
@@ -170,8 +208,13 @@ def test_next_action_partial_credit(reward):
 
 
 def test_unknown_type_and_bad_reference_are_nan_and_counted(reward, caplog):
-    records = [Rec("optical_flow", "x"), Rec("tal", "no spans here", []), Rec("cvs_assessment", "", {"bad": 1}),
-               Rec("video_summary", None), TAL]
+    records = [
+        Rec("optical_flow", "x"),
+        Rec("tal", "no spans here", []),
+        Rec("cvs_assessment", "", {"bad": 1}),
+        Rec("video_summary", None),
+        TAL,
+    ]
     out = reward(["a", "1.0-2.0 seconds.", "Two structures: 2", "A summary.", None], records)  # type: ignore[list-item]
     assert math.isnan(out.rewards[0]) and math.isnan(out.rewards[1]) and math.isnan(out.rewards[2])
     assert math.isnan(out.rewards[3]) and out.rewards[4] == 0.0  # a non-string completion reads as ""
@@ -191,8 +234,11 @@ def test_config_validation():
 
 
 def test_caption_rewards_with_the_judge(embedder):
-    completions = ["The surgeon dissects the gallbladder with a hook.", "A grasper holds the fundus.",
-                   "0-10 seconds: dissection: the hook dissects the duct"]
+    completions = [
+        "The surgeon dissects the gallbladder with a hook.",
+        "A grasper holds the fundus.",
+        "0-10 seconds: dissection: the hook dissects the duct",
+    ]
     with JudgeServer() as server, Judge(JudgeConfig(base_url=server.base_url, model="loopback-judge")) as judge:
         config = RewardConfig(similarity_weight=0.25, judge_weight=0.75)
         out = RewardFunction(config, judge=judge, embedder=embedder)(completions, [VS, RC, DVC])
@@ -209,11 +255,21 @@ def test_caption_rewards_with_the_judge(embedder):
 def test_judge_down_gives_nan_only_for_caption_rewards(embedder, caplog):
     with JudgeServer() as server:
         server.rule("", "500")  # every request fails
-        config = RewardConfig(judge=JudgeConfig(base_url=server.base_url, model="loopback-judge", max_retries=1,
-                                                backoff_base_s=0.01))
+        config = RewardConfig(
+            judge=JudgeConfig(base_url=server.base_url, model="loopback-judge", max_retries=1, backoff_base_s=0.01)
+        )
         with RewardFunction(config, embedder=embedder) as fn:
-            out = fn(["1.0-4.0, 6.0-9.0 seconds.", "A summary of the video.", "Holds the fundus.",
-                      "0-10 seconds: a: b", "50-60 seconds: a: b", ""], [TAL, VS, RC, DVC, DVC, VS])
+            out = fn(
+                [
+                    "1.0-4.0, 6.0-9.0 seconds.",
+                    "A summary of the video.",
+                    "Holds the fundus.",
+                    "0-10 seconds: a: b",
+                    "50-60 seconds: a: b",
+                    "",
+                ],
+                [TAL, VS, RC, DVC, DVC, VS],
+            )
     assert out.rewards[0] == 1.0
     assert [math.isnan(v) for v in out.rewards[1:].tolist()] == [True, True, True, False, False]
     assert out.rewards[4] == 0.0  # no matched event: nothing to judge, nothing missing
@@ -224,11 +280,42 @@ def test_judge_down_gives_nan_only_for_caption_rewards(embedder, caplog):
 
 # --- never throws ------------------------------------------------------------------------
 
-_TOKENS = st.sampled_from([
-    "seconds", "seconds:", " ", "\n", ",", "-", ":", "[", "]", "[[", "]]", "/5", "nan", "inf", "1e999", "9" * 400,
-    "Two structures:", "Cystic plate:", "hepatocystic triangle:", "Respect for tissue:", "tying", "to", "00:01:02",
-    "</prediction>", "<reference>", "**Start Time:**", "–", "-1", "0", "1.5", "10", "99999999999999999999",
-])
+_TOKENS = st.sampled_from(
+    [
+        "seconds",
+        "seconds:",
+        " ",
+        "\n",
+        ",",
+        "-",
+        ":",
+        "[",
+        "]",
+        "[[",
+        "]]",
+        "/5",
+        "nan",
+        "inf",
+        "1e999",
+        "9" * 400,
+        "Two structures:",
+        "Cystic plate:",
+        "hepatocystic triangle:",
+        "Respect for tissue:",
+        "tying",
+        "to",
+        "00:01:02",
+        "</prediction>",
+        "<reference>",
+        "**Start Time:**",
+        "–",
+        "-1",
+        "0",
+        "1.5",
+        "10",
+        "99999999999999999999",
+    ]
+)
 _TEXT = st.one_of(st.text(max_size=80), st.lists(st.one_of(_TOKENS, st.text(max_size=4)), max_size=40).map("".join))
 
 

@@ -96,8 +96,11 @@ def test_model_only_checkpoint(model_dir, tmp_path):
     assert load_checkpoint(tmp_path / "step_000000", model=fresh) == {}
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
     with pytest.raises(ValueError, match="no scheduler state"):
-        load_checkpoint(tmp_path / "step_000000", model=fresh, scheduler=torch.optim.lr_scheduler.LambdaLR(
-            torch.optim.SGD(fresh.parameters(), lr=0.1), lambda step: 1.0))  # fmt: skip
+        load_checkpoint(
+            tmp_path / "step_000000",
+            model=fresh,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(fresh.parameters(), lr=0.1), lambda step: 1.0),
+        )
 
 
 def test_a_save_killed_midway_is_not_picked_up(model_dir, tmp_path, monkeypatch):

@@ -33,11 +33,18 @@ def make_batches(root: Path, tokenizer) -> list[dict[str, torch.Tensor]]:
     records = []
     for i, answer in enumerate(("1.0-2.0 seconds.", "clipping and cutting")):
         frames = write_jpeg_folder(root / f"clip_{i}", 4 + 2 * i, (112, 112))
-        records.append({
-            "conversations": [{"from": "human", "value": f"<video>\nQuestion {i}?"}, {"from": "gpt", "value": answer}],
-            "video": [f"clip_{i}/{Path(p).name}" for p in frames],
-            "metadata": {"fps": "1.0", "video_id": f"v{i}"}, "qa_type": "tal", "data_source": "AVOS",
-        })  # fmt: skip
+        records.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": f"<video>\nQuestion {i}?"},
+                    {"from": "gpt", "value": answer},
+                ],
+                "video": [f"clip_{i}/{Path(p).name}" for p in frames],
+                "metadata": {"fps": "1.0", "video_id": f"v{i}"},
+                "qa_type": "tal",
+                "data_source": "AVOS",
+            }
+        )
     (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     dataset = VideoDataset(RecordDataset(root / "records.jsonl"), DecodeOptions(min_pixels=56 * 56, max_pixels=56 * 56))
     collate = VideoCollator(tokenizer, with_answers=True)
@@ -122,8 +129,7 @@ def worker(rank: int, port: int, paths: dict, batches, expected, results) -> Non
         loss = local_loss(model, batch, global_tokens)
         out["head_weight_gathered"] = float(not isinstance(lm_head_weight(model), DTensor))
         loss.backward()
-        out["grad_error"] = max_error({n: p.grad.full_tensor() for n, p in model.named_parameters()},
-                                      expected["grads"])  # fmt: skip
+        out["grad_error"] = max_error({n: p.grad.full_tensor() for n, p in model.named_parameters()}, expected["grads"])
         optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
         optimizer.step()
         optimizer.zero_grad()

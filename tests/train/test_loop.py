@@ -32,15 +32,32 @@ def setup(tmp_path_factory):
 
 def config(setup, out: Path, mode: str, steps: int, **overrides) -> TrainConfig:
     _, dataset, model_dir = setup
-    data = DataSection(train_file=str(overrides.pop("train_file", dataset.train)), min_pixels=SIDE * SIDE,
-                       max_pixels=SIDE * SIDE, num_workers=0)  # fmt: skip
+    data = DataSection(
+        train_file=str(overrides.pop("train_file", dataset.train)),
+        min_pixels=SIDE * SIDE,
+        max_pixels=SIDE * SIDE,
+        num_workers=0,
+    )
     return TrainConfig(
-        mode=mode, output_dir=str(out), seed=3, steps=steps, save_every=overrides.pop("save_every", 0),
-        device="cpu", model=ModelSection(path=str(model_dir), dtype="float32", attention="sdpa",
-                                         activation_checkpointing=False, freeze_vision=mode == "grpo"),
-        data=data, optim=OptimSection(lr=1e-3), sft=SFTSection(batch_size=4),
-        grpo=GRPOSection(group_size=4, prompts_per_step=2, max_new_tokens=12, micro_batch_size=4), **overrides,
-    )  # fmt: skip
+        mode=mode,
+        output_dir=str(out),
+        seed=3,
+        steps=steps,
+        save_every=overrides.pop("save_every", 0),
+        device="cpu",
+        model=ModelSection(
+            path=str(model_dir),
+            dtype="float32",
+            attention="sdpa",
+            activation_checkpointing=False,
+            freeze_vision=mode == "grpo",
+        ),
+        data=data,
+        optim=OptimSection(lr=1e-3),
+        sft=SFTSection(batch_size=4),
+        grpo=GRPOSection(group_size=4, prompts_per_step=2, max_new_tokens=12, micro_batch_size=4),
+        **overrides,
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -56,8 +73,18 @@ def test_sft_then_grpo_run_and_export(setup, tmp_path):
     grpo_config.model.path = str(sft.export_dir)
     train(grpo_config)
     rows = metrics(tmp_path / "grpo")
-    for name in ("loss", "reward_raw", "advantage_std", "zero_std_group_fraction", "clip_fraction", "entropy",
-                 "time_rollout_s", "time_update_s", "tokens_per_s", "completion_tokens"):  # fmt: skip
+    for name in (
+        "loss",
+        "reward_raw",
+        "advantage_std",
+        "zero_std_group_fraction",
+        "clip_fraction",
+        "entropy",
+        "time_rollout_s",
+        "time_update_s",
+        "tokens_per_s",
+        "completion_tokens",
+    ):
         assert name in rows[-1], name
     assert any(key.startswith("reward_raw/") for key in rows[-1])
     assert (tmp_path / "grpo" / "reward_curves.png").exists() or not any(

@@ -47,11 +47,18 @@ def video_batch(root: Path, tokenizer, answers: tuple[str, ...] = ("1.0-2.0 seco
     records = []
     for i, answer in enumerate(answers):
         frames = write_jpeg_folder(root / f"clip_{i}", 4 + 2 * i, (112, 112))
-        records.append({
-            "conversations": [{"from": "human", "value": f"<video>\nQuestion {i}?"}, {"from": "gpt", "value": answer}],
-            "video": [f"clip_{i}/{Path(p).name}" for p in frames],
-            "metadata": {"fps": "1.0", "video_id": f"v{i}"}, "qa_type": "tal", "data_source": "AVOS",
-        })  # fmt: skip
+        records.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": f"<video>\nQuestion {i}?"},
+                    {"from": "gpt", "value": answer},
+                ],
+                "video": [f"clip_{i}/{Path(p).name}" for p in frames],
+                "metadata": {"fps": "1.0", "video_id": f"v{i}"},
+                "qa_type": "tal",
+                "data_source": "AVOS",
+            }
+        )
     (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     dataset = VideoDataset(RecordDataset(root / "records.jsonl"), SMALL_FRAMES)
     return VideoCollator(tokenizer, with_answers=True)([dataset[i] for i in range(len(dataset))]).to("cpu")

@@ -55,8 +55,9 @@ def test_greedy_equals_hf_generate(tiny_model, left_batch, special):
 
 def test_greedy_equals_hf_generate_with_eos(tiny_model, left_batch, special):
     """Stopping at EOS: make the model's 3rd greedy token of prompt 0 the EOS by choosing the EOS set."""
-    free = generate(tiny_model, left_batch, RolloutConfig(group_size=1, max_new_tokens=8, temperature=0.0),
-                    **stop_kwargs(special))  # fmt: skip
+    free = generate(
+        tiny_model, left_batch, RolloutConfig(group_size=1, max_new_tokens=8, temperature=0.0), **stop_kwargs(special)
+    )
     stop = int(free.completion_ids[0, 2])
     kwargs = {"eos_token_ids": [stop], "pad_token_id": special["<|endoftext|>"]}
     config = RolloutConfig(group_size=1, max_new_tokens=8, temperature=0.0)
@@ -136,25 +137,43 @@ def test_rollout_stops_and_pads_after_eos(tiny_model, left_batch, tokenizer, spe
     """With every token an EOS, each completion is one token long and the loop runs one step."""
     everything = list(range(len(tokenizer)))
     config = RolloutConfig(group_size=2, max_new_tokens=6)
-    rollout = generate(tiny_model, left_batch, config, eos_token_ids=everything, pad_token_id=special["<|endoftext|>"],
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    rollout = generate(
+        tiny_model,
+        left_batch,
+        config,
+        eos_token_ids=everything,
+        pad_token_id=special["<|endoftext|>"],
+        generator=torch.Generator().manual_seed(0),
+    )
     assert rollout.completion_ids.shape == (4, 1) and rollout.decode_steps == 1
     assert rollout.completion_lengths.tolist() == [1, 1, 1, 1]
     assert not rollout.is_truncated.any()
     # A partly-finished batch: rows after their EOS hold the pad token and mask 0.
-    free = generate(tiny_model, left_batch, RolloutConfig(group_size=1, max_new_tokens=6, temperature=0.0),
-                    **stop_kwargs(special))  # fmt: skip
+    free = generate(
+        tiny_model, left_batch, RolloutConfig(group_size=1, max_new_tokens=6, temperature=0.0), **stop_kwargs(special)
+    )
     stop = int(free.completion_ids[0, 1])
-    rows = generate(tiny_model, left_batch, RolloutConfig(group_size=1, max_new_tokens=6, temperature=0.0),
-                    eos_token_ids=[stop], pad_token_id=special["<|endoftext|>"])  # fmt: skip
+    rows = generate(
+        tiny_model,
+        left_batch,
+        RolloutConfig(group_size=1, max_new_tokens=6, temperature=0.0),
+        eos_token_ids=[stop],
+        pad_token_id=special["<|endoftext|>"],
+    )
     first = int((free.completion_ids[0] == stop).nonzero()[0])
     assert rows.completion_ids[0, first + 1 :].eq(special["<|endoftext|>"]).all()
     assert rows.completion_mask[0].tolist() == [1] * (first + 1) + [0] * (rows.completion_ids.shape[1] - first - 1)
 
 
 def test_max_new_tokens_truncates(tiny_model, left_batch, special):
-    rollout = generate(tiny_model, left_batch, RolloutConfig(group_size=2, max_new_tokens=3), eos_token_ids=[10**6],
-                       pad_token_id=special["<|endoftext|>"], generator=torch.Generator().manual_seed(1))  # fmt: skip
+    rollout = generate(
+        tiny_model,
+        left_batch,
+        RolloutConfig(group_size=2, max_new_tokens=3),
+        eos_token_ids=[10**6],
+        pad_token_id=special["<|endoftext|>"],
+        generator=torch.Generator().manual_seed(1),
+    )
     assert rollout.completion_ids.shape == (4, 3)
     assert rollout.is_truncated.all() and rollout.completion_mask.all()
     assert rollout.completion_tokens == 12
@@ -172,19 +191,35 @@ def test_fixed_seed_reproduces(tiny_model, left_batch, special):
 
 
 def test_tiny_top_p_is_greedy(tiny_model, left_batch, special):
-    greedy = generate(tiny_model, left_batch, RolloutConfig(group_size=2, max_new_tokens=6, temperature=0.0),
-                      **stop_kwargs(special))  # fmt: skip
-    nucleus = generate(tiny_model, left_batch, RolloutConfig(group_size=2, max_new_tokens=6, top_p=1e-6),
-                       **stop_kwargs(special), generator=torch.Generator().manual_seed(0))  # fmt: skip
+    greedy = generate(
+        tiny_model, left_batch, RolloutConfig(group_size=2, max_new_tokens=6, temperature=0.0), **stop_kwargs(special)
+    )
+    nucleus = generate(
+        tiny_model,
+        left_batch,
+        RolloutConfig(group_size=2, max_new_tokens=6, top_p=1e-6),
+        **stop_kwargs(special),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(greedy.completion_ids, nucleus.completion_ids)
-    top1 = generate(tiny_model, left_batch, RolloutConfig(group_size=2, max_new_tokens=6, top_k=1),
-                    **stop_kwargs(special), generator=torch.Generator().manual_seed(0))  # fmt: skip
+    top1 = generate(
+        tiny_model,
+        left_batch,
+        RolloutConfig(group_size=2, max_new_tokens=6, top_k=1),
+        **stop_kwargs(special),
+        generator=torch.Generator().manual_seed(0),
+    )
     assert torch.equal(greedy.completion_ids, top1.completion_ids)
 
 
 def test_timings_and_text(tiny_model, left_batch, tokenizer, special):
-    rollout = generate(tiny_model, left_batch, RolloutConfig(group_size=2, max_new_tokens=4), **stop_kwargs(special),
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    rollout = generate(
+        tiny_model,
+        left_batch,
+        RolloutConfig(group_size=2, max_new_tokens=4),
+        **stop_kwargs(special),
+        generator=torch.Generator().manual_seed(0),
+    )
     timings = rollout.timings()
     for key in ("rollout/encode_s", "rollout/prefill_s", "rollout/decode_s"):
         assert timings[key] > 0
@@ -199,8 +234,12 @@ def test_timings_and_text(tiny_model, left_batch, tokenizer, special):
 def test_training_mode_is_restored(tiny_model, left_batch, special):
     tiny_model.train()
     try:
-        generate(tiny_model, left_batch, RolloutConfig(group_size=1, max_new_tokens=2, temperature=0.0),
-                 **stop_kwargs(special))  # fmt: skip
+        generate(
+            tiny_model,
+            left_batch,
+            RolloutConfig(group_size=1, max_new_tokens=2, temperature=0.0),
+            **stop_kwargs(special),
+        )
         assert tiny_model.training
     finally:
         tiny_model.eval()
