@@ -78,11 +78,20 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import Tensor
 
-from medgrpo.data.records import normalize_qa_type
+from medgrpo.data.task_key import task_of
 from medgrpo.rewards import next_action_classes as nac
 from medgrpo.rewards.caption_reward import normalize_similarity, score_captions
+from medgrpo.rewards.ground_truth import (
+    MalformedRecord,
+    box_iou,
+    dvc_gt_events,
+    first_struc,
+    is_box,
+    span_iou,
+    stg_gt_boxes,
+    tal_gt_spans,
+)
 from medgrpo.rewards.judge import Judge, JudgeConfig
-from medgrpo.rewards.metrics import _dvc_gt, _first_struc, _is_box, _Malformed, _stg_gt, _tal_gt, box_iou, span_iou
 from medgrpo.rewards.parsers import (
     CVS_COMPONENTS,
     DenseEvent,
@@ -201,7 +210,7 @@ def match_spans(pred: Sequence[Span], gt: Sequence[Span]) -> list[tuple[int, int
     """One-to-one matching of predicted and reference spans: (pred index, gt index, IoU) of
     overlapping pairs, taken best IoU first (ties: earlier reference, then earlier prediction).
 
-    The IoU is :func:`~medgrpo.rewards.metrics.span_iou` (the true IoU for overlapping spans;
+    The IoU is :func:`~medgrpo.rewards.ground_truth.span_iou` (the true IoU for overlapping spans;
     a reversed span overlaps nothing).
     """
     pairs = [(span_iou(p, g), j, i) for i, p in enumerate(pred) for j, g in enumerate(gt)]
@@ -229,8 +238,8 @@ def soft_f1(n_pred: int, n_gt: int, matched_values: Sequence[float]) -> float:
 def reference_spans(record: RecordLike) -> list[Span]:
     """The reference spans (seconds) of a tal record: struc_info spans, else the answer text's."""
     try:
-        spans = _tal_gt(record.struc_info)
-    except _Malformed as error:
+        spans = tal_gt_spans(record.struc_info)
+    except MalformedRecord as error:
         raise BadReference(str(error)) from None
     spans = spans or list(tal_spans(_text(record.answer)))
     spans = [(float(a), float(b)) for a, b in spans if _finite((a, b))]
@@ -259,15 +268,15 @@ def reference_boxes(record: RecordLike) -> list[tuple[float, Box]]:
     """(time in seconds, box) of an stg record's valid reference boxes, in the record's order
     (struc_info's boxes, else the answer text's)."""
     try:
-        gt: Mapping[Any, Any] = _stg_gt(record.struc_info)
-    except _Malformed as error:
+        gt: Mapping[Any, Any] = stg_gt_boxes(record.struc_info)
+    except MalformedRecord as error:
         raise BadReference(str(error)) from None
     if not gt:
         gt = stg_boxes(_text(record.answer)).timed
     out = []
     for key, box in gt.items():
         time = _as_float(key)
-        if time is not None and (_is_box(box) or isinstance(box, tuple)) and _finite(box) and len(box) == 4:
+        if time is not None and (is_box(box) or isinstance(box, tuple)) and _finite(box) and len(box) == 4:
             out.append((time, tuple(float(v) for v in box)))
     if not out:
         raise BadReference("no valid reference box")
@@ -315,7 +324,7 @@ def reference_events(record: RecordLike) -> list[DenseEvent]:
     """The reference events of a dense-captioning record (struc_info's, else the answer text's)."""
     events = [
         DenseEvent(_as_float(e["start"]), _as_float(e["end"]), str(e["caption"]))  # type: ignore[arg-type]
-        for e in _dvc_gt(record.struc_info)
+        for e in dvc_gt_events(record.struc_info)
     ]
     if not events:
         events = list(dense_events(_text(record.answer)))
@@ -370,8 +379,8 @@ def next_action_reward(completion: str, reference: str, classes: Sequence[str], 
 def reference_cvs(record: RecordLike) -> dict[str, int]:
     """The reference component scores (struc_info's ``cvs_scores``, else the answer text's)."""
     try:
-        first = _first_struc(record.struc_info)
-    except _Malformed as error:
+        first = first_struc(record.struc_info)
+    except MalformedRecord as error:
         raise BadReference(str(error)) from None
     scores = first.get("cvs_scores", {}) if first is not None else {}
     gt = {k: v for k, v in scores.items() if k in CVS_COMPONENTS} if isinstance(scores, dict) else {}
@@ -393,8 +402,8 @@ def reference_skill(record: RecordLike) -> dict[str, float]:
     """The reference aspect scores keyed by :func:`label_key` (struc_info's ``skill_scores``,
     else the answer text's)."""
     try:
-        first = _first_struc(record.struc_info)
-    except _Malformed as error:
+        first = first_struc(record.struc_info)
+    except MalformedRecord as error:
         raise BadReference(str(error)) from None
     scores = first.get("skill_scores", {}) if first is not None else {}
     scores = (scores if isinstance(scores, dict) else {}) or skill_aspects(_text(record.answer))
@@ -485,7 +494,7 @@ class RewardFunction:
         if len(completions) != len(records):
             raise ValueError(f"rewards: {len(completions)} completions for {len(records)} records")
         scores = [_score_one(_text(c), r, self.config) for c, r in zip(completions, records)]
-        tasks = [_task(r.qa_type) for r in records]
+        tasks = [task_of(r.qa_type) for r in records]
         counts: Counter = Counter(
             total=len(records),
             judge_missing=0,
@@ -549,16 +558,9 @@ class RewardFunction:
         )
 
 
-def _task(qa_type: Any) -> Optional[str]:
-    try:
-        return normalize_qa_type(qa_type)
-    except ValueError:
-        return None
-
-
 def _score_one(completion: str, record: RecordLike, config: RewardConfig) -> Optional[TaskScore]:
     """The :class:`TaskScore` of one completion; None when the record cannot be scored."""
-    task = _task(record.qa_type)
+    task = task_of(record.qa_type)
     try:
         if task == "tal":
             return tal_reward(completion, reference_spans(record), format_penalty=config.format_penalty)
