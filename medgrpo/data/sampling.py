@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-# qwen-vl-utils' constants: same names, same values (0.0.14; MIN/MAX/VIDEO_*_PIXELS and
+# qwen-vl-utils' constants: same names, same values (0.0.14; VIDEO_*_PIXELS and
 # VIDEO_TOTAL_PIXELS are the names earlier releases gave the same numbers).
 MAX_RATIO = 200
 SPATIAL_MERGE_SIZE = 2
