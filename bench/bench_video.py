@@ -36,7 +36,8 @@ import pytest
 import torch
 
 from medgrpo.data.decode_cpu import load_video_sample
-from medgrpo.data.patchify import patchify, patchify_reference
+from medgrpo.ops import reference
+from medgrpo.ops.patchify import patchify
 from medgrpo.testing.video_fixtures import write_jpeg_folder, write_video
 
 MAX_PIXELS = 448 * 448
@@ -145,7 +146,7 @@ def _qwen_vl_utils_emulated(sources: list, kind: str, device: str) -> int:
     frames = 0
     for source in sources:
         clip, _ = load_video_sample(source, **_options(kind))  # same frames, resize = torch bicubic antialias
-        pixels, _ = patchify_reference(clip)  # float32 rescale, normalize and patch on the CPU
+        pixels, _ = reference.patchify(clip)  # float32 rescale, normalize and patch on the CPU
         pixels.to(device)  # float32 rows: 4x the bytes of uint8 frames
         frames += clip.shape[0]
     return frames
