@@ -31,7 +31,7 @@ Design:
   DALI run still fails, the pipeline is discarded (DALI says it is no longer valid), rebuilt, and
   the batch is re-run sample by sample to find the bad source; that source is skipped, counted
   (:attr:`DaliVideoLoader.skipped`) and logged, or raised as
-  :class:`~medgrpo.data.decode_cpu.VideoDecodeError` with ``on_error="raise"``.
+  :class:`~medgrpo.data.decode.VideoDecodeError` with ``on_error="raise"``.
 
 Pixels: DALI's CPU JPEG decoder equals PIL's (both libjpeg-turbo); its cubic antialiased resize
 differs from decode_cpu's (torch bicubic antialias) by at most one level on natural or barcode
@@ -55,7 +55,8 @@ import numpy as np
 import torch
 
 from medgrpo.data import sampling
-from medgrpo.data.decode_cpu import (
+from medgrpo.data.decode import (
+    FrameRequest,
     VideoDecodeError,
     VideoSource,
     check_file,
@@ -64,6 +65,7 @@ from medgrpo.data.decode_cpu import (
     is_frame_source,
     plan_source,
     resize_frames,
+    source_label,
 )
 from medgrpo.data.records import RegionCaptionInfo
 from medgrpo.data.region_box import box_frame_position, draw_region_box_
@@ -132,12 +134,6 @@ def _read_image_bytes(path: str) -> tuple[np.ndarray, tuple[int, int]]:
     return data, size
 
 
-def _source_label(source: VideoSource) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return os.fspath(source[0]) if len(source) else "<frame list>"
-
-
 def _size_input(height: int, width: int) -> np.ndarray:
     return np.array([height, width], dtype=np.float32)
 
@@ -186,7 +182,7 @@ def _image_job(
     box: RegionCaptionInfo | None = None,
 ) -> _Job:
     paths = frame_paths(source)
-    label = _source_label(source)
+    label = source_label(source)
     wanted = check_indices(plan.indices, label, len(paths))
     distinct = list(dict.fromkeys(wanted))
     images = [_read_image_bytes(paths[i]) for i in distinct]
@@ -345,7 +341,7 @@ class DaliVideoLoader:
         on_error: ``"skip"`` (count, log, leave the source out of its batch) or ``"raise"``.
         region_boxes: per source, a region-caption box to draw (or None), as
             :mod:`medgrpo.data.region_box` says; those sources skip DALI's final resize and are
-            resized with :func:`~medgrpo.data.decode_cpu.resize_frames` on the device after the box.
+            resized with :func:`~medgrpo.data.decode.resize_frames` on the device after the box.
 
     Iterating yields one list per ``batch_size`` sources of the shard, in order, of
     ``(frames, plan, source_index)``: ``frames`` uint8 ``(plan.num_frames, plan.height,
@@ -543,25 +539,14 @@ def _check_loader_args(
 
 
 def load_video_sample(
-    video: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    fps: float = sampling.FPS,
-    nframes: int | None = None,
-    start_frame: int | None = None,
-    end_frame: int | None = None,
-    min_pixels: float | None = None,
-    max_pixels: float | None = None,
-    total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
-    region_box: RegionCaptionInfo | None = None,
-    device: str | None = None,
-    num_threads: int = 2,
+    request: FrameRequest, *, device: str | None = None, num_threads: int = 2
 ) -> tuple[torch.Tensor, FramePlan]:
-    """A record's video sampled and resized as qwen-vl-utils' ``fetch_video`` would, decoded by DALI.
+    """A request's clip sampled and resized as qwen-vl-utils' ``fetch_video`` would, decoded by DALI.
 
-    Same arguments, plan and errors as :func:`medgrpo.data.decode_cpu.load_video_sample` (a video
-    file's frame count and rate are read with PyAV, so the plan is the same), plus ``device``
-    (``"gpu"`` when CUDA is available, else ``"cpu"``) and DALI's ``num_threads``. Builds a
-    one-source :class:`DaliVideoLoader` and frees it before returning; for many samples use the loader.
+    Same plan and errors as :func:`medgrpo.data.decode_cpu.load_video_sample` (a video file's
+    frame count and rate are read with PyAV, so the plan is the same), on ``device`` (``"gpu"``
+    when CUDA is available, else ``"cpu"``) with DALI's ``num_threads``. Builds a one-source
+    :class:`DaliVideoLoader` and frees it before returning; for many samples use the loader.
 
     Returns:
         ``(frames, plan)``: uint8 ``(plan.num_frames, plan.height, plan.width, 3)`` on ``device``.
@@ -572,25 +557,16 @@ def load_video_sample(
     """
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     _import_dali()
-    source, plan = plan_source(
-        video,
-        fps=fps,
-        nframes=nframes,
-        start_frame=start_frame,
-        end_frame=end_frame,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        total_pixels=total_pixels,
-    )
+    source, plan = plan_source(request)
     with DaliVideoLoader(
         [source],
         [plan],
         device=device,
         num_threads=num_threads,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
+        min_pixels=request.min_pixels,
+        max_pixels=request.max_pixels,
         on_error="raise",
-        region_boxes=[region_box],
+        region_boxes=[request.region_box],
     ) as loader:
         ((frames, plan, _),) = next(iter(loader))
     return frames, plan
