@@ -1,42 +1,11 @@
 """NVIDIA DALI backend: decode and resize on the GPU (or with DALI's CPU operators), same frames as decode_cpu.
 
-Which frames and what size are decided on the host by :mod:`medgrpo.data.sampling` (a
-:class:`~medgrpo.data.sampling.FramePlan` per source); DALI only reads pixels and resizes
-them, so this backend returns the indices every other backend returns.
-
-Design:
-
-* **Two small graphs, fed from Python.** A video graph (``fn.decoders.video`` on the encoded
-  file bytes, with the plan's frame numbers as its per-sample ``frames`` argument) and an
-  image graph (``fn.decoders.image`` on one frame image per sample). Both end in
-  ``fn.resize(interp_type=CUBIC, antialias=True)`` with per-sample sizes, so the videos of a
-  batch may differ in length and size. Inputs come from ``fn.external_source`` +
-  ``feed_input`` (bytes read on the host, no DALI reader): the loader decides the frames, and a
-  bad sample is known by position. One definition serves both devices: ``device="gpu"`` uses
-  the ``mixed`` decoders (NVDEC, nvJPEG) and GPU resize; ``device="cpu"`` the CPU operators and
-  ``device_id=None`` (DALI's CPU video decoder reads VP8, VP9 and MJPEG only, not H.264).
-* **Frame lists** are decoded once per distinct frame (the even-count padding repeats the last
-  frame; it is repeated on the device afterwards) and resized twice, as qwen-vl-utils does:
-  to :func:`~medgrpo.data.sampling.frame_list_presize` (read from the JPEG header on the host),
-  then to the plan's size.
-* **To PyTorch without a host copy**: each output sample is copied by ``feed_ndarray`` into a
-  preallocated torch tensor on the same device, on torch's current CUDA stream (the stream
-  the pipeline is told to make its outputs ready on). On the CPU the same call fills a CPU tensor.
-* **One pipeline per rank, sharded by rank**: :class:`DaliVideoLoader` takes every source and
-  keeps ``sources[rank::world_size]``; each rank builds its own pipelines on its own GPU.
-  Batches are decoded synchronously (no prefetch queue): ``prefetch_queue_depth=1``.
-* **Bad input never crashes inside DALI**: the host checks what it can cheaply (missing or empty
-  file, empty frame list, indices, a JPEG without its end marker, frames of different sizes);
-  ``pad_mode="none"`` makes an index past the end an error instead of a black frame. When a
-  DALI run still fails, the pipeline is discarded (DALI says it is no longer valid), rebuilt, and
-  the batch is re-run sample by sample to find the bad source; that source is skipped, counted
-  (:attr:`DaliVideoLoader.skipped`) and logged, or raised as
-  :class:`~medgrpo.data.decode.VideoDecodeError` with ``on_error="raise"``.
-
-Pixels: DALI's CPU JPEG decoder equals PIL's (both libjpeg-turbo); its cubic antialiased resize
-differs from decode_cpu's (torch bicubic antialias) by at most one level on natural or barcode
-frames, a few levels on white noise. Frame lists' first resize uses DALI's cubic where
-qwen-vl-utils uses PIL's bicubic (the tests state the measured difference).
+Which frames and what size are decided on the host (:func:`medgrpo.data.decode.plan_source`, a
+:class:`~medgrpo.data.sampling.FramePlan` per source); DALI only reads pixels and resizes them, so
+this backend returns the indices every other backend returns. Two small graphs (video, image) fed
+from Python, one pipeline set per rank, outputs written into torch tensors on the device; bad
+input is checked on the host, and a failed DALI run is retried sample by sample to skip (count,
+log) or raise the bad source. Design and measured pixel differences: docs/design-data.md.
 
 DALI is imported lazily: importing this module works without it, and using it raises an
 ImportError that names the extra to install.

