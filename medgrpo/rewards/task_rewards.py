@@ -26,18 +26,9 @@ import torch
 from torch import Tensor
 
 from medgrpo.data.task_key import task_of
+from medgrpo.rewards import ground_truth
 from medgrpo.rewards import next_action_classes as nac
 from medgrpo.rewards.caption_reward import normalize_similarity, score_captions
-from medgrpo.rewards.ground_truth import (
-    MalformedRecord,
-    box_iou,
-    dvc_gt_events,
-    first_struc,
-    is_box,
-    span_iou,
-    stg_gt_boxes,
-    tal_gt_spans,
-)
 from medgrpo.rewards.judge import Judge, JudgeConfig
 from medgrpo.rewards.parsers import (
     CVS_COMPONENTS,
@@ -160,7 +151,7 @@ def match_spans(pred: Sequence[Span], gt: Sequence[Span]) -> list[tuple[int, int
     The IoU is :func:`~medgrpo.rewards.ground_truth.span_iou` (the true IoU for overlapping spans;
     a reversed span overlaps nothing).
     """
-    pairs = [(span_iou(p, g), j, i) for i, p in enumerate(pred) for j, g in enumerate(gt)]
+    pairs = [(ground_truth.span_iou(p, g), j, i) for i, p in enumerate(pred) for j, g in enumerate(gt)]
     pairs = sorted((pair for pair in pairs if pair[0] > 0), key=lambda t: (-t[0], t[1], t[2]))
     used_pred: set[int] = set()
     used_gt: set[int] = set()
@@ -185,8 +176,8 @@ def soft_f1(n_pred: int, n_gt: int, matched_values: Sequence[float]) -> float:
 def reference_spans(record: RecordLike) -> list[Span]:
     """The reference spans (seconds) of a tal record: struc_info spans, else the answer text's."""
     try:
-        spans = tal_gt_spans(record.struc_info)
-    except MalformedRecord as error:
+        spans = ground_truth.tal_gt_spans(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     spans = spans or list(tal_spans(_text(record.answer)))
     spans = [(float(a), float(b)) for a, b in spans if _finite((a, b))]
@@ -215,15 +206,15 @@ def reference_boxes(record: RecordLike) -> list[tuple[float, Box]]:
     """(time in seconds, box) of an stg record's valid reference boxes, in the record's order
     (struc_info's boxes, else the answer text's)."""
     try:
-        gt: Mapping[Any, Any] = stg_gt_boxes(record.struc_info)
-    except MalformedRecord as error:
+        gt: Mapping[Any, Any] = ground_truth.stg_gt_boxes(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     if not gt:
         gt = stg_boxes(_text(record.answer)).timed
     out = []
     for key, box in gt.items():
         time = _as_float(key)
-        if time is not None and (is_box(box) or isinstance(box, tuple)) and _finite(box) and len(box) == 4:
+        if time is not None and (ground_truth.is_box(box) or isinstance(box, tuple)) and _finite(box) and len(box) == 4:
             out.append((time, tuple(float(v) for v in box)))
     if not out:
         raise BadReference("no valid reference box")
@@ -259,7 +250,7 @@ def stg_reward(completion: str, gt: Sequence[tuple[float, Box]], *, format_penal
     for time, gt_box in gt:
         box = pred.get(round(time, 1), previous)
         previous = box
-        ious.append(0.0 if box is None else min(max(box_iou(box, gt_box), 0.0), 1.0))
+        ious.append(0.0 if box is None else min(max(ground_truth.box_iou(box, gt_box), 0.0), 1.0))
     value = sum(ious) / len(ious)
     return TaskScore(_penalize(value, parsed.follows_format, format_penalty), parsed.follows_format, bool(pred))
 
@@ -271,7 +262,7 @@ def reference_events(record: RecordLike) -> list[DenseEvent]:
     """The reference events of a dense-captioning record (struc_info's, else the answer text's)."""
     events = [
         DenseEvent(_as_float(e["start"]), _as_float(e["end"]), str(e["caption"]))  # type: ignore[arg-type]
-        for e in dvc_gt_events(record.struc_info)
+        for e in ground_truth.dvc_gt_events(record.struc_info)
     ]
     if not events:
         events = list(dense_events(_text(record.answer)))
@@ -326,8 +317,8 @@ def next_action_reward(completion: str, reference: str, classes: Sequence[str], 
 def reference_cvs(record: RecordLike) -> dict[str, int]:
     """The reference component scores (struc_info's ``cvs_scores``, else the answer text's)."""
     try:
-        first = first_struc(record.struc_info)
-    except MalformedRecord as error:
+        first = ground_truth.first_struc(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     scores = first.get("cvs_scores", {}) if first is not None else {}
     gt = {k: v for k, v in scores.items() if k in CVS_COMPONENTS} if isinstance(scores, dict) else {}
@@ -349,8 +340,8 @@ def reference_skill(record: RecordLike) -> dict[str, float]:
     """The reference aspect scores keyed by :func:`label_key` (struc_info's ``skill_scores``,
     else the answer text's)."""
     try:
-        first = first_struc(record.struc_info)
-    except MalformedRecord as error:
+        first = ground_truth.first_struc(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     scores = first.get("skill_scores", {}) if first is not None else {}
     scores = (scores if isinstance(scores, dict) else {}) or skill_aspects(_text(record.answer))

@@ -8,16 +8,8 @@ import pytest
 import torch
 
 from medgrpo.ops import reference
-from medgrpo.ops.patchify import (
-    CLIP_MEAN,
-    CLIP_STD,
-    MERGE_SIZE,
-    PATCH_SIZE,
-    RESCALE_FACTOR,
-    ROW_LEN,
-    TEMPORAL_PATCH_SIZE,
-    patchify,
-)
+from medgrpo.ops.patchify import patchify
+from medgrpo.ops.reference import CLIP_MEAN, CLIP_STD, PATCH_SIZE, ROW_LEN
 
 SHAPES = [(2, 28, 28), (4, 56, 84), (6, 112, 56)]
 
@@ -28,10 +20,13 @@ def _frames(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 
 def _launch(frames: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The Triton launcher with the constants the op passes in."""
+    """The Triton launcher, given the constants the op passes in."""
     from medgrpo.kernels.patchify import patchify as launch
 
-    return launch(frames, dtype, CLIP_MEAN, CLIP_STD, RESCALE_FACTOR, PATCH_SIZE, MERGE_SIZE, TEMPORAL_PATCH_SIZE)
+    r = reference
+    return launch(
+        frames, dtype, r.CLIP_MEAN, r.CLIP_STD, r.RESCALE_FACTOR, r.PATCH_SIZE, r.MERGE_SIZE, r.TEMPORAL_PATCH_SIZE
+    )
 
 
 # --------------------------------------------------------------------------- reference semantics

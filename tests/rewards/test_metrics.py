@@ -307,9 +307,8 @@ class TestCaptionsAndRouting:
 # evaluator and which of its task scripts could not run (and why).
 
 
-def official_cases(task: str) -> list:
-    data = json.loads((FIXTURES / f"official_{task}.json").read_text())
-    return [pytest.param(case, id=f"seed{case['seed']}-{len(case['datasets'])}ds") for case in data["cases"]]
+def official_cases(task: str) -> list[dict]:
+    return json.loads((FIXTURES / f"official_{task}.json").read_text())["cases"]
 
 
 def fixture_records(case: dict) -> list[EvalRecord]:
@@ -325,32 +324,32 @@ def test_official_fixtures_cover_what_the_evaluator_runs():
         assert len(official_cases(task)) == 8
 
 
-@pytest.mark.parametrize("case", official_cases("cvs_assessment"))
-def test_cvs_equals_official(case):
-    ours = cvs_metrics(fixture_records(case))
-    official = {ds: out["component_balanced_accuracy"] for ds, out in case["per_dataset"].items()}
-    assert {ds: v["cvs_acc"] for ds, v in ours.per_dataset.items()} == pytest.approx(official, abs=1e-9)
-    # The leaderboard's cvs_acc: the mean over datasets (one dataset: the evaluator's pooled number).
-    assert ours.overall["cvs_acc"] == pytest.approx(sum(official.values()) / len(official), abs=1e-9)
-    if len(official) == 1:
-        assert ours.overall["cvs_acc"] == pytest.approx(case["pooled"]["component_balanced_accuracy"], abs=1e-9)
-    assert ours.evaluated == sum(out["total"] for out in case["per_dataset"].values())
-    for record in fixture_records(case):
-        expected = case["per_record"][record.key]["component_balanced_accuracy"]
-        assert cvs_metrics([record]).overall["cvs_acc"] == pytest.approx(expected, abs=1e-9)
+# task -> (our metric function, our metric, the evaluator's number, the evaluator's count of scored records)
+OFFICIAL_TASKS = {
+    "cvs_assessment": (cvs_metrics, "cvs_acc", "component_balanced_accuracy", "total"),
+    "skill_assessment": (skill_metrics, "sa_acc", "aspect_balanced_accuracy", "parsed"),
+}
 
 
-@pytest.mark.parametrize("case", official_cases("skill_assessment"))
-def test_skill_equals_official(case):
-    ours = skill_metrics(fixture_records(case))
-    official = {ds: out["aspect_balanced_accuracy"] for ds, out in case["per_dataset"].items()}
-    assert {ds: v["sa_acc"] for ds, v in ours.per_dataset.items()} == pytest.approx(official, abs=1e-9)
-    assert ours.overall["sa_acc"] == pytest.approx(sum(official.values()) / len(official), abs=1e-9)
+@pytest.mark.parametrize(
+    "task,case",
+    [
+        pytest.param(task, case, id=f"{task}-seed{case['seed']}-{len(case['datasets'])}ds")
+        for task in OFFICIAL_TASKS
+        for case in official_cases(task)
+    ],
+)
+def test_equals_official(task, case):
+    metric_fn, ours_key, official_key, count_key = OFFICIAL_TASKS[task]
+    ours = metric_fn(fixture_records(case))
+    official = {ds: out[official_key] for ds, out in case["per_dataset"].items()}
+    assert {ds: v[ours_key] for ds, v in ours.per_dataset.items()} == pytest.approx(official, abs=1e-9)
+    # The leaderboard's number: the mean over datasets (one dataset: the evaluator's pooled number).
+    assert ours.overall[ours_key] == pytest.approx(sum(official.values()) / len(official), abs=1e-9)
     if len(official) == 1:
-        assert ours.overall["sa_acc"] == pytest.approx(case["pooled"]["aspect_balanced_accuracy"], abs=1e-9)
-    assert ours.evaluated == sum(out["parsed"] for out in case["per_dataset"].values())
+        assert ours.overall[ours_key] == pytest.approx(case["pooled"][official_key], abs=1e-9)
+    assert ours.evaluated == sum(out[count_key] for out in case["per_dataset"].values())
     for record in fixture_records(case):
-        expected = case["per_record"][record.key]
-        one = skill_metrics([record])
-        assert one.overall["sa_acc"] == pytest.approx(expected["aspect_balanced_accuracy"], abs=1e-9)
-        assert one.evaluated == expected["parsed"]
+        one, expected = metric_fn([record]), case["per_record"][record.key]
+        assert one.overall[ours_key] == pytest.approx(expected[official_key], abs=1e-9)
+        assert one.evaluated == expected[count_key]
