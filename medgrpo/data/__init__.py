@@ -1,13 +1,11 @@
-"""Data input: MedVidBench records (records.py) and qwen-vl-utils' frame sampling (sampling.py)."""
+"""Data input: MedVidBench records (records.py), their task keys (task_key.py) and qwen-vl-utils'
+frame sampling (sampling.py)."""
 
 from medgrpo.data.records import (
-    CAPTION_QA_TYPES,
-    QA_TYPES,
     RecordDataset,
     RecordError,
     RegionCaptionInfo,
     VideoRecord,
-    normalize_qa_type,
     parse_record,
     resolve_path,
 )
@@ -24,6 +22,7 @@ from medgrpo.data.sampling import (
     smart_resize,
     video_max_pixels,
 )
+from medgrpo.data.task_key import CAPTION_QA_TYPES, QA_TYPES, TaskKey, normalize_qa_type
 
 __all__ = [
     "CAPTION_QA_TYPES",
@@ -32,6 +31,7 @@ __all__ = [
     "RecordDataset",
     "RecordError",
     "RegionCaptionInfo",
+    "TaskKey",
     "VideoRecord",
     "frame_list_presize",
     "frame_range",

@@ -13,7 +13,7 @@ generated ids).
 
 Videos of different lengths and sizes are not padded: their frames stay a list of uint8
 clips, and :meth:`VideoBatch.to` patchifies each on the target device (one launch per video,
-see :mod:`medgrpo.data.patchify`) and concatenates the rows into ``pixel_values_videos``, the
+see :mod:`medgrpo.ops.patchify`) and concatenates the rows into ``pixel_values_videos``, the
 layout Qwen2.5-VL takes natively (rows of all videos back to back, ``video_grid_thw`` saying
 where each ends). Only the token sequences are padded.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from medgrpo.data.loader import SkippedSample, VideoSample
-from medgrpo.data.patchify import MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE, patchify
+from medgrpo.ops.patchify import MERGE_SIZE, PATCH_SIZE, ROW_LEN, TEMPORAL_PATCH_SIZE, patchify
 
 IGNORE_INDEX = -100
 VIDEO_TOKEN_TYPE = 2  # transformers' mm_token_type_ids value of video tokens (0 text, 1 image)
@@ -95,7 +95,7 @@ class VideoBatch:
         device = torch.device(device)
         frames = [f.to(device, non_blocking=True) for f in self.frames]
         rows = [patchify(f, dtype=pixel_dtype)[0] for f in frames]
-        pixels = torch.cat(rows) if rows else torch.empty(0, 1176, dtype=pixel_dtype, device=device)
+        pixels = torch.cat(rows) if rows else torch.empty(0, ROW_LEN, dtype=pixel_dtype, device=device)
         return replace(
             self,
             input_ids=self.input_ids.to(device, non_blocking=True),

@@ -1,42 +1,11 @@
 """NVIDIA DALI backend: decode and resize on the GPU (or with DALI's CPU operators), same frames as decode_cpu.
 
-Which frames and what size are decided on the host by :mod:`medgrpo.data.sampling` (a
-:class:`~medgrpo.data.sampling.FramePlan` per source); DALI only reads pixels and resizes
-them, so this backend returns the indices every other backend returns.
-
-Design:
-
-* **Two small graphs, fed from Python.** A video graph (``fn.decoders.video`` on the encoded
-  file bytes, with the plan's frame numbers as its per-sample ``frames`` argument) and an
-  image graph (``fn.decoders.image`` on one frame image per sample). Both end in
-  ``fn.resize(interp_type=CUBIC, antialias=True)`` with per-sample sizes, so the videos of a
-  batch may differ in length and size. Inputs come from ``fn.external_source`` +
-  ``feed_input`` (bytes read on the host, no DALI reader): the loader decides the frames, and a
-  bad sample is known by position. One definition serves both devices: ``device="gpu"`` uses
-  the ``mixed`` decoders (NVDEC, nvJPEG) and GPU resize; ``device="cpu"`` the CPU operators and
-  ``device_id=None`` (DALI's CPU video decoder reads VP8, VP9 and MJPEG only, not H.264).
-* **Frame lists** are decoded once per distinct frame (the even-count padding repeats the last
-  frame; it is repeated on the device afterwards) and resized twice, as qwen-vl-utils does:
-  to :func:`~medgrpo.data.sampling.frame_list_presize` (read from the JPEG header on the host),
-  then to the plan's size.
-* **To PyTorch without a host copy**: each output sample is copied by ``feed_ndarray`` into a
-  preallocated torch tensor on the same device, on torch's current CUDA stream (the stream
-  the pipeline is told to make its outputs ready on). On the CPU the same call fills a CPU tensor.
-* **One pipeline per rank, sharded by rank**: :class:`DaliVideoLoader` takes every source and
-  keeps ``sources[rank::world_size]``; each rank builds its own pipelines on its own GPU.
-  Batches are decoded synchronously (no prefetch queue): ``prefetch_queue_depth=1``.
-* **Bad input never crashes inside DALI**: the host checks what it can cheaply (missing or empty
-  file, empty frame list, indices, a JPEG without its end marker, frames of different sizes);
-  ``pad_mode="none"`` makes an index past the end an error instead of a black frame. When a
-  DALI run still fails, the pipeline is discarded (DALI says it is no longer valid), rebuilt, and
-  the batch is re-run sample by sample to find the bad source; that source is skipped, counted
-  (:attr:`DaliVideoLoader.skipped`) and logged, or raised as
-  :class:`~medgrpo.data.decode_cpu.VideoDecodeError` with ``on_error="raise"``.
-
-Pixels: DALI's CPU JPEG decoder equals PIL's (both libjpeg-turbo); its cubic antialiased resize
-differs from decode_cpu's (torch bicubic antialias) by at most one level on natural or barcode
-frames, a few levels on white noise. Frame lists' first resize uses DALI's cubic where
-qwen-vl-utils uses PIL's bicubic (the tests state the measured difference).
+Which frames and what size are decided on the host (:func:`medgrpo.data.decode.plan_source`, a
+:class:`~medgrpo.data.sampling.FramePlan` per source); DALI only reads pixels and resizes them, so
+this backend returns the indices every other backend returns. Two small graphs (video, image) fed
+from Python, one pipeline set per rank, outputs written into torch tensors on the device; bad
+input is checked on the host, and a failed DALI run is retried sample by sample to skip (count,
+log) or raise the bad source. Design and measured pixel differences: docs/design-data.md.
 
 DALI is imported lazily: importing this module works without it, and using it raises an
 ImportError that names the extra to install.
@@ -55,7 +24,8 @@ import numpy as np
 import torch
 
 from medgrpo.data import sampling
-from medgrpo.data.decode_cpu import (
+from medgrpo.data.decode import (
+    FrameRequest,
     VideoDecodeError,
     VideoSource,
     check_file,
@@ -64,6 +34,7 @@ from medgrpo.data.decode_cpu import (
     is_frame_source,
     plan_source,
     resize_frames,
+    source_label,
 )
 from medgrpo.data.records import RegionCaptionInfo
 from medgrpo.data.region_box import box_frame_position, draw_region_box_
@@ -132,12 +103,6 @@ def _read_image_bytes(path: str) -> tuple[np.ndarray, tuple[int, int]]:
     return data, size
 
 
-def _source_label(source: VideoSource) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source)
-    return os.fspath(source[0]) if len(source) else "<frame list>"
-
-
 def _size_input(height: int, width: int) -> np.ndarray:
     return np.array([height, width], dtype=np.float32)
 
@@ -186,7 +151,7 @@ def _image_job(
     box: RegionCaptionInfo | None = None,
 ) -> _Job:
     paths = frame_paths(source)
-    label = _source_label(source)
+    label = source_label(source)
     wanted = check_indices(plan.indices, label, len(paths))
     distinct = list(dict.fromkeys(wanted))
     images = [_read_image_bytes(paths[i]) for i in distinct]
@@ -345,7 +310,7 @@ class DaliVideoLoader:
         on_error: ``"skip"`` (count, log, leave the source out of its batch) or ``"raise"``.
         region_boxes: per source, a region-caption box to draw (or None), as
             :mod:`medgrpo.data.region_box` says; those sources skip DALI's final resize and are
-            resized with :func:`~medgrpo.data.decode_cpu.resize_frames` on the device after the box.
+            resized with :func:`~medgrpo.data.decode.resize_frames` on the device after the box.
 
     Iterating yields one list per ``batch_size`` sources of the shard, in order, of
     ``(frames, plan, source_index)``: ``frames`` uint8 ``(plan.num_frames, plan.height,
@@ -543,25 +508,14 @@ def _check_loader_args(
 
 
 def load_video_sample(
-    video: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    fps: float = sampling.FPS,
-    nframes: int | None = None,
-    start_frame: int | None = None,
-    end_frame: int | None = None,
-    min_pixels: float | None = None,
-    max_pixels: float | None = None,
-    total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
-    region_box: RegionCaptionInfo | None = None,
-    device: str | None = None,
-    num_threads: int = 2,
+    request: FrameRequest, *, device: str | None = None, num_threads: int = 2
 ) -> tuple[torch.Tensor, FramePlan]:
-    """A record's video sampled and resized as qwen-vl-utils' ``fetch_video`` would, decoded by DALI.
+    """A request's clip sampled and resized as qwen-vl-utils' ``fetch_video`` would, decoded by DALI.
 
-    Same arguments, plan and errors as :func:`medgrpo.data.decode_cpu.load_video_sample` (a video
-    file's frame count and rate are read with PyAV, so the plan is the same), plus ``device``
-    (``"gpu"`` when CUDA is available, else ``"cpu"``) and DALI's ``num_threads``. Builds a
-    one-source :class:`DaliVideoLoader` and frees it before returning; for many samples use the loader.
+    Same plan and errors as :func:`medgrpo.data.decode_cpu.load_video_sample` (a video file's
+    frame count and rate are read with PyAV, so the plan is the same), on ``device`` (``"gpu"``
+    when CUDA is available, else ``"cpu"``) with DALI's ``num_threads``. Builds a one-source
+    :class:`DaliVideoLoader` and frees it before returning; for many samples use the loader.
 
     Returns:
         ``(frames, plan)``: uint8 ``(plan.num_frames, plan.height, plan.width, 3)`` on ``device``.
@@ -572,25 +526,16 @@ def load_video_sample(
     """
     device = device or ("gpu" if torch.cuda.is_available() else "cpu")
     _import_dali()
-    source, plan = plan_source(
-        video,
-        fps=fps,
-        nframes=nframes,
-        start_frame=start_frame,
-        end_frame=end_frame,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        total_pixels=total_pixels,
-    )
+    source, plan = plan_source(request)
     with DaliVideoLoader(
         [source],
         [plan],
         device=device,
         num_threads=num_threads,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
+        min_pixels=request.min_pixels,
+        max_pixels=request.max_pixels,
         on_error="raise",
-        region_boxes=[region_box],
+        region_boxes=[request.region_box],
     ) as loader:
         ((frames, plan, _),) = next(iter(loader))
     return frames, plan

@@ -2,8 +2,8 @@
 
 qwen-vl-utils' default reader is decord, so a user who prefers it gets the reader Qwen2.5-VL
 inference most often uses. The frames to read and their size still come from
-:mod:`medgrpo.data.sampling`; the resize is decode_cpu's :func:`~medgrpo.data.decode_cpu.resize_frames`,
-so the two backends differ only in how FFmpeg's frames are converted to RGB.
+:mod:`medgrpo.data.decode` (the plan) and the resize is its :func:`~medgrpo.data.decode.resize_frames`,
+so this backend and decode_cpu differ only in how FFmpeg's frames are converted to RGB.
 
 * Frame count: ``len(VideoReader)`` (decord's index of the stream), frame rate:
   ``get_avg_fps()``, frame size: the first decoded frame. For a file PyAV reads whole these
@@ -11,10 +11,10 @@ so the two backends differ only in how FFmpeg's frames are converted to RGB.
 * Frames: one ``get_batch(indices)`` call; decord seeks to the keyframe before each run of
   wanted frames and decodes forward, so indices may be in any order and may repeat.
 * Frame lists (a folder or a list of image paths) have nothing to do with decord: they go to
-  decode_cpu's PIL path unchanged.
+  :mod:`medgrpo.data.decode`'s PIL path unchanged.
 
 Every failure (missing file, unreadable or corrupt data, an index beyond the video) raises
-:class:`~medgrpo.data.decode_cpu.VideoDecodeError` naming the path. decord has no ``close()``:
+:class:`~medgrpo.data.decode.VideoDecodeError` naming the path. decord has no ``close()``:
 the reader is dropped in a ``finally`` block so its FFmpeg context and file handle are freed
 when the call returns, error or not. decord is imported lazily: importing this module never
 fails, calling it without decord raises an ImportError naming the extra to install.
@@ -32,10 +32,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from medgrpo.data import decode_cpu, sampling
-from medgrpo.data.decode_cpu import VideoDecodeError, VideoSource, check_file, resize_frames
-from medgrpo.data.records import RegionCaptionInfo
-from medgrpo.data.region_box import box_frame_position, draw_region_box_
+from medgrpo.data.decode import (
+    FrameRequest,
+    VideoDecodeError,
+    VideoSource,
+    check_file,
+    decode_frame_images,
+    is_frame_source,
+    load_with,
+)
 from medgrpo.data.sampling import FramePlan
 
 
@@ -127,34 +132,22 @@ def decode_frames(source: VideoSource, indices: Sequence[int]) -> torch.Tensor:
 
     Args:
         source: a video file path (read with decord), or a frame folder / list of frame image
-            paths (read with decode_cpu's PIL path).
+            paths (read with PIL).
         indices: frame numbers (positions in the list for frame images), any order, repeats allowed.
 
     Raises:
         VideoDecodeError: unreadable input, no indices, or an index beyond the video.
     """
-    if decode_cpu.is_frame_source(source):
-        return decode_cpu.decode_frames(source, indices)
+    if is_frame_source(source):
+        return decode_frame_images(source, indices)
     return _decode_video(os.fspath(source), indices)
 
 
-def load_video_sample(
-    video: str | os.PathLike | Sequence[str | os.PathLike],
-    *,
-    fps: float = sampling.FPS,
-    nframes: int | None = None,
-    start_frame: int | None = None,
-    end_frame: int | None = None,
-    min_pixels: float | None = None,
-    max_pixels: float | None = None,
-    total_pixels: float = sampling.VIDEO_TOTAL_PIXELS,
-    region_box: RegionCaptionInfo | None = None,
-) -> tuple[torch.Tensor, FramePlan]:
-    """A record's video sampled and resized as qwen-vl-utils' ``fetch_video`` would, read with decord.
+def load_video_sample(request: FrameRequest) -> tuple[torch.Tensor, FramePlan]:
+    """A request's clip sampled and resized as qwen-vl-utils' ``fetch_video`` would, read with decord.
 
-    Same arguments, result and errors as :func:`medgrpo.data.decode_cpu.load_video_sample`
-    (``region_box`` drawn on the nearest sampled frame before the resize, as there); frame
-    lists are delegated to it.
+    Same result and errors as :func:`medgrpo.data.decode_cpu.load_video_sample` (the plan from
+    decord's own frame count and rate; frame lists through PIL).
 
     Returns:
         ``(frames, plan)``: uint8 ``(plan.num_frames, plan.height, plan.width, 3)`` and the plan.
@@ -162,33 +155,7 @@ def load_video_sample(
     Raises:
         VideoDecodeError: unreadable input. ValueError: an impossible sampling request.
     """
-    if decode_cpu.is_frame_source(video):
-        return decode_cpu.load_video_sample(
-            video,
-            fps=fps,
-            nframes=nframes,
-            start_frame=start_frame,
-            end_frame=end_frame,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            total_pixels=total_pixels,
-            region_box=region_box,
-        )
-    path, plan = decode_cpu.plan_source(
-        video,
-        fps=fps,
-        nframes=nframes,
-        start_frame=start_frame,
-        end_frame=end_frame,
-        min_pixels=min_pixels,
-        max_pixels=max_pixels,
-        total_pixels=total_pixels,
-        info=video_info,
-    )
-    frames = _decode_video(path, plan.indices)
-    if region_box is not None:
-        draw_region_box_(frames[box_frame_position(plan.indices, region_box.frame_index)], region_box.bbox)
-    return resize_frames(frames, plan.height, plan.width), plan
+    return load_with(request, _decode_video, info=video_info)
 
 
-__all__ = ["VideoDecodeError", "decode_frames", "load_video_sample", "video_info"]
+__all__ = ["decode_frames", "load_video_sample", "video_info"]

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from medgrpo.data import sampling
+from medgrpo.data.decode import FrameRequest, VideoDecodeError, plan_source
 from medgrpo.data.records import RecordDataset, RecordError, VideoRecord
 from medgrpo.data.sampling import FramePlan
 
@@ -84,7 +85,7 @@ class SkippedSample(NamedTuple):
     reason: str
 
 
-def _decoder(backend: str) -> Callable[..., tuple[torch.Tensor, FramePlan]]:
+def _decoder(backend: str) -> Callable[[FrameRequest], tuple[torch.Tensor, FramePlan]]:
     if backend == "decord":
         from medgrpo.data.decode_decord import load_video_sample
     else:
@@ -92,29 +93,52 @@ def _decoder(backend: str) -> Callable[..., tuple[torch.Tensor, FramePlan]]:
     return load_video_sample
 
 
-def load_record(record: VideoRecord, options: DecodeOptions) -> VideoSample:
-    """Decode one record's clip (no error handling: see :meth:`VideoDataset.__getitem__`)."""
+def frame_request(record: VideoRecord, options: DecodeOptions) -> FrameRequest:
+    """The :class:`~medgrpo.data.decode.FrameRequest` of a record: its frame list at ``metadata.fps``,
+    or its video file sampled as ``options`` say (clipped to the record's frames when asked)."""
     box = record.rc_info if (options.draw_region_box and record.is_rc) else None
     budget = {"min_pixels": options.min_pixels, "max_pixels": options.max_pixels, "total_pixels": options.total_pixels}
     if record.is_frame_list:
-        frames, plan = _decoder("pyav")(list(record.video), fps=record.fps, region_box=box, **budget)
-    else:
-        clip = {}
-        if options.clip_from_metadata:
-            clip = {"start_frame": record.start_frame, "end_frame": record.end_frame}
-        load = _decoder(options.backend)
-        frames, plan = load(record.video, fps=options.fps, nframes=options.nframes, region_box=box, **clip, **budget)
+        return FrameRequest(list(record.video), fps=record.fps, region_box=box, **budget)
+    clip = {}
+    if options.clip_from_metadata:
+        clip = {"start_frame": record.start_frame, "end_frame": record.end_frame}
+    return FrameRequest(record.video, fps=options.fps, nframes=options.nframes, region_box=box, **clip, **budget)
+
+
+def load_record(record: VideoRecord, options: DecodeOptions) -> VideoSample:
+    """Decode one record's clip (no error handling: see :meth:`VideoDataset.__getitem__`).
+
+    Frame lists are read with PIL whatever the backend (decord reads video files only).
+    """
+    load = _decoder("pyav" if record.is_frame_list else options.backend)
+    frames, plan = load(frame_request(record, options))
     return VideoSample(record=record, frames=frames, plan=plan)
 
 
-def _skip_kind(error: Exception) -> str:
-    from medgrpo.data.decode_cpu import VideoDecodeError
+def plan_record(record: VideoRecord, options: DecodeOptions) -> tuple[list[str] | str, FramePlan]:
+    """``(source, plan)`` of a record from headers only: the plan :func:`load_record` decodes with.
 
+    Decoders that take plans (DALI) use this; see :func:`medgrpo.data.decode.plan_source`.
+    """
+    return plan_source(frame_request(record, options))
+
+
+def _skip_kind(error: Exception) -> str:
     if isinstance(error, RecordError):
         return "bad_record"
     if isinstance(error, VideoDecodeError):
         return "unreadable_video"
     return "impossible_sampling"
+
+
+def skipped_sample(index: int, record_id: str | None, error: Exception) -> SkippedSample:
+    """The :class:`SkippedSample` of a record that raised ``error`` (its kind read from the error)."""
+    return SkippedSample(index, record_id or getattr(error, "record_id", None), _skip_kind(error), str(error))
+
+
+# What makes a record unusable rather than a bug: a bad record, an unreadable video, an impossible plan.
+SKIPPABLE_ERRORS = (RecordError, VideoDecodeError, ValueError)
 
 
 class VideoDataset(Dataset):
@@ -134,25 +158,35 @@ class VideoDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> VideoSample | SkippedSample:
-        from medgrpo.data.decode_cpu import VideoDecodeError
-
         record_id = None
         try:
             record = self.records[index]
             record_id = record.id
             return load_record(record, self.options)
-        except (RecordError, VideoDecodeError, ValueError) as error:
-            return SkippedSample(index, record_id or getattr(error, "record_id", None), _skip_kind(error), str(error))
+        except SKIPPABLE_ERRORS as error:
+            return skipped_sample(index, record_id, error)
 
 
-def count_skips(counter: Counter[str], skipped: Sequence[SkippedSample]) -> None:
-    """Count ``skipped`` by kind into ``counter`` and log each one."""
-    for skip in skipped:
-        counter[skip.kind] += 1
-        logger.warning("skipped record %d (id %s, %s): %s", skip.index, skip.record_id, skip.kind, skip.reason)
+class SkipCounter:
+    """The skip bookkeeping both loaders share: ``skipped`` counts skipped records by kind (over all
+    epochs), each one logged; ``skipped_total`` is their number."""
+
+    def __init__(self) -> None:
+        self.skipped: Counter[str] = Counter()
+
+    def count_skips(self, skipped: Sequence[SkippedSample]) -> None:
+        """Count ``skipped`` by kind and log each one."""
+        for skip in skipped:
+            self.skipped[skip.kind] += 1
+            logger.warning("skipped record %d (id %s, %s): %s", skip.index, skip.record_id, skip.kind, skip.reason)
+
+    @property
+    def skipped_total(self) -> int:
+        """Records skipped so far, over all epochs."""
+        return sum(self.skipped.values())
 
 
-class VideoLoader:
+class VideoLoader(SkipCounter):
     """Batches of collated clips from worker processes, sharded by rank, skips counted.
 
     Args:
@@ -186,10 +220,10 @@ class VideoLoader:
         prefetch_factor: int | None = None,
         drop_last: bool = False,
     ):
+        super().__init__()
         if sampler is None:
             sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
         self.sampler = sampler
-        self.skipped: Counter[str] = Counter()
         self._loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -212,35 +246,11 @@ class VideoLoader:
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self._loader:
-            self._count(batch.skipped)
+            self.count_skips(batch.skipped)
             yield batch
 
-    def _count(self, skipped: Sequence[SkippedSample]) -> None:
-        count_skips(self.skipped, skipped)
 
-    @property
-    def skipped_total(self) -> int:
-        """Records skipped so far, over all epochs."""
-        return sum(self.skipped.values())
-
-
-def plan_record(record: VideoRecord, options: DecodeOptions) -> tuple[list[str] | str, FramePlan]:
-    """``(source, plan)`` of a record from headers only: the plan :func:`load_record` decodes with.
-
-    Decoders that take plans (DALI) use this; see :func:`medgrpo.data.decode_cpu.plan_source`.
-    """
-    from medgrpo.data.decode_cpu import plan_source
-
-    budget = {"min_pixels": options.min_pixels, "max_pixels": options.max_pixels, "total_pixels": options.total_pixels}
-    if record.is_frame_list:
-        return plan_source(list(record.video), fps=record.fps, **budget)
-    clip = {}
-    if options.clip_from_metadata:
-        clip = {"start_frame": record.start_frame, "end_frame": record.end_frame}
-    return plan_source(record.video, fps=options.fps, nframes=options.nframes, **clip, **budget)
-
-
-class DaliRecordLoader:
+class DaliRecordLoader(SkipCounter):
     """:class:`VideoLoader`'s batches with the frames decoded by DALI (nvJPEG / NVDEC on the GPU).
 
     Indices come from ``sampler`` (e.g. the trainer's balanced, rank-sharded sampler); records are
@@ -270,6 +280,7 @@ class DaliRecordLoader:
     ):
         from medgrpo.data.decode_dali import DaliVideoLoader
 
+        super().__init__()
         self.dataset, self.collate, self.batch_size, self.sampler = dataset, collate, batch_size, sampler
         options = dataset.options
         self.decoder = DaliVideoLoader(
@@ -283,7 +294,6 @@ class DaliRecordLoader:
             max_pixels=options.max_pixels,
             on_error="skip",
         )
-        self.skipped: Counter[str] = Counter()
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
@@ -292,36 +302,30 @@ class DaliRecordLoader:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
 
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
     def __iter__(self) -> Iterator[Any]:
         indices = list(iter(self.sampler))
         for start in range(0, len(indices), self.batch_size):
             batch = self.collate(self._items(indices[start : start + self.batch_size]))
-            count_skips(self.skipped, batch.skipped)
+            self.count_skips(batch.skipped)
             yield batch
 
     def _items(self, indices: Sequence[int]) -> list[VideoSample | SkippedSample]:
-        from medgrpo.data.decode_cpu import VideoDecodeError
-
         planned, items = [], []
         for index in indices:
             record_id = None
             try:
                 record = self.dataset.records[index]
                 record_id = record.id
-                source, plan = plan_record(record, self.dataset.options)
-            except (RecordError, VideoDecodeError, ValueError) as error:
-                items.append(SkippedSample(index, record_id, _skip_kind(error), str(error)))
+                request = frame_request(record, self.dataset.options)
+                source, plan = plan_source(request)
+            except SKIPPABLE_ERRORS as error:
+                items.append(skipped_sample(index, record_id, error))
                 continue
-            box = record.rc_info if (self.dataset.options.draw_region_box and record.is_rc) else None
-            planned.append((record, source, plan, box))
+            planned.append((record, source, plan, request.region_box))
         decoded = self.decoder.decode_items([(source, plan, box) for _, source, plan, box in planned])
         for (record, _, plan, _), frames in zip(planned, decoded):
             if isinstance(frames, VideoDecodeError):
-                items.append(SkippedSample(record.index, record.id, "unreadable_video", str(frames)))
+                items.append(skipped_sample(record.index, record.id, frames))
             else:
                 items.append(VideoSample(record=record, frames=frames, plan=plan))
         return items
@@ -340,10 +344,12 @@ __all__ = [
     "BACKENDS",
     "DaliRecordLoader",
     "DecodeOptions",
+    "SkipCounter",
     "SkippedSample",
     "VideoDataset",
     "VideoLoader",
     "VideoSample",
+    "frame_request",
     "load_record",
     "open_file_count",
     "plan_record",

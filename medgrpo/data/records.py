@@ -30,24 +30,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-QA_TYPES = (
-    "tal",
-    "stg",
-    "next_action",
-    "dense_captioning",
-    "video_summary",
-    "region_caption",
-    "skill_assessment",
-    "cvs_assessment",
-)
-CAPTION_QA_TYPES = ("dense_captioning", "video_summary", "region_caption")
-# Caption tasks come in two variants (annotations written with GPT or with Gemini) of one task.
-CAPTION_VARIANTS = ("gpt", "gemini")
-_QA_TYPE_ALIASES = {
-    **{qa_type: qa_type for qa_type in QA_TYPES},
-    **{f"{base}_{variant}": base for base in CAPTION_QA_TYPES for variant in CAPTION_VARIANTS},
-    "dc": "dense_captioning",  # the authors' evaluation accepts this short name
-}
+from medgrpo.data.task_key import TaskKey, normalize_qa_type
+
 VIDEO_TAG = "<video>"
 START_FRAME_KEYS = ("input_video_start_frame", "start_frame")
 END_FRAME_KEYS = ("input_video_end_frame", "end_frame")
@@ -99,7 +83,7 @@ class VideoRecord:
         id: the record's ``id`` field, if it has one.
         question: the human turn without its ``<video>`` tag.
         answer: the gpt turn (the reference answer), or None for test data.
-        qa_type: one of :data:`QA_TYPES` (caption variants mapped to their task);
+        qa_type: one of :data:`~medgrpo.data.task_key.QA_TYPES` (caption variants mapped to their task);
             ``qa_type_raw`` keeps the file's spelling (e.g. ``"video_summary_gemini"``).
         data_source: the source dataset (``data_source``, else ``dataset_name``).
         video: frame image paths (a tuple) or one video file path, resolved inside the
@@ -151,18 +135,6 @@ class VideoRecord:
 
 def _unpickle_record(state: dict[str, Any]) -> VideoRecord:
     return VideoRecord(**{**state, "metadata": MappingProxyType(state["metadata"])})
-
-
-def normalize_qa_type(qa_type: str) -> str:
-    """The task of a ``qa_type``: caption variants (``_gpt``, ``_gemini``) map to their base.
-
-    Raises:
-        ValueError: not one of the 8 tasks or their caption variants.
-    """
-    try:
-        return _QA_TYPE_ALIASES[qa_type]
-    except (KeyError, TypeError):
-        raise ValueError(f"unknown qa_type {qa_type!r}; expected one of {', '.join(QA_TYPES)}") from None
 
 
 def resolve_path(path: str, root: str | os.PathLike[str], *, source_root: str | None = None) -> Path:
@@ -240,13 +212,13 @@ def _qa_type(raw: Mapping[str, Any]) -> tuple[str, str]:
         raise _FieldError("qa_type", str(error)) from None
 
 
-def task_key(raw: Any) -> tuple[str, str] | None:
-    """``(data_source, qa_type)`` of a raw record, read as :func:`parse_record` reads them, without
-    resolving any path (cheap enough for every record of a large file); None when either is invalid."""
+def task_key(raw: Any) -> TaskKey | None:
+    """The :class:`~medgrpo.data.task_key.TaskKey` of a raw record, read as :func:`parse_record` reads
+    it, without resolving any path (cheap enough for every record of a large file); None when invalid."""
     if not isinstance(raw, Mapping):
         return None
     try:
-        return _data_source(raw), _qa_type(raw)[0]
+        return TaskKey(_data_source(raw), _qa_type(raw)[0])
     except _FieldError:
         return None
 

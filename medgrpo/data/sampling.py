@@ -27,7 +27,7 @@ from typing import TypeVar
 
 import torch
 
-# qwen-vl-utils' constants: same names, same values (0.0.14; MIN/MAX/VIDEO_*_PIXELS and
+# qwen-vl-utils' constants: same names, same values (0.0.14; VIDEO_*_PIXELS and
 # VIDEO_TOTAL_PIXELS are the names earlier releases gave the same numbers).
 MAX_RATIO = 200
 SPATIAL_MERGE_SIZE = 2
@@ -37,8 +37,6 @@ IMAGE_MIN_TOKEN_NUM = 4
 IMAGE_MAX_TOKEN_NUM = 16384
 VIDEO_MIN_TOKEN_NUM = 128
 VIDEO_MAX_TOKEN_NUM = 768
-MIN_PIXELS = IMAGE_MIN_TOKEN_NUM * IMAGE_FACTOR**2
-MAX_PIXELS = IMAGE_MAX_TOKEN_NUM * IMAGE_FACTOR**2
 VIDEO_MIN_PIXELS = VIDEO_MIN_TOKEN_NUM * IMAGE_FACTOR**2
 VIDEO_MAX_PIXELS = VIDEO_MAX_TOKEN_NUM * IMAGE_FACTOR**2
 # qwen-vl-utils reads MODEL_SEQ_LEN from the environment at import time; here it is fixed

@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 from medgrpo.kernels.normalize_rewards import normalized_reward
-from medgrpo.ops.reference import ZERO_STD_ATOL
 
 BLOCK_N = 1024
 
@@ -237,8 +236,13 @@ def group_advantages(
     k: float,
     scale: int,
     eps: float,
+    zero_std_atol: float,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch: see medgrpo.ops.group_advantages. Returns the op's 6 output tensors (fp32)."""
+    """Launch: see medgrpo.ops.group_advantages. Returns the op's 6 output tensors (fp32).
+
+    ``zero_std_atol``: a group whose std is at most this counts as zero-std (the op passes
+    ``medgrpo.ops.reference.ZERO_STD_ATOL``, TRL's ``isclose(std, 0)``).
+    """
     n = rewards.shape[0]
     device = rewards.device
     rewards = rewards.contiguous()
@@ -271,7 +275,7 @@ def group_advantages(
             num_keys,
             float(k),
             float(eps),
-            ZERO_STD_ATOL,
+            zero_std_atol,
             NORMALIZE=normalize,
             SCALE=scale,
             BLOCK_GROUPS=block_groups,
@@ -295,7 +299,7 @@ def group_advantages(
             num_keys,
             float(k),
             float(eps),
-            ZERO_STD_ATOL,
+            zero_std_atol,
             NORMALIZE=normalize,
             SCALE=scale,
             BLOCK=block,

@@ -4,7 +4,8 @@ One launch per clip. Each program writes ``BLOCK_R`` output rows, ``BLOCK_C`` co
 output element it derives the source ``(t, y, x, c)``, gathers the uint8 value, normalizes it in float32 as
 ``(v * rescale - mean[c]) / std[c]`` and stores it in the output dtype. Row order is
 ``(grid_t, grid_h/merge, grid_w/merge, merge_h, merge_w)``, column order ``(C, temporal_patch, patch_h, patch_w)``
-(see ``medgrpo.data.patchify``).
+(see ``medgrpo.ops.reference.patchify``). The op (``medgrpo/ops/patchify.py``) checks the clip and passes
+the processor's constants (mean, std, rescale factor, patch sizes) in.
 """
 
 from __future__ import annotations
@@ -12,16 +13,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from medgrpo.data.patchify import (
-    CLIP_MEAN,
-    CLIP_STD,
-    MERGE_SIZE,
-    PATCH_SIZE,
-    RESCALE_FACTOR,
-    TEMPORAL_PATCH_SIZE,
-    check_frames,
-)
 
 BLOCK_R = 16
 BLOCK_C = 128
@@ -99,23 +90,25 @@ def _patchify_kernel(
         tl.store(out_ptr + (out_rows[:, None] + cols[None, :]), y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def patchify_triton(
+def patchify(
     frames: torch.Tensor,
-    dtype: torch.dtype = torch.float32,
-    mean: tuple[float, float, float] = CLIP_MEAN,
-    std: tuple[float, float, float] = CLIP_STD,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch: ``(T, H, W, 3)`` uint8 clip (any strides) -> ``(N, 1176)`` rows in ``dtype`` and ``(1, 3)`` grid.
+    dtype: torch.dtype,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    rescale: float,
+    patch: int,
+    merge: int,
+    temporal: int,
+) -> torch.Tensor:
+    """Launch: a checked ``(T, H, W, C)`` uint8 clip (any strides) -> ``(N, C * temporal * patch**2)`` rows.
 
-    ``dtype`` is float32 (default) or bfloat16 / float16; normalization is always computed in float32.
+    ``dtype`` is float32, bfloat16 or float16; normalization is always computed in float32.
     """
-    grid_t, grid_h, grid_w = check_frames(frames)
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    channels = frames.shape[3]
+    t, h, w, channels = frames.shape
+    grid_t, grid_h, grid_w = t // temporal, h // patch, w // patch
     device = frames.device
     n_rows = grid_t * grid_h * grid_w
-    row_len = channels * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE
+    row_len = channels * temporal * patch * patch
     out = torch.empty((n_rows, row_len), dtype=dtype, device=device)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
@@ -129,18 +122,17 @@ def patchify_triton(
         n_rows,
         row_len,
         channels,
-        PATCH_SIZE,
-        MERGE_SIZE,
-        TEMPORAL_PATCH_SIZE,
-        grid_w // MERGE_SIZE,
-        grid_h // MERGE_SIZE,
+        patch,
+        merge,
+        temporal,
+        grid_w // merge,
+        grid_h // merge,
         st,
         sh,
         sw,
         sc,
-        RESCALE_FACTOR,
+        rescale,
         BLOCK_R=BLOCK_R,
         BLOCK_C=BLOCK_C,
     )
-    grid_thw = torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64, device=device)
-    return out, grid_thw
+    return out

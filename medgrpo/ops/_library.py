@@ -3,7 +3,8 @@
 Schemas are defined here, once, in Python. The native extension ``medgrpo._C`` only
 registers CPU implementations (``TORCH_LIBRARY_IMPL(medgrpo, CPU, m)``); the CUDA
 implementations are the Triton launchers, registered by each op module. When the
-extension is missing, the op modules register the PyTorch reference for CPU instead.
+extension is missing, the op modules register the PyTorch reference for CPU instead
+(an op without a C++ kernel, patchify, always does).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ SCHEMAS = {
         "Tensor? bias, Tensor? old_logp, Tensor? ref_logp, Tensor? num_items, float temperature, float[] hparams, "
         "int[] modes, int chunk_rows, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
+    # uint8 (T, H, W, 3) frames -> (T/2 * H/14 * W/14, 1176) normalized patch rows (medgrpo/ops/patchify.py).
+    "patchify": "patchify(Tensor frames, ScalarType dtype) -> Tensor",
 }
 
 
@@ -89,6 +92,11 @@ def register_cpu_fallback(name: str, fn) -> None:
     """Register ``fn`` (built on the reference) as the CPU kernel when csrc/ is not loaded."""
     if not EXTENSION_LOADED:
         LIBRARY.impl(name, fn, "CPU")
+
+
+def register_cpu(name: str, fn) -> None:
+    """Register ``fn`` as the CPU kernel of an op that has no C++ kernel in csrc/."""
+    LIBRARY.impl(name, fn, "CPU")
 
 
 def register_cuda(name: str, fn) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ def _cuda_kernel(rewards, group_ids, group_size, keys, stats, k, scale, eps):
         return _reference_kernel(rewards, group_ids, group_size, keys, stats, k, scale, eps)
     from medgrpo.kernels.group_advantages import group_advantages as launch
 
-    return launch(rewards, group_ids, group_size, keys, stats, k, scale, eps)
+    return launch(rewards, group_ids, group_size, keys, stats, k, scale, eps, reference.ZERO_STD_ATOL)
 
 
 _library.register_cpu_fallback("group_advantages", _reference_kernel)
@@ -76,6 +76,24 @@ def _check_grouping(rewards: Tensor, group_size: Optional[int], group_ids: Optio
     return group_size
 
 
+def _launch(rewards, group_size, group_ids, keys, stats, k, scale, eps) -> tuple[Tensor, ...]:
+    """Check the arguments and run the op: its 6 output tensors."""
+    _checks.check_floating("rewards", rewards)
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
+    size_code = _check_grouping(rewards, group_size, group_ids)
+    if (keys is None) != (stats is None):
+        raise ValueError("keys and stats must be given together (or neither)")
+    if keys is not None:
+        check_normalization_inputs(rewards, keys, stats)
+    _checks.check_choice("scale", scale, reference.ADVANTAGE_SCALES)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return torch.ops.medgrpo.group_advantages(
+        rewards, group_ids, size_code, keys, stats, float(k), SCALE_CODES[scale], float(eps)
+    )
+
+
 def group_advantages(
     rewards: Tensor,
     *,
@@ -86,8 +104,7 @@ def group_advantages(
     k: float = 3.0,
     scale: str = "group",
     eps: float = 1e-4,
-    return_stats: bool = False,
-) -> Union[Tensor, GroupAdvantagesOutput]:
+) -> Tensor:
     """Group-relative advantages of G completions per prompt, optionally normalizing first.
 
     ``A_i = (r_i - mean_g) / (std_g + eps)`` over the completions of one prompt, as TRL's
@@ -108,30 +125,33 @@ def group_advantages(
         scale: "group" divides by the group std, "batch" by the std of all rewards,
             "none" does not divide (Dr. GRPO).
         eps: added to the std before dividing (TRL uses 1e-4).
-        return_stats: also return per-group statistics for logging.
 
     Returns:
         (N,) fp32 advantages (fp64 for fp64 input), finite everywhere: groups of one,
-        groups of equal rewards and NaN members give 0. With ``return_stats``, a
-        :class:`GroupAdvantagesOutput` with the advantages, the rewards used, per-group
-        mean / std / count and the device-side scalars ``zero_std_fraction`` (share of
-        non-empty groups whose std is ~0, i.e. no learning signal) and ``nan_fraction``.
+        groups of equal rewards and NaN members give 0. :func:`group_advantages_with_stats`
+        also returns the per-group statistics.
     """
-    _checks.check_floating("rewards", rewards)
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D (N,), got shape {tuple(rewards.shape)}")
-    size_code = _check_grouping(rewards, group_size, group_ids)
-    if (keys is None) != (stats is None):
-        raise ValueError("keys and stats must be given together (or neither)")
-    if keys is not None:
-        check_normalization_inputs(rewards, keys, stats)
-    _checks.check_choice("scale", scale, reference.ADVANTAGE_SCALES)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    out = torch.ops.medgrpo.group_advantages(
-        rewards, group_ids, size_code, keys, stats, float(k), SCALE_CODES[scale], float(eps)
-    )
-    advantages, used, mean, std, count, summary = out
-    if not return_stats:
-        return advantages
+    return _launch(rewards, group_size, group_ids, keys, stats, k, scale, eps)[0]
+
+
+def group_advantages_with_stats(
+    rewards: Tensor,
+    *,
+    group_size: Optional[int] = None,
+    group_ids: Optional[Tensor] = None,
+    keys: Optional[Tensor] = None,
+    stats: Optional[Tensor] = None,
+    k: float = 3.0,
+    scale: str = "group",
+    eps: float = 1e-4,
+) -> GroupAdvantagesOutput:
+    """:func:`group_advantages` (same arguments, same launch) with per-group statistics for logging.
+
+    Returns:
+        A :class:`GroupAdvantagesOutput`: the advantages, the rewards used (normalized when
+        ``keys``/``stats`` are given), per-group mean / std / count and the device-side
+        scalars ``zero_std_fraction`` (share of non-empty groups whose std is ~0, i.e. no
+        learning signal) and ``nan_fraction``.
+    """
+    advantages, used, mean, std, count, summary = _launch(rewards, group_size, group_ids, keys, stats, k, scale, eps)
     return GroupAdvantagesOutput(advantages, used, mean, std, count, summary[0], summary[1])

@@ -379,3 +379,73 @@ def fused_linear_policy_loss(
     weight_mask = mask.to(entropy.dtype)
     mean_entropy = torch.where(mask != 0, entropy.detach() * weight_mask, 0).sum() / weight_mask.sum().clamp(min=1)
     return out._replace(entropy=mean_entropy)
+
+
+# --------------------------------------------------------------------------------------
+# patchify (Qwen2.5-VL's video input layout)
+# --------------------------------------------------------------------------------------
+# The Hugging Face Qwen2-VL video processor's values (after its resize, do_resize=False).
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+TEMPORAL_PATCH_SIZE = 2
+CHANNELS = 3
+ROW_LEN = CHANNELS * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176
+RESCALE_FACTOR = 1.0 / 255.0
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def patchify_grid(frames: Tensor) -> tuple[int, int, int]:
+    """``(grid_t, grid_h, grid_w)`` of a ``(T, H, W, 3)`` uint8 clip: the clips the layout is defined for.
+
+    Raises:
+        TypeError: ``frames`` is not a tensor.
+        ValueError: wrong dtype, rank or channel count, ``T`` not a positive even number, or ``H`` / ``W``
+            not a positive multiple of ``patch_size * merge_size`` (28).
+    """
+    if not isinstance(frames, Tensor):
+        raise TypeError(f"frames must be a torch.Tensor, got {type(frames).__name__}")
+    if frames.dtype != torch.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.dim() != 4:
+        raise ValueError(f"frames must have shape (T, H, W, 3), got {tuple(frames.shape)}")
+    t, h, w, c = frames.shape
+    if c != CHANNELS:
+        raise ValueError(f"frames must have {CHANNELS} channels in the last dim, got shape {tuple(frames.shape)}")
+    if t <= 0 or t % TEMPORAL_PATCH_SIZE:
+        raise ValueError(
+            f"number of frames must be a positive multiple of {TEMPORAL_PATCH_SIZE} "
+            f"(pad by repeating the last frame), got T={t}"
+        )
+    factor = PATCH_SIZE * MERGE_SIZE
+    if h <= 0 or w <= 0 or h % factor or w % factor:
+        raise ValueError(f"H and W must be positive multiples of {factor}, got H={h}, W={w}")
+    return t // TEMPORAL_PATCH_SIZE, h // PATCH_SIZE, w // PATCH_SIZE
+
+
+def patchify(frames: Tensor, *, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Reshape / permute patchify of a ``(T, H, W, 3)`` uint8 clip.
+
+    Normalization is computed in float32 as ``(x * (1 / 255) - mean) / std``. The normalized
+    ``(T, C, H, W)`` clip is viewed as ``(grid_t, temporal_patch, C, grid_h / merge, merge, patch,
+    grid_w / merge, merge, patch)`` and permuted to ``(grid_t, grid_h / merge, grid_w / merge, merge,
+    merge, C, temporal_patch, patch, patch)``: each output row (1176 values) is one 2x14x14
+    spatio-temporal patch, and the rows of each 2x2 merge window are consecutive.
+
+    Returns:
+        ``pixel_values`` of shape ``(grid_t * grid_h * grid_w, 1176)`` in ``dtype``, and ``grid_thw``,
+        int64 ``[[grid_t, grid_h, grid_w]]``, both on the device of ``frames``.
+    """
+    grid_t, grid_h, grid_w = patchify_grid(frames)
+    device = frames.device
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=device).view(1, CHANNELS, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=device).view(1, CHANNELS, 1, 1)
+    x = frames.permute(0, 3, 1, 2).to(torch.float32)  # (T, C, H, W)
+    x = (x * RESCALE_FACTOR - mean) / std
+    m, p, tp = MERGE_SIZE, PATCH_SIZE, TEMPORAL_PATCH_SIZE
+    x = x.reshape(grid_t, tp, CHANNELS, grid_h // m, m, p, grid_w // m, m, p)
+    # -> (grid_t, grid_h/m, grid_w/m, m_h, m_w, C, tp, p_h, p_w)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = x.reshape(grid_t * grid_h * grid_w, ROW_LEN).to(dtype)
+    grid_thw = torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64, device=device)
+    return pixel_values, grid_thw

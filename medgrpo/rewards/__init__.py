@@ -44,7 +44,7 @@ from medgrpo.rewards.metrics import (
     llm_unit,
     official_task,
 )
-from medgrpo.rewards.norm_stats import KeyStats, NormStats, canonical_qa_type, fit_norm_stats, load_norm_stats
+from medgrpo.rewards.norm_stats import KeyStats, NormStats, fit_norm_stats, load_norm_stats
 from medgrpo.rewards.parsers import (
     DenseEvent,
     Parsed,
@@ -98,7 +98,6 @@ __all__ = [
     "StgBoxes",
     "TaskResult",
     "TaskScore",
-    "canonical_qa_type",
     "cvs_reward",
     "dense_captioning_reward",
     "evaluate_records",

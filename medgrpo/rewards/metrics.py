@@ -44,6 +44,16 @@ from typing import Any
 import torch
 
 from medgrpo.rewards import next_action_classes as nac
+from medgrpo.rewards.ground_truth import (
+    MalformedRecord,
+    box_iou,
+    dvc_gt_events,
+    first_struc,
+    is_box,
+    span_iou,
+    stg_gt_boxes,
+    tal_gt_spans,
+)
 from medgrpo.rewards.parsers import (
     DenseEvent,
     StgBoxes,
@@ -56,7 +66,6 @@ from medgrpo.rewards.parsers import (
     tal_spans,
 )
 
-TAL_THRESHOLDS = (0.3, 0.5)
 DVC_THRESHOLDS = (0.3, 0.5, 0.7)
 METRIC_KEYS = (
     "cvs_acc",
@@ -120,16 +129,17 @@ class TaskResult:
     notes: dict[str, int] = field(default_factory=dict)
 
 
-class _Malformed(Exception):
-    """A record the official evaluator could not score (it would raise)."""
-
-
 def official_task(qa_type: str) -> str | None:
     """The task the official evaluator scores a ``qa_type`` as, or None.
 
     Official quirk: each task script selects its records differently: cvs/skill by equality,
     the others by substring (``"tal" in qa_type.lower()``, ``"dc"`` counts as dense captioning,
     ``"video_summary" in qa_type`` case-sensitively, ...). This follows those rules.
+
+    This is a second reading of ``qa_type`` on purpose: the leaderboard's numbers depend on
+    which records each of its scripts picks up (``"TAL_v2"`` is scored as tal there, but is no
+    task of :mod:`medgrpo.data.task_key`), so the metrics route records as the evaluator does,
+    while training, rewards and statistics use :func:`medgrpo.data.task_key.task_of`.
     """
     lowered = qa_type.lower()
     if qa_type == "cvs_assessment":
@@ -163,16 +173,10 @@ def _fps(value: Any) -> float:
         try:
             return float(value)
         except ValueError:
-            raise _Malformed(f"fps {value!r} is not a number") from None
+            raise MalformedRecord(f"fps {value!r} is not a number") from None
     if isinstance(value, (int, float)):
         return value
-    raise _Malformed(f"fps {value!r} is not a number")
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, (int, float)):
-        return value
-    raise _Malformed(f"{what} {value!r} is not a number")
+    raise MalformedRecord(f"fps {value!r} is not a number")
 
 
 def _group(records: Iterable[EvalRecord]) -> dict[str, list[EvalRecord]]:
@@ -183,18 +187,6 @@ def _group(records: Iterable[EvalRecord]) -> dict[str, list[EvalRecord]]:
 
 
 # --- tal ---------------------------------------------------------------------------------
-
-
-def span_iou(a: tuple[float, float], b: tuple[float, float]) -> float:
-    """Temporal IoU of the official TAL code: intersection over the hull of both spans.
-
-    Official quirk: the "union" is max(end) - min(start) (the hull), equal to the union
-    only for overlapping spans (disjoint spans score 0 anyway), and spans are not
-    reordered, so a reversed span (start > end) never overlaps anything.
-    """
-    inter = max(0, min(a[1], b[1]) - max(a[0], b[0]))
-    union = max(a[1], b[1]) - min(a[0], b[0])
-    return inter / union if union > 0 else 0.0
 
 
 def greedy_matched_ious(
@@ -223,37 +215,13 @@ def tal_record_miou(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[floa
     return _mean(greedy_matched_ious(pred, gt, threshold))
 
 
-def _tal_gt(struc_info: Any) -> list[tuple[float, float]]:
-    # Official: ground-truth spans are every `spans` list of the items of a list struc_info;
-    # any other struc_info gives no spans (the record then scores 0).
-    spans: list[tuple[float, float]] = []
-    if not isinstance(struc_info, list):
-        return spans
-    for item in struc_info:
-        if not isinstance(item, dict):
-            # Official: `"spans" in item` on a string or list item is a membership test;
-            # it only fails (raises) when that test is true or impossible.
-            if isinstance(item, (str, list)) and "spans" not in item:
-                continue
-            raise _Malformed(f"struc_info item {item!r} is not an object")
-        if "spans" not in item:
-            continue
-        if not isinstance(item["spans"], list):
-            raise _Malformed("struc_info spans is not a list")
-        for span in item["spans"]:
-            if not isinstance(span, dict) or "start" not in span or "end" not in span:
-                raise _Malformed(f"bad span {span!r}")
-            spans.append((_number(span["start"], "span start"), _number(span["end"], "span end")))
-    return spans
-
-
 def tal_record_scores(record: EvalRecord) -> tuple[float, float]:
     """(mIoU@0.3, mIoU@0.5) of one tal record, as the official evaluator scores it."""
     fps = _fps(record.fps)
     # Official quirk: spans are scaled to frames (x fps) before the IoU; this changes the
     # IoU only by rounding, and fps = 0 makes every IoU 0.
     pred = [(float(a * fps), float(b * fps)) for a, b in tal_spans(record.answer)]
-    gt = [(float(a * fps), float(b * fps)) for a, b in _tal_gt(record.struc_info)]
+    gt = [(float(a * fps), float(b * fps)) for a, b in tal_gt_spans(record.struc_info)]
     return tal_record_miou(pred, gt, 0.3), tal_record_miou(pred, gt, 0.5)
 
 
@@ -264,7 +232,7 @@ def tal_metrics(records: Sequence[EvalRecord]) -> TaskResult:
     for record in records:
         try:
             scores[record.data_source].append(tal_record_scores(record))
-        except _Malformed as error:
+        except MalformedRecord as error:
             result.malformed.append((record.key, str(error)))
     pooled = [s for values in scores.values() for s in values]
     result.evaluated = len(pooled)
@@ -280,37 +248,6 @@ def _tal_summary(scores: Sequence[tuple[float, float]]) -> dict[str, float | Non
 
 
 # --- stg ---------------------------------------------------------------------------------
-
-
-def _stg_gt(struc_info: Any) -> dict:
-    if isinstance(struc_info, list) and struc_info:
-        item = struc_info[0]
-        gt = item["bbox_dict"] if isinstance(item, dict) and "bbox_dict" in item else item
-    elif isinstance(struc_info, dict):
-        gt = struc_info.get("bbox_dict", struc_info)
-    else:
-        gt = {}
-    if not isinstance(gt, dict):
-        raise _Malformed("stg ground truth is not an object of boxes")
-    return gt
-
-
-def _is_box(box: Any) -> bool:
-    return isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
-
-
-def box_iou(pred: Sequence[float], gt: Sequence[float]) -> float:
-    """Box IoU as the official STG code computes it: the union is clipped below at 1e-6
-    (so empty boxes score 0) and boxes are not reordered (NaN propagates like numpy's)."""
-    inter_w = _clip0(min(pred[2], gt[2]) - max(pred[0], gt[0]))
-    inter_h = _clip0(min(pred[3], gt[3]) - max(pred[1], gt[1]))
-    inter = inter_w * inter_h
-    union = (pred[2] - pred[0]) * (pred[3] - pred[1]) + (gt[2] - gt[0]) * (gt[3] - gt[1]) - inter
-    return inter / (1e-6 if union < 1e-6 else union)
-
-
-def _clip0(value: float) -> float:
-    return 0.0 if value < 0 else value
 
 
 def _stg_pred_for(boxes: StgBoxes, gt_keys: list) -> dict:
@@ -335,13 +272,13 @@ def stg_record_miou(boxes: StgBoxes, gt: Mapping) -> float | None:
         try:
             lookup = f"{float(key):.1f}"
         except (TypeError, ValueError):
-            raise _Malformed(f"stg time key {key!r} is not a number") from None
+            raise MalformedRecord(f"stg time key {key!r} is not a number") from None
         box = pred.get(lookup, (0, 0, 0, 0))
         if list(box) == [0, 0, 0, 0] and i > 0:
             box = used[i - 1]
         used.append(box)
     # Official: pairs whose ground-truth box is not a list of 4 numbers are left out.
-    ious = [box_iou(p, g) for p, g in zip(used, gt.values()) if _is_box(g)]
+    ious = [box_iou(p, g) for p, g in zip(used, gt.values()) if is_box(g)]
     return sum(ious) / len(ious) if ious else None
 
 
@@ -351,8 +288,8 @@ def stg_metrics(records: Sequence[EvalRecord]) -> TaskResult:
     scores: dict[str, list[float]] = defaultdict(list)
     for record in records:
         try:
-            miou = stg_record_miou(stg_boxes(record.answer), _stg_gt(record.struc_info))
-        except _Malformed as error:
+            miou = stg_record_miou(stg_boxes(record.answer), stg_gt_boxes(record.struc_info))
+        except MalformedRecord as error:
             result.malformed.append((record.key, str(error)))
             continue
         if miou is None:
@@ -403,36 +340,18 @@ def temporal_f1(
     return 2 * r * p / (r + p) if (r + p) > 0 else 0.0
 
 
-def _dvc_gt(struc_info: Any) -> list[dict]:
-    # Official: [[events]] or [{"dc_segments": events}] or [events...]; events need
-    # start, end and caption; anything else is ignored.
-    if isinstance(struc_info, list) and struc_info:
-        first = struc_info[0]
-        if isinstance(first, list):
-            events = first
-        elif isinstance(first, dict) and "dc_segments" in first:
-            events = first["dc_segments"]
-        else:
-            events = struc_info
-    else:
-        events = struc_info
-    if not isinstance(events, list):
-        return []
-    return [e for e in events if isinstance(e, dict) and "start" in e and "end" in e and "caption" in e]
-
-
 def _to_frame(value: float, fps: float) -> int:
     try:
         return int(value * fps)
     except (OverflowError, ValueError):
-        raise _Malformed(f"time {value!r} x fps {fps!r} is not finite") from None
+        raise MalformedRecord(f"time {value!r} x fps {fps!r} is not finite") from None
 
 
 def _gt_seconds(value: Any) -> float:
     try:
         return float(value)
     except (TypeError, ValueError, OverflowError):
-        raise _Malformed(f"dense-captioning time {value!r} is not a number") from None
+        raise MalformedRecord(f"dense-captioning time {value!r} is not a number") from None
 
 
 def dvc_record_f1(record: EvalRecord) -> float | None:
@@ -444,7 +363,7 @@ def dvc_record_f1(record: EvalRecord) -> float | None:
     pred = [(_to_frame(a, fps), _to_frame(b, fps)) for a, b in _flatten(spans)]
     gt = [
         (_to_frame(_gt_seconds(e["start"]), fps), _to_frame(_gt_seconds(e["end"]), fps))
-        for e in _dvc_gt(record.struc_info)
+        for e in dvc_gt_events(record.struc_info)
     ]
     if not pred or not gt:
         return None
@@ -474,7 +393,7 @@ def dvc_metrics(records: Sequence[EvalRecord], judge: Judge | None = None) -> Ta
     for record in records:
         try:
             f1 = dvc_record_f1(record)
-        except _Malformed as error:
+        except MalformedRecord as error:
             result.malformed.append((record.key, str(error)))
             continue
         counts[record.data_source] += 1
@@ -527,12 +446,12 @@ def dvc_llm_scores(records: Sequence[EvalRecord], judge: Judge, notes: dict[str,
     for record in records:
         pred = dense_events(record.answer)
         try:
-            gt = _dvc_gt(record.struc_info)
+            gt = dvc_gt_events(record.struc_info)
             for threshold in DVC_THRESHOLDS:
                 for p, g in caption_pairs_at(pred, gt, threshold):
                     requests.append(JudgeRequest(p, g, "dense_captioning"))
                     where.append((record.data_source, threshold))
-        except _Malformed:
+        except MalformedRecord:
             continue
     scores = list(judge(requests)) if requests else []
     by_key: dict[tuple[str, float], list[float]] = defaultdict(list)
@@ -667,23 +586,12 @@ def balanced_accuracy(correct: Mapping[str, int], total: Mapping[str, int]) -> f
     return sum(rates) / len(rates) if rates else 0.0
 
 
-def _first_struc(struc_info: Any) -> dict | None:
-    # Official: struc_info[0] when struc_info is a non-empty list (a dict there raises).
-    if not struc_info:
-        return None
-    if not isinstance(struc_info, list):
-        raise _Malformed("struc_info is not a list")
-    if not isinstance(struc_info[0], dict):
-        raise _Malformed("struc_info[0] is not an object")
-    return struc_info[0]
-
-
 def _tally(pred: Mapping[str, Any], gt: Mapping[str, Any], correct: dict, total: dict) -> None:
     # Official quirk: a class the prediction does not name is left out (no penalty).
     compared = [name for name in gt if name in pred]
     if any(isinstance(gt[name], bool) or not isinstance(gt[name], (int, float)) for name in compared):
         # Official: the absolute error it also computes raises on a non-numeric score.
-        raise _Malformed("ground-truth score is not a number")
+        raise MalformedRecord("ground-truth score is not a number")
     for name in compared:
         total[name] += 1
         correct[name] += int(pred[name] == gt[name])
@@ -695,8 +603,8 @@ def cvs_dataset_accuracy(records: Sequence[EvalRecord], malformed: list[tuple[st
     total: dict[str, int] = defaultdict(int)
     for record in records:
         try:
-            first = _first_struc(record.struc_info)
-        except _Malformed as error:
+            first = first_struc(record.struc_info)
+        except MalformedRecord as error:
             malformed.append((record.key, str(error)))
             continue
         gt: Mapping[str, Any] = {}
@@ -710,7 +618,7 @@ def cvs_dataset_accuracy(records: Sequence[EvalRecord], malformed: list[tuple[st
             gt = cvs_components(record.gnd)
         try:
             _tally(cvs_components(record.answer), gt, correct, total)
-        except _Malformed as error:
+        except MalformedRecord as error:
             malformed.append((record.key, str(error)))
     return balanced_accuracy(correct, total)
 
@@ -766,17 +674,17 @@ def skill_level_of_scores(text: str) -> str | None:
 
 
 def _skill_gt(record: EvalRecord) -> tuple[str | None, Mapping[str, Any]]:
-    first = _first_struc(record.struc_info)
+    first = first_struc(record.struc_info)
     level = None
     if first is not None and first.get("skill_level", ""):
         code = first["skill_level"]
         if not isinstance(code, str):
-            raise _Malformed("skill_level is not a string")
+            raise MalformedRecord("skill_level is not a string")
         level = skill_level_of_code(code) or None
     level = level or skill_level_of_scores(record.gnd)
     aspects = first.get("skill_scores", {}) if first is not None else {}
     if not isinstance(aspects, dict):
-        raise _Malformed("skill_scores is not an object")
+        raise MalformedRecord("skill_scores is not an object")
     return level, aspects or skill_aspects(record.gnd)
 
 
@@ -798,7 +706,7 @@ def skill_dataset_accuracy(records: Sequence[EvalRecord], result: TaskResult) ->
                 result.skipped.append((record.key, "ground-truth skill level unreadable"))
                 continue
             _tally(skill_aspects(record.answer), gt, correct, total)
-        except _Malformed as error:
+        except MalformedRecord as error:
             result.malformed.append((record.key, str(error)))
             continue
         result.evaluated += 1

@@ -13,7 +13,7 @@ Input: JSONL, one rollout per line: ``{"id": ..., "data_source": str, "qa_type":
 "reward": number | null}``. Blank lines are skipped; lines that are not such an object are
 malformed (counted, reported with their line numbers, left out); null/NaN/inf rewards
 are counted and left out. ``_gpt``/``_gemini`` caption variants share their base type's
-key (:func:`canonical_qa_type`), at fit and at lookup alike.
+key (:meth:`~medgrpo.data.task_key.TaskKey.of`), at fit and at lookup alike.
 
 Percentiles are ``torch.quantile(..., interpolation="linear")`` in float64 (numpy's
 default "linear" method), the definition the tests check. Keys with fewer than
@@ -40,20 +40,12 @@ from typing import Any, Optional, TextIO
 
 import torch
 
+from medgrpo.data.task_key import TaskKey
+
 FORMAT = "medgrpo-norm-stats"
 VERSION = 1
 DEFAULT_MIN_SAMPLES = 32
-QA_TYPE_VARIANTS = ("_gpt", "_gemini")
 MAX_LINES_REPORTED = 20
-Key = tuple[str, str]
-
-
-def canonical_qa_type(qa_type: str) -> str:
-    """``dense_captioning_gpt`` -> ``dense_captioning``: caption variants are one task type (DESIGN.md §2)."""
-    for suffix in QA_TYPE_VARIANTS:
-        if qa_type.endswith(suffix):
-            return qa_type[: -len(suffix)]
-    return qa_type
 
 
 # ------------------------------------------------------------------------------------ the stats
@@ -78,9 +70,9 @@ class NormStats:
     metadata: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
-    def keys(self) -> list[Key]:
+    def keys(self) -> list[TaskKey]:
         """``(data_source, qa_type)`` of each row."""
-        return [(r.data_source, r.qa_type) for r in self.rows]
+        return [TaskKey(r.data_source, r.qa_type) for r in self.rows]
 
     def tensor(self, device: Optional[torch.device | str] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(K, 3) p25, p50, p75: the ``stats`` argument of ``group_advantages`` / ``normalize_rewards``."""
@@ -89,9 +81,9 @@ class NormStats:
 
     def index(self, data_source: str, qa_type: str) -> int:
         """Row of the key (``qa_type`` variants folded); KeyError naming the known keys if absent."""
-        row = self._index_map().get((data_source, canonical_qa_type(qa_type)))
+        row = self._index_map().get(TaskKey.of(data_source, qa_type))
         if row is None:
-            known = ", ".join(f"{d}/{q}" for d, q in self.keys)
+            known = ", ".join(map(str, self.keys))
             raise KeyError(f"no normalization statistics for ({data_source!r}, {qa_type!r}); known keys: {known}")
         return row
 
@@ -114,13 +106,13 @@ class NormStats:
         if len(data_sources) != len(qa_types):
             raise ValueError(f"{len(data_sources)} data sources vs {len(qa_types)} qa types")
         mapping = self._index_map()
-        rows = [mapping.get((d, canonical_qa_type(q)), -1) for d, q in zip(data_sources, qa_types)]
+        rows = [mapping.get(TaskKey.of(d, q), -1) for d, q in zip(data_sources, qa_types)]
         if unknown == "error" and -1 in rows:
             bad = rows.index(-1)
             self.index(data_sources[bad], qa_types[bad])  # raises with the message
         return torch.tensor(rows, dtype=torch.int64, device=device)
 
-    def _index_map(self) -> dict[Key, int]:
+    def _index_map(self) -> dict[TaskKey, int]:
         return {key: i for i, key in enumerate(self.keys)}
 
     def to_json(self) -> dict[str, Any]:
@@ -153,13 +145,13 @@ def load_norm_stats(path: str | os.PathLike) -> NormStats:
 class RolloutScan:
     """Finite rewards by key, plus what was left out and why."""
 
-    rewards: dict[Key, list[float]] = field(default_factory=lambda: defaultdict(list))
-    nonfinite: dict[Key, int] = field(default_factory=lambda: defaultdict(int))
+    rewards: dict[TaskKey, list[float]] = field(default_factory=lambda: defaultdict(list))
+    nonfinite: dict[TaskKey, int] = field(default_factory=lambda: defaultdict(int))
     malformed: list[tuple[str, int, str]] = field(default_factory=list)  # (file, line number, reason)
     lines: int = 0
 
 
-def _parse_line(line: str, reward_field: str) -> tuple[Key, float]:
+def _parse_line(line: str, reward_field: str) -> tuple[TaskKey, float]:
     """(key, reward) of one rollout line; ValueError with the reason if malformed."""
     try:
         obj = json.loads(line)
@@ -177,7 +169,7 @@ def _parse_line(line: str, reward_field: str) -> tuple[Key, float]:
         reward = math.nan
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
         raise ValueError(f"{reward_field} is not a number")
-    return (obj["data_source"], canonical_qa_type(obj["qa_type"])), float(reward)
+    return TaskKey.of(obj["data_source"], obj["qa_type"]), float(reward)
 
 
 def scan_rollouts(paths: Iterable[str | os.PathLike], *, reward_field: str = "reward") -> RolloutScan:
@@ -251,7 +243,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _report(scan: RolloutScan, stats: NormStats, low: list[KeyStats], empty: list[Key], out: TextIO) -> None:
+def _report(scan: RolloutScan, stats: NormStats, low: list[KeyStats], empty: list[TaskKey], out: TextIO) -> None:
     nonfinite = sum(scan.nonfinite.values())
     total = sum(len(v) for v in scan.rewards.values())
     print(
@@ -264,9 +256,9 @@ def _report(scan: RolloutScan, stats: NormStats, low: list[KeyStats], empty: lis
     if len(scan.malformed) > MAX_LINES_REPORTED:
         print(f"  ... and {len(scan.malformed) - MAX_LINES_REPORTED} more malformed lines", file=out)
     for row in low:
-        print(f"  too few samples: {row.data_source}/{row.qa_type} has {row.count}", file=out)
-    for data_source, qa_type in empty:
-        print(f"  no finite reward: {data_source}/{qa_type} (left out of the stats file)", file=out)
+        print(f"  too few samples: {TaskKey(row.data_source, row.qa_type)} has {row.count}", file=out)
+    for key in empty:
+        print(f"  no finite reward: {key} (left out of the stats file)", file=out)
 
 
 def run(args: argparse.Namespace, *, out: Optional[TextIO] = None) -> int:

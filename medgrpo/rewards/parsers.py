@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from medgrpo.data.records import normalize_qa_type
+from medgrpo.data.task_key import normalize_qa_type
 
 T = TypeVar("T")
 

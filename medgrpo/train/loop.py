@@ -34,7 +34,7 @@ import torch.distributed as dist
 from medgrpo.data.collate import END_OF_TURN, VideoBatch, VideoCollator
 from medgrpo.data.loader import DaliRecordLoader, DecodeOptions, VideoDataset, VideoLoader
 from medgrpo.data.records import RecordDataset
-from medgrpo.ops.group_advantages import group_advantages
+from medgrpo.ops.group_advantages import group_advantages_with_stats
 from medgrpo.ops.policy_loss import PolicyLossConfig
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.config import TrainConfig, config_to_dict
@@ -313,8 +313,8 @@ def grpo_step(
     texts = decode_text(tokenizer, rollout)
     records = [r for r in batch.records for _ in range(g.group_size)]
     rewards, keys, reward_batch = rewarder.score(texts, records, device)
-    advantage = group_advantages(
-        rewards, group_size=g.group_size, keys=keys, stats=rewarder.table, k=g.k, scale=g.scale, return_stats=True
+    advantage = group_advantages_with_stats(
+        rewards, group_size=g.group_size, keys=keys, stats=rewarder.table, k=g.k, scale=g.scale
     )
     normalized = advantage.rewards  # the rewards the advantages came from: normalized when stats are given
     t_reward = time.perf_counter()

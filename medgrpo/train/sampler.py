@@ -22,15 +22,13 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-
-def record_key(data_source: str, qa_type: str) -> str:
-    """The sampler's key of a record: ``"data_source/qa_type"``."""
-    return f"{data_source}/{qa_type}"
+from medgrpo.data.task_key import TaskKey
+from medgrpo.data.task_key import format_task_key as record_key
 
 
 def key_weight(key: str, weights: Mapping[str, float]) -> float:
     """A key's weight: its own entry, else its data source's, else its task type's, else 1."""
-    source, _, qa_type = key.partition("/")
+    source, qa_type = TaskKey.parse(key)
     for name in (key, source, qa_type):
         if name in weights:
             return float(weights[name])

@@ -1,9 +1,10 @@
-"""decode_dali: DALI decodes exactly the frames of the sampling plan, at the plan's size, like decode_cpu.
+"""decode_dali: DALI's pixels against decode_cpu's, its loader (batches, shards, skips, leaks), its GPU path.
 
 CPU tests run DALI's CPU operators (``device="cpu"``, VP9/MJPEG videos and JPEG folders; its
 CPU video decoder does not read H.264). GPU tests (nvJPEG, NVDEC H.264, frames left on the
 GPU) carry the ``gpu`` marker. Frames carry their own index as a barcode
-(medgrpo.testing.video_fixtures), so a wrong frame is caught exactly.
+(medgrpo.testing.video_fixtures), so a wrong frame is caught exactly. The checks every
+backend passes (exact frames and plans, clips, frame lists, missing files) are in test_decoders.py.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from medgrpo.data import decode_cpu, decode_dali, sampling
-from medgrpo.data.decode_cpu import VideoDecodeError
+from medgrpo.data import decode, decode_cpu, decode_dali, sampling
+from medgrpo.data.decode import FrameRequest, VideoDecodeError
 from medgrpo.data.decode_dali import DaliVideoLoader, load_video_sample
 from medgrpo.data.records import RegionCaptionInfo
 from medgrpo.testing.video_fixtures import read_barcode, write_jpeg_folder, write_video
@@ -78,15 +79,12 @@ def bad(tmp_path_factory, sources) -> dict[str, object]:
     open(jpegs[2], "wb").write(jpeg[: len(jpeg) // 2])
     garbage = root / "garbage.jpg"
     garbage.write_bytes(b"not a jpeg at all")
-    empty = root / "empty"
-    empty.mkdir()
     return {
         "junk": str(junk),
         "cut": str(cut),
         "truncated_jpeg": jpegs,
         "garbage_jpeg": [str(garbage)],
         "missing": str(root / "nope.webm"),
-        "empty_folder": str(empty),
     }
 
 
@@ -95,51 +93,13 @@ def test_import_without_dali_is_lazy():
         "import sys; sys.modules['nvidia.dali'] = None\n"
         "import medgrpo.data.decode_dali as d\n"
         "assert not d.dali_available()\n"
-        "try:\n    d.load_video_sample('x.webm', device='cpu')\n"
+        "from medgrpo.data.decode import FrameRequest\n"
+        "try:\n    d.load_video_sample(FrameRequest('x.webm'), device='cpu')\n"
         "except ImportError as e:\n    assert 'medgrpo[video]' in str(e), e\n"
         "else:\n    raise SystemExit('no ImportError')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-
-
-@needs_dali
-@pytest.mark.parametrize("key", ["webm", "avi", "mkv", "big.webm"])
-@pytest.mark.parametrize("nframes", [None, 6])
-def test_video_exact_indices_and_plan(sources, key, nframes):
-    frames, plan = load_video_sample(sources[key], fps=2.0, nframes=nframes, device="cpu")
-    size = VIDEOS[key][1]
-    assert plan == sampling.plan_frames(N, FPS, size[1], size[0], fps=2.0, nframes=nframes)
-    assert frames.dtype == torch.uint8 and frames.device.type == "cpu"
-    assert tuple(frames.shape) == (plan.num_frames, plan.height, plan.width, 3)
-    assert _barcodes(frames) == list(plan.indices)
-
-
-@needs_dali
-@pytest.mark.parametrize("as_list", [False, True])
-def test_jpeg_folder_exact_indices_and_plan(sources, as_list):
-    source = decode_cpu.list_frame_files(sources["jpeg"]) if as_list else sources["jpeg"]
-    frames, plan = load_video_sample(source, fps=FPS, device="cpu")
-    assert plan == sampling.plan_frame_list(N, SIZE[1], SIZE[0], sample_fps=FPS)
-    assert tuple(frames.shape) == (plan.num_frames, plan.height, plan.width, 3)
-    assert _barcodes(frames) == list(plan.indices)
-
-
-@needs_dali
-def test_odd_frame_list_padded_with_last_frame(sources):
-    frames, plan = load_video_sample(sources["odd"], device="cpu")
-    assert plan.indices == (0, 1, 2, 3, 4, 5, 6, 6)
-    assert _barcodes(frames) == [0, 1, 2, 3, 4, 5, 6, 6]
-    assert torch.equal(frames[6], frames[7])
-    with pytest.raises(ValueError, match="frame lists"):
-        load_video_sample(sources["odd"], nframes=4, device="cpu")
-
-
-@needs_dali
-def test_clip_start_end_frame(sources):
-    frames, plan = load_video_sample(sources["webm"], nframes=4, start_frame=5, end_frame=20, device="cpu")
-    assert plan.indices == (5, 10, 15, 20)
-    assert _barcodes(frames) == [5, 10, 15, 20]
 
 
 @needs_dali
@@ -154,8 +114,8 @@ def test_clip_start_end_frame(sources):
     ],
 )
 def test_pixels_match_decode_cpu(sources, key, budget, mean_tol, max_tol):
-    frames, plan = load_video_sample(sources[key], device="cpu", **budget)
-    reference, reference_plan = decode_cpu.load_video_sample(sources[key], **budget)
+    frames, plan = load_video_sample(FrameRequest(sources[key], **budget), device="cpu")
+    reference, reference_plan = decode_cpu.load_video_sample(FrameRequest(sources[key], **budget))
     assert plan == reference_plan
     difference = (frames.float() - reference.float()).abs()
     assert difference.mean() <= mean_tol
@@ -173,9 +133,9 @@ def test_pixels_match_decode_cpu(sources, key, budget, mean_tol, max_tol):
 )
 def test_region_box_matches_decode_cpu(sources, key, budget, box):
     """The box is drawn where decode_cpu draws it (after the presize / before the resize), then resized alike."""
-    frames, plan = load_video_sample(sources[key], device="cpu", region_box=box, **budget)
-    reference, reference_plan = decode_cpu.load_video_sample(sources[key], region_box=box, **budget)
-    plain, _ = load_video_sample(sources[key], device="cpu", **budget)
+    frames, plan = load_video_sample(FrameRequest(sources[key], region_box=box, **budget), device="cpu")
+    reference, reference_plan = decode_cpu.load_video_sample(FrameRequest(sources[key], region_box=box, **budget))
+    plain, _ = load_video_sample(FrameRequest(sources[key], **budget), device="cpu")
     assert plan == reference_plan
     difference = (frames.float() - reference.float()).abs()
     assert difference.mean() <= VIDEO_MEAN_TOL and difference.max() <= 2 * VIDEO_MAX_TOL
@@ -186,7 +146,7 @@ def test_region_box_matches_decode_cpu(sources, key, budget, box):
 
 @needs_dali
 def test_resize_matches_torch_bicubic_antialias():
-    """Same uint8 frames into DALI's resize and decode_cpu.resize_frames: the resize alone."""
+    """Same uint8 frames into DALI's resize and decode.resize_frames: the resize alone."""
     dali = decode_dali._import_dali()
     pipe = dali.Pipeline(batch_size=1, num_threads=1, device_id=None, prefetch_queue_depth=1, exec_dynamic=True)
     with pipe:
@@ -205,7 +165,7 @@ def test_resize_matches_torch_bicubic_antialias():
             pipe.feed_input("size", [np.array([height, width], np.float32)])
             (out,) = pipe.run()
             ours = torch.from_numpy(np.array(out[0])).float()
-            difference = (ours - decode_cpu.resize_frames(source, height, width).float()).abs()
+            difference = (ours - decode.resize_frames(source, height, width).float()).abs()
             if name == "noise":
                 assert difference.mean() <= NOISE_MEAN_TOL and difference.max() <= NOISE_MAX_TOL
             else:
@@ -217,12 +177,12 @@ def _plans(sources: dict, keys: list[str]) -> tuple[list, list[sampling.FramePla
     chosen, plans = [], []
     for key in keys:
         source = sources[key]
-        if decode_cpu.is_frame_source(source):
-            paths = source if isinstance(source, list) else decode_cpu.list_frame_files(source)
+        if decode.is_frame_source(source):
+            paths = source if isinstance(source, list) else decode.list_frame_files(source)
             height, width = decode_cpu.decode_frames(paths, [0]).shape[1:3]
             plans.append(sampling.plan_frame_list(len(paths), height, width, sample_fps=FPS))
         else:
-            total, fps, height, width = decode_cpu.video_info(source)
+            total, fps, height, width = decode.video_info(source)
             plans.append(sampling.plan_frames(total, fps, height, width, fps=2.0, nframes=4 + 2 * (len(plans) % 3)))
         chosen.append(source)
     return chosen, plans
@@ -266,24 +226,22 @@ def test_sharding_covers_every_source_once(sources, world_size):
 @pytest.mark.parametrize(
     "key,match",
     [
-        ("missing", "nope.webm.*no such file"),
         ("junk", "junk.webm.*cannot read video"),  # PyAV, reading the frame count for the plan
-        ("empty_folder", "empty.*no images"),
         ("truncated_jpeg", "frame_00002.jpg.*truncated JPEG"),
         ("garbage_jpeg", "garbage.jpg.*cannot read image"),
     ],
 )
 def test_bad_input_raises_video_decode_error(bad, key, match):
     with pytest.raises(VideoDecodeError, match=match):
-        load_video_sample(bad[key], device="cpu")
+        load_video_sample(FrameRequest(bad[key]), device="cpu")
 
 
 @needs_dali
 def test_more_bad_input(sources, bad):
     with pytest.raises(VideoDecodeError, match="empty frame list"):
-        load_video_sample([], device="cpu")
+        load_video_sample(FrameRequest([]), device="cpu")
     with pytest.raises(VideoDecodeError, match="clip.mp4.*cannot read h264"):
-        load_video_sample(sources["h264"], device="cpu")
+        load_video_sample(FrameRequest(sources["h264"]), device="cpu")
     # A truncated WebM opens and decodes its first frames: an index past them is an error, not a black frame.
     plan = sampling.FramePlan((0, N - 1), 84, 140, 2.0)
     with pytest.raises(VideoDecodeError, match="cut.webm.*out-of-bounds frame index 23"):
@@ -342,9 +300,9 @@ def test_no_leaked_threads_or_file_descriptors(sources, bad):
     loader.close()
     assert loader.skipped == 22 * len(broken)
     for _ in range(3):  # one-off loads build and free a pipeline each time
-        load_video_sample(sources["webm"], nframes=4, device="cpu")
+        load_video_sample(FrameRequest(sources["webm"], nframes=4), device="cpu")
         with pytest.raises(VideoDecodeError):
-            load_video_sample(bad["junk"], device="cpu")
+            load_video_sample(FrameRequest(bad["junk"]), device="cpu")
     assert threading.active_count() == threads and _fds() == fds
     assert _tasks() <= tasks
 
@@ -367,11 +325,11 @@ def test_loader_argument_checks():
 @pytest.mark.gpu
 @pytest.mark.parametrize("key", ["h264", "webm", "avi", "jpeg", "odd"])
 def test_gpu_decoders_exact_and_on_device(sources, key):
-    frames, plan = load_video_sample(sources[key], device="gpu")
+    frames, plan = load_video_sample(FrameRequest(sources[key]), device="gpu")
     assert frames.device.type == "cuda"
     assert tuple(frames.shape) == (plan.num_frames, plan.height, plan.width, 3)
     assert _barcodes(frames) == list(plan.indices)
-    reference, reference_plan = decode_cpu.load_video_sample(sources[key])
+    reference, reference_plan = decode_cpu.load_video_sample(FrameRequest(sources[key]))
     assert plan == reference_plan
     difference = (frames.cpu().float() - reference.float()).abs()
     assert difference.mean() <= VIDEO_MEAN_TOL and difference.max() <= 2 * VIDEO_MAX_TOL

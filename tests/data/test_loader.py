@@ -16,8 +16,8 @@ from PIL import Image
 
 from medgrpo.data.collate import IGNORE_INDEX, VIDEO_PAD, VideoCollator, video_token_count
 from medgrpo.data.loader import DecodeOptions, SkippedSample, VideoDataset, VideoLoader, open_file_count
-from medgrpo.data.patchify import patchify_reference
 from medgrpo.data.records import RecordDataset
+from medgrpo.ops import reference
 from medgrpo.testing.tiny_qwen import build_tokenizer
 from medgrpo.testing.video_fixtures import read_barcode, write_jpeg_folder, write_video
 
@@ -182,7 +182,7 @@ def test_batch_to_device_patchifies_each_video(dataset_file, tokenizer):
     dataset = VideoDataset(RecordDataset(dataset_file))
     samples = [dataset[i] for i in (0, 1, 3)]
     batch = VideoCollator(tokenizer)(samples).to("cpu")
-    rows = [patchify_reference(s.frames)[0] for s in samples]
+    rows = [reference.patchify(s.frames)[0] for s in samples]
     assert torch.equal(batch.pixel_values_videos, torch.cat(rows))
     assert batch.pixel_values_videos.shape[0] == int(batch.video_grid_thw.prod(1).sum())
     inputs = batch.model_inputs()

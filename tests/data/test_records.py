@@ -12,11 +12,9 @@ import pytest
 
 from medgrpo.data import records
 from medgrpo.data.records import (
-    QA_TYPES,
     RecordDataset,
     RecordError,
     RegionCaptionInfo,
-    normalize_qa_type,
     parse_record,
     resolve_path,
 )
@@ -98,16 +96,6 @@ def test_region_caption_record(root):
         video="clips/a.mp4", is_RC=True, RC_info={"start_frame": 12, "start_frame_bbox": [0, 0, 1, 1]}
     )
     assert parse_record(video_file, index=0, root=root).rc_info == RegionCaptionInfo(12, (0.0, 0.0, 1.0, 1.0))
-
-
-@pytest.mark.parametrize(
-    ("qa_type", "task"),
-    [(t, t) for t in QA_TYPES]
-    + [(f"{t}_{v}", t) for t in ("dense_captioning", "video_summary", "region_caption") for v in ("gpt", "gemini")]
-    + [("dc", "dense_captioning")],
-)
-def test_qa_type_normalization(qa_type, task):
-    assert normalize_qa_type(qa_type) == task
 
 
 def _set(path: str, value):

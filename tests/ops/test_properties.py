@@ -21,7 +21,7 @@ finite_or_nan = st.one_of(st.floats(-1e6, 1e6, allow_nan=False, width=32), st.ju
 def test_group_advantages_are_finite_and_centered(group_size, num_groups, data, scale):
     values = data.draw(st.lists(finite_or_nan, min_size=group_size * num_groups, max_size=group_size * num_groups))
     rewards = torch.tensor(values, dtype=torch.float64)
-    out = medgrpo.group_advantages(rewards, group_size=group_size, scale=scale, return_stats=True)
+    out = medgrpo.group_advantages_with_stats(rewards, group_size=group_size, scale=scale)
     assert torch.isfinite(out.advantages).all()
     assert torch.all(out.advantages[torch.isnan(rewards)] == 0)
     per_group = out.advantages.view(num_groups, group_size)

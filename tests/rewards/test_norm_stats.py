@@ -16,7 +16,6 @@ import medgrpo
 from medgrpo.ops import reference
 from medgrpo.rewards.norm_stats import (
     build_parser,
-    canonical_qa_type,
     load_norm_stats,
     main,
 )
@@ -45,12 +44,6 @@ def rollouts(seed: int = 0) -> tuple[list[dict], dict[tuple[str, str], list[floa
             variant = qa_type + ("_gpt" if qa_type == "dense_captioning" and i % 2 else "")
             rows.append({"id": f"{source}-{i}", "data_source": source, "qa_type": variant, "reward": float(v)})
     return rows, by_key
-
-
-def test_canonical_qa_type() -> None:
-    assert canonical_qa_type("dense_captioning_gpt") == "dense_captioning"
-    assert canonical_qa_type("video_summary_gemini") == "video_summary"
-    assert canonical_qa_type("tal") == "tal"
 
 
 def test_quartiles_equal_numpy_and_torch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
