@@ -129,13 +129,15 @@ def bench_policy_loss_floor(result: StageResult, device: str) -> None:
         }
         for provider in LOSS_PROVIDERS:
             calls = [bench_policy_loss.provider_fn(provider, x, nbytes) for x in sets]
-            timing = time_queued(calls, device, calls=100 if CUDA else 10, repeats=5 if CUDA else 3)
+            # 50 calls: few enough that the eager providers' ~50 kernels a call stay within the launch queue
+            timing = time_queued(calls, device, calls=50 if CUDA else 10, repeats=5 if CUDA else 3)
             timing["fraction_of_copy_bandwidth"] = group["floor_s"] / timing["median_s"]
             timing["per_call"] = time_back_to_back(calls, device, calls=100 if CUDA else 10, repeats=3)
             group["providers"][provider] = timing
             result.save()
         ours = group["providers"]["medgrpo"]
         group["medgrpo_fraction_of_copy_bandwidth"] = ours["fraction_of_copy_bandwidth"]
+        group["medgrpo_host_hidden"] = ours.get("queue_covered")  # False: the time is an upper bound
         group["medgrpo_gb_per_s"] = nbytes / ours["median_s"] / 1e9
         group["speedup_over"] = {
             p: group["providers"][p]["median_s"] / ours["median_s"] for p in ("reference", "trl") if p in LOSS_PROVIDERS

@@ -224,11 +224,11 @@ def summary_lines(data: dict) -> list[str]:
         ],
     )
     lines += _table(
-        ["policy loss us", "medgrpo", "floor", "copy", "reference", "trl", "of copy BW"],
+        ["policy loss us", "medgrpo", "floor", "copy", "reference", "trl", "of copy BW", "host hidden"],
         [
             [key, _us(_get(g, "providers", "medgrpo", "median_s")), _us(g.get("floor_s"))]
             + [_us(_get(g, "providers", n, "median_s")) for n in ("copy_floor", "reference", "trl")]
-            + [f"{g.get('medgrpo_fraction_of_copy_bandwidth', 0):.0%}"]
+            + [f"{g.get('medgrpo_fraction_of_copy_bandwidth', 0):.0%}", str(g.get("medgrpo_host_hidden", "-"))]
             for key, g in _groups(data, "bench_policy_loss").items()
         ],
     )
