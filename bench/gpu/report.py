@@ -151,6 +151,10 @@ def _us(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e6:.1f}"
 
 
+def _yes_no(flag: bool | None) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
 def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}"
 
@@ -197,6 +201,9 @@ def summary_lines(data: dict) -> list[str]:
             note = note or f"{env.get('gpu', {}).get('name')}, {env.get('cpu_cores')} cores"
         elif name == "build":
             note = f"extension loaded: {_result(data, name).get('extension_loaded')}"
+        elif name == "aot" and _result(data, name).get("launches") is not None:
+            aot = _result(data, name)
+            note = f"{aot.get('failed')} of {aot.get('launches')} launches failed (aot.json)"
         elif name == "tests":
             note = ", ".join(f"{v} {k}" for k, v in sorted(_result(data, name).get("counts", {}).items()))
         lines.append(f"{name:<18} {stage.get('status', '?'):<9} {stage.get('seconds', 0):>6.0f}  {note[:70]}")
@@ -228,7 +235,7 @@ def summary_lines(data: dict) -> list[str]:
         [
             [key, _us(_get(g, "providers", "medgrpo", "median_s")), _us(g.get("floor_s"))]
             + [_us(_get(g, "providers", n, "median_s")) for n in ("copy_floor", "reference", "trl")]
-            + [f"{g.get('medgrpo_fraction_of_copy_bandwidth', 0):.0%}", str(g.get("medgrpo_host_hidden", "-"))]
+            + [f"{g.get('medgrpo_fraction_of_copy_bandwidth', 0):.0%}", _yes_no(g.get("medgrpo_host_hidden"))]
             for key, g in _groups(data, "bench_policy_loss").items()
         ],
     )
