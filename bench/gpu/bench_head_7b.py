@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             entry = group["providers"][provider]
             shown = f"{entry['median_s'] * 1e3:.2f} ms" if "median_s" in entry else entry["status"]
             print(f"head M={rows} {provider}: {shown}", flush=True)
-    return 0
+    statuses = [e["status"] for g in result.data["groups"].values() for e in g["providers"].values()]
+    return 1 if "failed" in statuses else 0  # missing (no Liger), oom and skipped are results, not failures
 
 
 if __name__ == "__main__":
