@@ -155,6 +155,10 @@ def _yes_no(flag: bool | None) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}"
 
@@ -218,7 +222,7 @@ def summary_lines(data: dict) -> list[str]:
         [
             [key, *(_ms(g["providers"].get(n)) for n in ("gemm_floor", "medgrpo", "liger", "trl_eager"))]
             + [_x(g.get("medgrpo_ratio_to_gemm_floor")), _x(g.get("medgrpo_speedup_over_liger"))]
-            + ["/".join(f"{g['providers'].get(n, {}).get('peak_extra_mib', 0):.0f}" for n in ("medgrpo", "liger"))]
+            + ["/".join(_mib(_get(g, "providers", n, "peak_extra_mib")) for n in ("medgrpo", "liger"))]
             for key, g in _groups(data, "bench_head").items()
         ],
     )
