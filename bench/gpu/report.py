@@ -298,7 +298,8 @@ def plot(data: dict, path: Path) -> Path | None:
         if sizes and all(t is not None for t in times):
             axis.plot(sizes, [t * 1e6 for t in times], marker="o", label=provider, color=_color(provider))
     axis.set(xscale="log", yscale="log", xlabel="N rewards", ylabel="us per call", title="group advantages")
-    axis.legend(fontsize=8)
+    if axis.get_lines():
+        axis.legend(fontsize=8)
     _bars(
         axes[1][1],
         _groups(data, "bench_policy_loss"),
@@ -332,7 +333,8 @@ def _bars(axis, groups: dict[str, dict], value, title: str, target: float | None
         axis.axhline(target, linestyle="--", color="black", linewidth=0.8, label=f"target {target:g}")
     axis.set_xticks([k + 0.4 - width / 2 for k in range(len(groups))], list(groups), fontsize=8)
     axis.set_title(title, fontsize=9)
-    axis.legend(fontsize=7)
+    if providers:
+        axis.legend(fontsize=7)
 
 
 def stored_run(data: dict) -> dict:
