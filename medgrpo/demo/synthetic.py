@@ -611,7 +611,7 @@ def dataset_fingerprint(root: str | os.PathLike[str]) -> str:
 
 def demo_tokenizer_corpus(dataset: DemoDataset) -> list[str]:
     """Every question and reference answer of every split, in file order: the training text of
-    the demo's BPE tokenizer (``medgrpo.testing.tiny_qwen.build_tokenizer(dir, corpus=...)``)."""
+    the demo's BPE tokenizer (``medgrpo.demo.tiny_model.build_tokenizer(dir, corpus=...)``)."""
     corpus = []
     for split in SPLITS:
         for record in dataset.records(split):

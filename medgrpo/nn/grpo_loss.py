@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Optional, Union
 
 from torch import Tensor, nn
@@ -31,14 +30,14 @@ class GRPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.config = PolicyLossConfig(
-            loss_type,
-            epsilon_low,
-            epsilon_high,
-            beta,
-            kl_estimator,
-            importance_sampling,
-            dual_clip,
-            max_completion_length,
+            loss_type=loss_type,
+            epsilon_low=epsilon_low,
+            epsilon_high=epsilon_high,
+            beta=beta,
+            kl_estimator=kl_estimator,
+            importance_sampling=importance_sampling,
+            dual_clip=dual_clip,
+            max_completion_length=max_completion_length,
         )
         self.config.validate(has_ref=True)
 
@@ -57,4 +56,4 @@ class GRPOLoss(nn.Module):
         return _apply(logp, advantages, mask, old_logp, ref_logp, num_items, self.config)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in asdict(self.config).items())
+        return ", ".join(f"{key}={value!r}" for key, value in self.config.options().items())

@@ -18,7 +18,7 @@ from medgrpo.data.collate import IGNORE_INDEX, VIDEO_PAD, VideoCollator, video_t
 from medgrpo.data.loader import DecodeOptions, SkippedSample, VideoDataset, VideoLoader, open_file_count
 from medgrpo.data.patchify import patchify_reference
 from medgrpo.data.records import RecordDataset
-from medgrpo.testing.tiny_qwen import build_tokenizer
+from medgrpo.demo.tiny_model import build_tokenizer
 from medgrpo.testing.video_fixtures import read_barcode, write_jpeg_folder, write_video
 
 SIZE = (112, 84)  # (width, height)

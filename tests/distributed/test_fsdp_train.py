@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from medgrpo.demo.synthetic import demo_tokenizer_corpus, generate_dataset
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
+from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
 
 
 def free_port() -> int:
@@ -67,9 +67,13 @@ def write_config(path, out, dataset, model_dir, mode: str) -> None:
             "activation_checkpointing": True,
             "freeze_vision": True,
         },
-        "data": {"train_file": str(dataset.train), "min_pixels": 3136, "max_pixels": 3136, "num_workers": 0},
-        "sft": {"batch_size": 2},
-        "grpo": {"group_size": 4, "prompts_per_step": 1, "max_new_tokens": 8, "micro_batch_size": 2},
+        "data": {
+            "train_file": str(dataset.train),
+            "num_workers": 0,
+            "decode": {"min_pixels": 3136, "max_pixels": 3136},
+        },
+        "sft": {"batch_size": 2, "micro_batch_size": 2},
+        "grpo": {"prompts_per_step": 1, "micro_batch_size": 2, "rollout": {"group_size": 4, "max_new_tokens": 8}},
         "optim": {"lr": 1e-3},
     }
     path.write_text(yaml.safe_dump(config))

@@ -3,7 +3,7 @@
 The model is built here from a ``Qwen2_5_VLConfig`` (no hub access): 2 text layers of width 64 with
 4 heads (head_dim 16, so ``mrope_section`` sums to 8), a 2-block vision tower of width 32 whose merger
 projects to 64, Qwen2.5-VL's 14-pixel patches, frame pairs and 2x2 merge. Its special token ids are
-looked up by token string in :func:`medgrpo.testing.tiny_qwen.build_tokenizer`'s tokenizer, so the
+looked up by token string in :func:`medgrpo.demo.tiny_model.build_tokenizer`'s tokenizer, so the
 model and the collator agree on ``<|video_pad|>`` and friends.
 """
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medgrpo.data.collate import VIDEO_TOKEN_TYPE, VideoBatch, VideoCollator, video_grid
-from medgrpo.testing.tiny_qwen import build_tokenizer
+from medgrpo.demo.tiny_model import build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
+from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.checkpoint import (
     checkpoint_step,

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from medgrpo.demo.synthetic import demo_tokenizer_corpus, generate_dataset
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
-from medgrpo.train.config import DataSection, GRPOSection, ModelSection, OptimSection, SFTSection, TrainConfig
-from medgrpo.train.grpo import optimizer_step
+from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
+from medgrpo.train.config import TrainConfig, config_from_dict
 from medgrpo.train.loop import train
+from medgrpo.train.optim import optimizer_step
 from medgrpo.train.sampler import BalancedSampler
 
 SIDE = 56
@@ -32,31 +32,14 @@ def setup(tmp_path_factory):
 
 def config(setup, out: Path, mode: str, steps: int, **overrides) -> TrainConfig:
     _, dataset, model_dir = setup
-    data = DataSection(
-        train_file=str(overrides.pop("train_file", dataset.train)),
-        min_pixels=SIDE * SIDE,
-        max_pixels=SIDE * SIDE,
-        num_workers=0,
-    )
-    return TrainConfig(
-        mode=mode,
-        output_dir=str(out),
-        seed=3,
-        steps=steps,
-        save_every=overrides.pop("save_every", 0),
-        device="cpu",
-        model=ModelSection(
-            path=str(model_dir),
-            dtype="float32",
-            attention="sdpa",
-            activation_checkpointing=False,
-            freeze_vision=mode == "grpo",
-        ),
-        data=data,
-        optim=OptimSection(lr=1e-3),
-        sft=SFTSection(batch_size=4),
-        grpo=GRPOSection(group_size=4, prompts_per_step=2, max_new_tokens=12, micro_batch_size=4),
-        **overrides,
+    model = {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "activation_checkpointing": False}
+    decode = {"min_pixels": SIDE * SIDE, "max_pixels": SIDE * SIDE}
+    data = {"train_file": str(overrides.pop("train_file", dataset.train)), "num_workers": 0, "decode": decode}
+    grpo = {"prompts_per_step": 2, "micro_batch_size": 4, "rollout": {"group_size": 4, "max_new_tokens": 12}}
+    raw = {"mode": mode, "output_dir": str(out), "seed": 3, "steps": steps, "save_every": 0, "device": "cpu"}
+    sections = {"optim": {"lr": 1e-3}, "sft": {"batch_size": 4, "micro_batch_size": 4}, "grpo": grpo}
+    return config_from_dict(
+        {**raw, "model": {**model, "freeze_vision": mode == "grpo"}, "data": data, **sections, **overrides}
     )
 
 
@@ -68,7 +51,7 @@ def test_sft_then_grpo_run_and_export(setup, tmp_path):
     sft = train(config(setup, tmp_path / "sft", "sft", 3))
     rows = metrics(tmp_path / "sft")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
-    assert (sft.export_dir / "model.safetensors").exists() or list(sft.export_dir.glob("*.safetensors"))
+    assert (sft.export_dir / "model.safetensors").exists()  # the tiny model fits one safetensors file
     grpo_config = config(setup, tmp_path / "grpo", "grpo", 2)
     grpo_config.model.path = str(sft.export_dir)
     train(grpo_config)
@@ -87,9 +70,8 @@ def test_sft_then_grpo_run_and_export(setup, tmp_path):
     ):
         assert name in rows[-1], name
     assert any(key.startswith("reward_raw/") for key in rows[-1])
-    assert (tmp_path / "grpo" / "reward_curves.png").exists() or not any(
-        key.startswith("reward_norm/") for key in rows[-1]
-    )
+    assert any(key.startswith("reward_norm/") for key in rows[-1])
+    assert (tmp_path / "grpo" / "reward_curves.png").exists()  # matplotlib is a [dev] dependency
 
 
 @pytest.mark.parametrize("mode", ["sft", "grpo"])
@@ -161,10 +143,9 @@ def test_judge_down_and_unparseable_answers_are_counted_not_fatal(setup, tmp_pat
     caption["struc_info"] = None
     mixed = Path(dataset.train).parent / "train_with_captions.jsonl"
     mixed.write_text("\n".join(lines[:3] + [json.dumps(caption)] * 3) + "\n")
-    run = config(setup, tmp_path / "judge_down", "grpo", 2, train_file=mixed, eval_every=2)
+    judge = {"base_url": "http://127.0.0.1:9/v1", "model": "judge"}  # discard port: nothing listens
+    run = config(setup, tmp_path / "judge_down", "grpo", 2, train_file=mixed, eval_every=2, rewards={"judge": judge})
     run.data.eval_file = str(mixed)
-    run.rewards.judge_base_url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
-    run.rewards.judge_model = "judge"
     summary = train(run)
     rows = metrics(tmp_path / "judge_down")
     assert summary.steps == 2 and rows[-1]["step"] == 2 and "eval/reward_raw" in rows[-1]
@@ -177,10 +158,10 @@ def test_judge_down_and_unparseable_answers_are_counted_not_fatal(setup, tmp_pat
 
 
 def test_dali_backend_trains(setup, tmp_path):
-    """`data.backend: dali` runs the same loop with DALI decoding (its CPU operators here)."""
+    """`data.loader: dali` runs the same loop with DALI decoding (its CPU operators here)."""
     pytest.importorskip("nvidia.dali")
     run = config(setup, tmp_path / "dali", "sft", 2)
-    run.data.backend = "dali"
+    run.data.loader = "dali"
     summary = train(run)
     rows = metrics(tmp_path / "dali")
     assert summary.steps == 2 and all(math.isfinite(r["loss"]) for r in rows)

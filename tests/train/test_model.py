@@ -12,7 +12,7 @@ import medgrpo
 from medgrpo.data.collate import VideoCollator
 from medgrpo.data.loader import DecodeOptions, VideoDataset
 from medgrpo.data.records import RecordDataset
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
+from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
 from medgrpo.testing.video_fixtures import write_jpeg_folder
 from medgrpo.train.model import (
     ModelConfig,
