@@ -27,6 +27,9 @@ def triton_available() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers", "slow: an integration test (whole runs, subprocesses, many processes); -m 'not slow' skips them"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:

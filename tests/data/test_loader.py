@@ -224,6 +224,7 @@ def _resources() -> tuple[int, int, int]:
     return open_file_count(), threading.active_count(), len(multiprocessing.active_children())
 
 
+@pytest.mark.slow
 def test_no_leaks_over_many_epochs(dataset_file, tokenizer):
     dataset = VideoDataset(RecordDataset(dataset_file))
     collate = VideoCollator(tokenizer, with_answers=True)

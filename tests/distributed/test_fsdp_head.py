@@ -60,6 +60,7 @@ def worker(rank: int, expected: dict) -> dict[str, float]:
     return errors
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLOO, reason="needs torch.distributed gloo")
 def test_fsdp2_sharded_lm_head_matches_single_process():
     results = run_gloo(worker, single_process_gradients(), world_size=WORLD_SIZE)

@@ -37,6 +37,7 @@ def write_config(path, out, dataset, model_dir, mode: str) -> None:
     path.write_text(yaml.safe_dump(config))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "grpo"])
 def test_two_rank_fsdp_run(tiny_run, tmp_path, mode):
     _, dataset, model_dir = tiny_run

@@ -48,6 +48,7 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     seed_all(0)
     model, optimizer, scheduler = trainer(tiny_model_dir)

@@ -132,6 +132,7 @@ def worker(rank: int, paths: dict, batches, expected) -> dict[str, float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLOO, reason="needs torch.distributed gloo")
 def test_fsdp2_tiny_qwen_step_checkpoint_and_export(tiny_model_dir, tokenizer, clip_dataset, tmp_path):
     batches = make_batches(clip_dataset(tmp_path, ("1.0-2.0 seconds.", "clipping and cutting")), tokenizer)

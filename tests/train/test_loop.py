@@ -35,6 +35,7 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sft_then_grpo_run_and_export(tiny_run, tmp_path):
     sft = train(config(tiny_run, tmp_path / "sft", "sft", 3))
     rows = metrics(tmp_path / "sft")
@@ -62,6 +63,7 @@ def test_sft_then_grpo_run_and_export(tiny_run, tmp_path):
     assert (tmp_path / "grpo" / "reward_curves.png").exists()  # matplotlib is a [dev] dependency
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "grpo"])
 def test_resume_continues_exactly(tiny_run, tmp_path, mode):
     straight = tmp_path / "straight"
@@ -91,6 +93,7 @@ def test_nonfinite_step_is_skipped_and_weights_untouched():
     assert optimizer_step(list(model.parameters()), optimizer, None, loss=loss, max_grad_norm=1.0)[0]
 
 
+@pytest.mark.slow
 def test_bad_records_are_skipped_and_counted(tiny_run, tmp_path):
     _, dataset, _ = tiny_run
     lines = Path(dataset.train).read_text().splitlines()
@@ -121,6 +124,7 @@ def test_balanced_sampler_is_balanced_and_resumable():
     assert list(again) == draws[5:]
 
 
+@pytest.mark.slow
 def test_judge_down_and_unparseable_answers_are_counted_not_fatal(tiny_run, tmp_path):
     """Caption records with the judge unreachable: NaN rewards, counted; training and eval go on."""
     _, dataset, _ = tiny_run
@@ -145,6 +149,7 @@ def test_judge_down_and_unparseable_answers_are_counted_not_fatal(tiny_run, tmp_
     assert all(row["loss"] is None or math.isfinite(row["loss"]) for row in rows if "loss" in row)
 
 
+@pytest.mark.slow
 def test_dali_backend_trains(tiny_run, tmp_path):
     """`data.loader: dali` runs the same loop with DALI decoding (its CPU operators here)."""
     pytest.importorskip("nvidia.dali")
