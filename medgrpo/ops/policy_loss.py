@@ -107,6 +107,10 @@ class PolicyLossConfig:
         )
 
 
+# MedGRPO's policy loss (the paper): DAPO token-level normalization, clip range 0.2 / 0.3, no KL.
+MEDGRPO_LOSS = PolicyLossConfig(epsilon_high=0.3)
+
+
 def split_num_items(num_items: Union[Tensor, float, None]) -> tuple[Optional[Tensor], float]:
     """The op's (num_items tensor, num_items value) pair: a device tensor is never read on the host."""
     items_tensor = num_items.reshape(()) if isinstance(num_items, Tensor) else None

@@ -18,7 +18,7 @@ from torch import nn
 
 from medgrpo.data.collate import VideoBatch, eos_ids
 from medgrpo.ops.group_advantages import group_advantages
-from medgrpo.ops.policy_loss import PolicyLossConfig
+from medgrpo.ops.policy_loss import MEDGRPO_LOSS, PolicyLossConfig
 from medgrpo.rewards.rewarder import Rewarder
 from medgrpo.train.distributed import gathered
 from medgrpo.train.metrics import StepResult
@@ -27,7 +27,6 @@ from medgrpo.train.rollout import RolloutConfig, decode_text, generate
 from medgrpo.train.sampler import record_key
 from medgrpo.train.state import TrainState
 from medgrpo.train.update import (
-    MEDGRPO_LOSS,
     LossOptions,
     PolicyInputs,
     UpdateMetrics,

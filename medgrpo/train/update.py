@@ -14,13 +14,10 @@ from torch import nn
 
 from medgrpo.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from medgrpo.ops.linear_logprob import linear_logprob
-from medgrpo.ops.policy_loss import PolicyLossConfig
+from medgrpo.ops.policy_loss import MEDGRPO_LOSS, PolicyLossConfig
 from medgrpo.train import qwen
 from medgrpo.train.distributed import global_token_count, is_sharded, world_size
 from medgrpo.train.rollout import Rollout
-
-# MedGRPO's policy loss (the paper): DAPO token-level normalization, clip range 0.2 / 0.3, no KL.
-MEDGRPO_LOSS = PolicyLossConfig(epsilon_high=0.3)
 
 
 @dataclass(frozen=True)
@@ -214,7 +211,6 @@ def backward_policy_loss(
 __all__ = [
     "LossOptions",
     "PolicyInputs",
-    "MEDGRPO_LOSS",
     "UpdateMetrics",
     "backward_policy_loss",
     "completion_hidden",
