@@ -24,9 +24,10 @@ from medgrpo.data.collate import VideoCollator
 from medgrpo.data.loader import VideoSample
 from medgrpo.data.records import VideoRecord
 from medgrpo.data.sampling import FramePlan
-from medgrpo.testing.tiny_qwen import build_tokenizer
-from medgrpo.train.grpo import LossOptions, backward_policy_loss, optimizer_step, policy_inputs, sequence_logprobs
+from medgrpo.demo.tiny_model import build_tokenizer
+from medgrpo.train.optim import optimizer_step
 from medgrpo.train.rollout import RolloutConfig, decode_text, generate
+from medgrpo.train.update import LossOptions, backward_policy_loss, policy_inputs, sequence_logprobs
 
 CUDA = torch.cuda.is_available()
 PROMPTS = int(os.environ.get("MEDGRPO_BENCH_PROMPTS", "2"))
@@ -48,7 +49,7 @@ SHAPE_3B = {
 
 
 def _model(directory: Path, tokenizer):
-    from medgrpo.testing.tiny_qwen import build_tiny_model
+    from medgrpo.demo.tiny_model import build_tiny_model
     from medgrpo.train.model import ModelConfig, load_model
 
     shape = SHAPE_3B if CUDA else {}
@@ -97,7 +98,7 @@ def setup(tmp_path_factory):
 
 def _step(model, tokenizer, reward_fn, batch, optimizer, params) -> dict[str, float]:
     from medgrpo import group_advantages
-    from medgrpo.train.loop import eos_ids
+    from medgrpo.data.collate import eos_ids
 
     times = {}
     start = time.perf_counter()

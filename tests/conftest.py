@@ -1,8 +1,10 @@
-"""Shared fixtures: which backends run here, and Triton's interpreter on CPU-only machines."""
+"""Shared fixtures: which backends run here, Triton's interpreter on CPU-only machines, and the tiny
+Qwen2.5-VL the trainer, distributed and data tests share (built once per session)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,9 @@ def triton_available() -> bool:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+    config.addinivalue_line(
+        "markers", "slow: an integration test (whole runs, subprocesses, many processes); -m 'not slow' skips them"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
@@ -51,3 +56,33 @@ def native_cpu() -> None:
 
     if not medgrpo.has_native_cpu_kernels():
         pytest.skip("medgrpo._C (C++ CPU kernels) is not built")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """The offline Qwen2.5-VL-style tokenizer (512 tokens)."""
+    from medgrpo.demo.tiny_model import build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny random Qwen2.5-VL (seed 0) saved with ``tokenizer``: what ``from_pretrained`` loads."""
+    from medgrpo.demo.tiny_model import build_tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny_model")
+    tokenizer.save_pretrained(directory)
+    build_tiny_model(directory, tokenizer)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """``(root, dataset, model_dir)``: what ``medgrpo demo`` prepares, small: 8 synthetic videos and a tiny
+    model whose tokenizer learned the dataset's text (seed 1)."""
+    from medgrpo.demo.pipeline import DemoSettings, prepare
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    dataset, model_dir = prepare(DemoSettings(out_dir=str(root), num_videos=8, seed=1))
+    return root, dataset, model_dir

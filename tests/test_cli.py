@@ -61,6 +61,7 @@ def results_file(tmp_path):
     return path
 
 
+@pytest.mark.slow
 def test_help_lists_commands_without_importing_them():
     done = medgrpo("--help")
     assert done.returncode == 0, done.stderr
@@ -84,6 +85,7 @@ def test_usage_errors_exit_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_without_embedder(results_file, tmp_path):
     output = tmp_path / "metrics.json"
     done = medgrpo("eval", "--predictions", str(results_file), "--output", str(output), "--no-embedder")
@@ -95,6 +97,7 @@ def test_eval_end_to_end_without_embedder(results_file, tmp_path):
     assert "TAG mIoU@0.3" in done.stdout
 
 
+@pytest.mark.slow
 def test_eval_with_judge_and_default_embedder(results_file, tmp_path):
     from medgrpo.testing.judge_server import JudgeServer, deterministic_scores
 
@@ -125,6 +128,7 @@ def test_eval_with_judge_and_default_embedder(results_file, tmp_path):
     assert "1 cached" in again.stderr
 
 
+@pytest.mark.slow
 def test_eval_judge_needs_a_model(results_file, tmp_path):
     done = medgrpo(
         "eval",
@@ -138,6 +142,7 @@ def test_eval_judge_needs_a_model(results_file, tmp_path):
     assert done.returncode == 2 and "--judge-model" in done.stderr
 
 
+@pytest.mark.slow
 def test_fit_norm_end_to_end(tmp_path):
     rollouts = tmp_path / "rollouts.jsonl"
     lines = [{"id": i, "data_source": "AVOS", "qa_type": "tal", "reward": i / 10} for i in range(11)]

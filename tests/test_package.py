@@ -27,6 +27,7 @@ print(len(messages), medgrpo.has_native_cpu_kernels(), bool(torch.isfinite(lp.gr
 """
 
 
+@pytest.mark.slow
 def test_import_without_extension_warns_once_and_falls_back():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["1", "False", "True", "8"], result.stdout + result.stderr

@@ -35,27 +35,37 @@ SFT_STEPS, GRPO_STEPS = 2, 2  # then one more step each, resumed
 
 def smoke_config(mode: str, out: Path, model_dir: Path, train_file: Path, device: str, steps: int, resume: bool):
     """The smoke run's TrainConfig: bf16, attention "auto", activation checkpointing, a checkpoint every step."""
-    from medgrpo.train.config import DataSection, GRPOSection, ModelSection, OptimSection, SFTSection, TrainConfig
+    from medgrpo.train.config import config_from_dict
 
-    return TrainConfig(
-        mode=mode,
-        output_dir=str(out),
-        seed=3,
-        steps=steps,
-        save_every=1,
-        resume=resume,
-        device=device,
-        model=ModelSection(
-            path=str(model_dir),
-            dtype="bfloat16",
-            attention="auto",
-            activation_checkpointing=True,
-            freeze_vision=mode == "grpo",
-        ),
-        data=DataSection(train_file=str(train_file), min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE, num_workers=0),
-        optim=OptimSection(lr=1e-4),
-        sft=SFTSection(batch_size=4),
-        grpo=GRPOSection(group_size=4, prompts_per_step=2, max_new_tokens=12, micro_batch_size=8),
+    return config_from_dict(
+        {
+            "mode": mode,
+            "output_dir": str(out),
+            "seed": 3,
+            "steps": steps,
+            "save_every": 1,
+            "resume": resume,
+            "device": device,
+            "model": {
+                "path": str(model_dir),
+                "dtype": "bfloat16",
+                "attention": "auto",
+                "activation_checkpointing": True,
+                "freeze_vision": mode == "grpo",
+            },
+            "data": {
+                "train_file": str(train_file),
+                "num_workers": 0,
+                "decode": {"min_pixels": SIDE * SIDE, "max_pixels": SIDE * SIDE},
+            },
+            "optim": {"lr": 1e-4},
+            "sft": {"batch_size": 4, "micro_batch_size": 4},
+            "grpo": {
+                "prompts_per_step": 2,
+                "micro_batch_size": 8,
+                "rollout": {"group_size": 4, "max_new_tokens": 12},
+            },
+        }
     )
 
 
@@ -111,7 +121,7 @@ def check_export(export: Path, device: str) -> dict[str, Any]:
 
 def prepare(work: Path) -> dict[str, Any]:
     from medgrpo.demo.synthetic import demo_tokenizer_corpus, generate_dataset
-    from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
+    from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
 
     dataset = generate_dataset(work / "data", num_videos=8, seed=1)
     model_dir = work / "init"

@@ -223,4 +223,12 @@ class VideoCollator:
         )
 
 
-__all__ = ["IGNORE_INDEX", "VideoBatch", "VideoCollator", "video_grid", "video_token_count"]
+def eos_ids(tokenizer) -> list[int]:
+    """Tokens that end a completion: ``<|im_end|>`` and the pad/end-of-text token."""
+    ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in ids:
+        ids.append(tokenizer.pad_token_id)
+    return ids
+
+
+__all__ = ["IGNORE_INDEX", "VideoBatch", "VideoCollator", "eos_ids", "video_grid", "video_token_count"]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from medgrpo.demo.synthetic import DECODE_SIDE, decode_options, demo_tokenizer_corpus, generate_dataset
-from medgrpo.train.config import DataSection, GRPOSection, ModelSection, OptimSection, SFTSection, TrainConfig
+from medgrpo.train.config import TrainConfig, config_from_dict
 
 
 @dataclass
@@ -55,21 +55,20 @@ class DemoResult:
         return self.grpo["reward_norm"] > self.sft["reward_norm"]
 
 
-def _model_section(path: Path, *, freeze_vision: bool) -> ModelSection:
-    return ModelSection(
-        path=str(path), dtype="float32", attention="sdpa", activation_checkpointing=False, freeze_vision=freeze_vision
-    )
-
-
-def _data_section(train_file: Path, side: int) -> DataSection:
-    return DataSection(
-        train_file=str(train_file), min_pixels=float(side * side), max_pixels=float(side * side), num_workers=0
-    )
+def _run_config(settings: DemoSettings, mode: str, dataset, model_dir: Path, **sections) -> TrainConfig:
+    """The demo's config of a run: the tiny fp32 model on the CPU (vision trained by SFT only), frames of
+    ``side`` x ``side``."""
+    pixels = float(settings.side * settings.side)
+    model = {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "activation_checkpointing": False}
+    model["freeze_vision"] = mode == "grpo"
+    data = {"train_file": str(dataset.train), "num_workers": 0, "decode": {"min_pixels": pixels, "max_pixels": pixels}}
+    base = {"mode": mode, "output_dir": str(Path(settings.out_dir) / mode), "seed": settings.seed, "save_every": 0}
+    return config_from_dict({**base, "device": "cpu", "model": model, "data": data, **sections})
 
 
 def prepare(settings: DemoSettings) -> tuple[object, Path]:
     """Dataset, tokenizer and the random tiny model (saved with its tokenizer); returns (dataset, model dir)."""
-    from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
+    from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
 
     out = Path(settings.out_dir)
     dataset = generate_dataset(out / "data", num_videos=settings.num_videos, seed=settings.seed, overwrite=True)
@@ -80,40 +79,33 @@ def prepare(settings: DemoSettings) -> tuple[object, Path]:
 
 
 def sft_config(settings: DemoSettings, dataset, model_dir: Path) -> TrainConfig:
-    return TrainConfig(
-        mode="sft",
-        output_dir=str(Path(settings.out_dir) / "sft"),
-        seed=settings.seed,
+    return _run_config(
+        settings,
+        "sft",
+        dataset,
+        model_dir,
         steps=settings.sft_steps,
-        save_every=0,
-        device="cpu",
-        model=_model_section(model_dir, freeze_vision=False),
-        data=_data_section(dataset.train, settings.side),
-        optim=OptimSection(lr=settings.sft_lr, warmup_steps=10, schedule="cosine", max_grad_norm=1.0),
-        sft=SFTSection(batch_size=settings.sft_batch_size),
-        grpo=GRPOSection(micro_batch_size=settings.sft_batch_size),
+        optim={"lr": settings.sft_lr, "warmup_steps": 10, "schedule": "cosine", "max_grad_norm": 1.0},
+        sft={"batch_size": settings.sft_batch_size, "micro_batch_size": settings.sft_batch_size},
     )
 
 
 def grpo_config(settings: DemoSettings, dataset, model_dir: Path, stats: Path) -> TrainConfig:
-    return TrainConfig(
-        mode="grpo",
-        output_dir=str(Path(settings.out_dir) / "grpo"),
-        seed=settings.seed,
+    rollout = {"group_size": settings.group_size, "max_new_tokens": settings.max_new_tokens, "temperature": 1.0}
+    grpo = {
+        "prompts_per_step": settings.prompts_per_step,
+        "norm_stats": str(stats),
+        "micro_batch_size": settings.group_size * settings.prompts_per_step,
+        "rollout": rollout,
+    }
+    return _run_config(
+        settings,
+        "grpo",
+        dataset,
+        model_dir,
         steps=settings.grpo_steps,
-        save_every=0,
-        device="cpu",
-        model=_model_section(model_dir, freeze_vision=True),
-        data=_data_section(dataset.train, settings.side),
-        optim=OptimSection(lr=settings.grpo_lr, max_grad_norm=1.0),
-        grpo=GRPOSection(
-            group_size=settings.group_size,
-            prompts_per_step=settings.prompts_per_step,
-            max_new_tokens=settings.max_new_tokens,
-            temperature=1.0,
-            norm_stats=str(stats),
-            micro_batch_size=settings.group_size * settings.prompts_per_step,
-        ),
+        optim={"lr": settings.grpo_lr, "max_grad_norm": 1.0},
+        grpo=grpo,
     )
 
 
@@ -187,7 +179,9 @@ def held_out(settings: DemoSettings, dataset, model_dir: Path, reward_fn, stats)
 def run_demo(settings: DemoSettings) -> DemoResult:
     """The demo end to end; prints progress and the held-out table, returns the scores."""
     from medgrpo.rewards.norm_stats import load_norm_stats
-    from medgrpo.train.loop import build_rewards, train
+    from medgrpo.rewards.rewarder import build_rewarder
+    from medgrpo.rewards.task_rewards import RewardConfig
+    from medgrpo.train.loop import train
 
     start = time.perf_counter()
     torch.set_num_threads(settings.threads)
@@ -196,7 +190,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     sft = train(sft_config(settings, dataset, init_dir))
     sft_dir = sft.export_dir
     print(f"demo: SFT done ({sft.steps} steps, last loss {sft.last_metrics.get('loss'):.3f})")
-    reward_fn, _ = build_rewards(TrainConfig())
+    reward_fn = build_rewarder(RewardConfig()).fn
     stats_path = fit_stats(settings, dataset, sft_dir, reward_fn)
     stats = load_norm_stats(stats_path)
     result = DemoResult(sft=held_out(settings, dataset, sft_dir, reward_fn, stats))

@@ -1,62 +1,9 @@
 """The synthetic MedVidBench dataset of ``medgrpo demo``: rendered procedures, known answers.
 
-Each *video* is a window of ``frames_per_video`` frames (at ``fps``, 1 frame per second by
-default) cut from a rendered *procedure*: a fixed sequence of phases, each a few frames
-long. Two procedures, two ``data_source`` names, so per-dataset reward normalization has
-more than one key to work on:
-
-    SynthCholec  preparation -> dissection -> clipping -> retraction
-                 instruments: grasper (grey, every phase), hook (blue, dissection),
-                 clipper (green, clipping); anatomy cues for the critical view of safety
-    SynthNurse   handwashing -> injection -> dressing
-                 instruments: glove (purple, every phase), syringe (white, injection),
-                 gauze (cream, dressing)
-
-What a tiny model can learn from pixels: each phase has its own background tint (the
-dominant cue: per-frame mean colours of different phases are far apart, see the tests),
-its own instrument set, and instruments are flat axis-aligned bars moving on straight
-lines, so their boxes are exact. A CVS component is shown by a countable cue: the number
-of yellow ducts (two structures), the size of a pale patch (cystic plate), the size of a
-dark triangle (hepatocystic triangle), each 0/1/2.
-
-Questions per video, in the authors' answer formats (DESIGN.md §2):
-
-    tal             "When does the dissection phase happen? ..."    -> "2.0-6.0 seconds."
-    stg             "Where is the grasper at 1.0 and 6.0 seconds?" -> "1.0 seconds: [x1, y1, x2, y2] 6.0 seconds: [...]"
-    next_action     "Which phase comes next? Choose one of: ..."    -> "clipping"
-    cvs_assessment  (SynthCholec only)  -> "Two structures: 2, Cystic plate: 1, Hepatocystic triangle: 0"
-
-A next_action question is only asked when the window ends before the procedure's last
-phase (the next phase is then the one after the phase of the last frame). The phase the
-window ends in cycles over the phases from video to video, so next_action labels are
-balanced (majority-class accuracy about 1/3 on SynthCholec, 1/2 on SynthNurse). A window
-that ends in the first phase shows only that phase (a quarter of SynthCholec videos, a
-third of SynthNurse ones), so its tal answer is the whole clip: the constant answer
-"0.0-8.0 seconds." scores tal mIoU@0.3 about 0.55 on the default dataset, and
-:func:`answer_stats` / :func:`majority_baseline` give the label baselines.
-
-Time conventions: frame ``i`` of a window is at ``i / fps`` seconds; a tal span of frames
-``a..b`` is ``[a / fps, (b + 1) / fps]`` (end exclusive, so a one-frame phase has a
-non-empty span: the official IoU of a zero-length span with itself is 0). stg boxes are
-``[x1, y1, x2, y2]`` in pixels of the stored frame, the bar covering ``x1 <= x < x2``,
-``y1 <= y < y2``; times are written with one decimal, as the official stg lookup keys them.
-
-``struc_info`` holds the ground truth the official evaluator (and :mod:`medgrpo.rewards.metrics`)
-reads: tal ``[{"spans": [{"start", "end"}], "label"}]``, stg ``[{"bbox_dict": {"1.0": box}}]``,
-cvs ``[{"cvs_scores": {...}}]``; next_action ``[{"label", "options"}]`` (the evaluator uses
-the reference answer; ``options`` is the list of the question, for option-aware parsing).
-
-Files (all paths relative to ``root``): ``frames/<video_id>/<frame>.jpg`` (frame numbers of
-the procedure, as MedVidBench names frames of the source video), ``train.jsonl``,
-``val.jsonl``, ``test.jsonl`` (videos split per data source, so every split has both) and
-``manifest.json`` (the parameters and counts). Everything derives from ``seed`` through
-per-video generators, so the same arguments give the same bytes; see :func:`dataset_fingerprint`.
-
-Decoding: frames are stored at ``frame_size`` (112x112 by default) and meant to be decoded
-with :func:`decode_options`, a fixed pixel budget of ``side * side`` (default 56x56: 2x2
-merged visual tokens per temporal patch, 16 visual tokens for an 8-frame clip). The loader's
-default video budget (at least 128 tokens of 28x28 pixels per frame) would upsample the
-tiny frames many times over. stg answers stay in stored-frame pixels, as MedVidBench's do.
+Two rendered procedures (``SynthCholec``, ``SynthNurse``) cut into short videos, with tal, stg,
+next_action and cvs_assessment questions in the authors' answer formats and ``struc_info`` as the
+official evaluator reads it; the same seed gives the same bytes. What each phase looks like, the
+questions, time and box conventions, the files and the decoding budget: docs/design-demo.md.
 """
 
 from __future__ import annotations
@@ -611,7 +558,7 @@ def dataset_fingerprint(root: str | os.PathLike[str]) -> str:
 
 def demo_tokenizer_corpus(dataset: DemoDataset) -> list[str]:
     """Every question and reference answer of every split, in file order: the training text of
-    the demo's BPE tokenizer (``medgrpo.testing.tiny_qwen.build_tokenizer(dir, corpus=...)``)."""
+    the demo's BPE tokenizer (``medgrpo.demo.tiny_model.build_tokenizer(dir, corpus=...)``)."""
     corpus = []
     for split in SPLITS:
         for record in dataset.records(split):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional, Union
 
 import torch
@@ -9,6 +10,8 @@ from torch import Tensor, nn
 
 from medgrpo.ops.fused_linear_policy_loss import fused_linear_policy_loss
 from medgrpo.ops.linear_logprob import linear_logprob
+from medgrpo.ops.policy_loss import PolicyLossConfig
+from medgrpo.train.distributed import world_size
 
 
 class FusedLinearGRPOLoss(nn.Module):
@@ -42,15 +45,16 @@ class FusedLinearGRPOLoss(nn.Module):
     ) -> None:
         super().__init__()
         del compiled, chunk_size  # compatibility only
-        self.beta, self.use_ref_model = beta, use_ref_model
-        self.options = dict(
+        self.use_ref_model = use_ref_model
+        self.config = PolicyLossConfig(
             loss_type=loss_type,
             epsilon_low=epsilon_low,
             epsilon_high=epsilon_high,
-            importance_sampling=importance_sampling_level,
-            max_completion_length=max_completion_length,
-            dual_clip=dual_clip,
+            beta=beta,
             kl_estimator=kl_estimator,
+            importance_sampling=importance_sampling_level,
+            dual_clip=dual_clip,
+            max_completion_length=max_completion_length,
         )
         self.temperature = temperature
 
@@ -74,7 +78,7 @@ class FusedLinearGRPOLoss(nn.Module):
             raise NotImplementedError("vllm_is_ratio (vLLM importance-sampling correction) is not supported")
         ref_logp = self._ref_logp(ref_per_token_logps, ref_input, ref_weight, ref_bias, selected_token_ids)
         # Liger without a reference uses logp.detach() as the reference: KL value and gradient are 0.
-        beta = self.beta if ref_logp is not None else 0.0
+        config = self.config if ref_logp is not None else replace(self.config, beta=0.0)
         out = fused_linear_policy_loss(
             _input,
             lin_weight,
@@ -85,17 +89,16 @@ class FusedLinearGRPOLoss(nn.Module):
             temperature=self.temperature,
             old_logp=old_per_token_logps,
             ref_logp=ref_logp,
-            beta=beta,
             num_items=_per_rank(num_items_in_batch),
-            **self.options,
+            **config.options(),
         )
         metrics = [out.clip_fraction]
-        if self.beta != 0.0:
+        if self.config.beta != 0.0:
             metrics.insert(0, out.kl if out.kl is not None else out.loss.new_zeros(()))
         return out.loss, metrics
 
     def _ref_logp(self, ref_per_token_logps, ref_input, ref_weight, ref_bias, targets) -> Optional[Tensor]:
-        if self.beta == 0.0 or not self.use_ref_model:
+        if self.config.beta == 0.0 or not self.use_ref_model:
             return None
         if ref_per_token_logps is not None:
             return ref_per_token_logps
@@ -109,5 +112,4 @@ def _per_rank(num_items_in_batch: Union[Tensor, float, None]) -> Union[Tensor, f
     """TRL / Liger divide the global token count by the number of ranks (gradients are averaged)."""
     if num_items_in_batch is None:
         return None
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    return num_items_in_batch / world
+    return num_items_in_batch / world_size()

@@ -2,44 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-from typing import Optional, Union
+from dataclasses import replace
+from typing import Any, Optional, Union
 
 from torch import Tensor, nn
 
-from medgrpo.ops.policy_loss import PolicyLossConfig, _apply, _check_inputs
+from medgrpo.ops.policy_loss import MEDGRPO_LOSS, PolicyLossConfig, _apply, _check_inputs
 from medgrpo.ops.reference import PolicyLossOutput
 
 
 class GRPOLoss(nn.Module):
     """Module form of :func:`medgrpo.policy_loss`; options are fixed at construction.
 
-    Defaults are MedGRPO's: DAPO normalization, clip range 0.2 / 0.3, no KL.
+    ``GRPOLoss(loss_type="grpo", beta=0.04)`` takes :func:`medgrpo.policy_loss`'s options as keywords (the
+    fields of :class:`~medgrpo.ops.policy_loss.PolicyLossConfig`), over ``config``: by default MedGRPO's
+    (:data:`~medgrpo.ops.policy_loss.MEDGRPO_LOSS`: DAPO normalization, clip range 0.2 / 0.3, no KL).
     """
 
-    def __init__(
-        self,
-        *,
-        loss_type: str = "dapo",
-        epsilon_low: float = 0.2,
-        epsilon_high: float = 0.3,
-        beta: float = 0.0,
-        kl_estimator: str = "k3",
-        importance_sampling: str = "token",
-        dual_clip: Optional[float] = None,
-        max_completion_length: Optional[int] = None,
-    ) -> None:
+    def __init__(self, config: PolicyLossConfig = MEDGRPO_LOSS, **options: Any) -> None:
         super().__init__()
-        self.config = PolicyLossConfig(
-            loss_type,
-            epsilon_low,
-            epsilon_high,
-            beta,
-            kl_estimator,
-            importance_sampling,
-            dual_clip,
-            max_completion_length,
-        )
+        self.config = replace(config, **options)
         self.config.validate(has_ref=True)
 
     def forward(
@@ -57,4 +39,4 @@ class GRPOLoss(nn.Module):
         return _apply(logp, advantages, mask, old_logp, ref_logp, num_items, self.config)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{key}={value!r}" for key, value in asdict(self.config).items())
+        return ", ".join(f"{key}={value!r}" for key, value in self.config.options().items())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Optional, Union
 
 import torch
@@ -19,7 +19,18 @@ NO_NUM_ITEMS = -1.0
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """Every option of the policy loss; packed into the op's ``hparams`` / ``modes`` lists."""
+    """Every option of the policy loss (see :func:`policy_loss`); packed into the op's ``hparams`` / ``modes``.
+
+    Attributes:
+        loss_type: the reduction: "grpo", "bnpo", "dr_grpo" or "dapo" (TRL's meanings).
+        epsilon_low: lower clip range: the ratio is clipped below at 1 - epsilon_low.
+        epsilon_high: upper clip range: the ratio is clipped above at 1 + epsilon_high.
+        beta: KL coefficient against the reference policy (0: no KL term, no reference model).
+        kl_estimator: "k1", "k2" or "k3" (TRL's, unclamped).
+        importance_sampling: "token", or "sequence" (GSPO: one ratio per sequence).
+        dual_clip: c > 1 bounds the loss of negative-advantage tokens by -c * A (verl); None: off.
+        max_completion_length: the denominator of "dr_grpo" (required for it).
+    """
 
     loss_type: str = "dapo"
     epsilon_low: float = 0.2
@@ -81,6 +92,10 @@ class PolicyLossConfig:
             max_completion_length=int(hparams[5]) or None,
         )
 
+    def options(self) -> dict:
+        """The options as the keyword arguments of :func:`policy_loss` and :func:`fused_linear_policy_loss`."""
+        return asdict(self)
+
     def per_token_options(self) -> dict:
         return dict(
             epsilon_low=self.epsilon_low,
@@ -90,6 +105,10 @@ class PolicyLossConfig:
             importance_sampling=self.importance_sampling,
             dual_clip=self.dual_clip,
         )
+
+
+# MedGRPO's policy loss (the paper): DAPO token-level normalization, clip range 0.2 / 0.3, no KL.
+MEDGRPO_LOSS = PolicyLossConfig(epsilon_high=0.3)
 
 
 def split_num_items(num_items: Union[Tensor, float, None]) -> tuple[Optional[Tensor], float]:

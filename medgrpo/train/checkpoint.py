@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from medgrpo.train import compat
+from medgrpo.train.distributed import barrier, is_distributed, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +53,6 @@ def checkpoint_name(step: int) -> str:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     return f"step_{step:06d}"
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if _distributed() else 1
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 @contextlib.contextmanager
@@ -184,31 +169,31 @@ def save_checkpoint(
         raise ValueError(f"keep must be >= 1 or None, got {keep}")
     root = Path(directory)
     final, tmp = root / checkpoint_name(step), root / f"{checkpoint_name(step)}.tmp"
-    rank = _rank()
-    if rank == 0:
+    this_rank = rank()
+    if this_rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         for stale in (tmp, final):  # leftovers of a crashed save of this step, or a save being replaced
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
-    _barrier()
+    barrier()
     state = _dcp_state(model, optimizer)
     if state:
         with _quiet_single_process():
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not _distributed())
-    _save_file(rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
-    if rank == 0:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
+    _save_file(rng_state(), tmp / "rng" / f"rank_{this_rank:05d}.pt")
+    if this_rank == 0:
         trainer_state = {
             "step": step,
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "extra_state": dict(extra_state or {}),
         }
         _save_file(trainer_state, tmp / TRAINER_STATE)
-    _barrier()
-    if rank == 0:
-        _publish(tmp, final, {"step": step, "world_size": _world_size()})
+    barrier()
+    if this_rank == 0:
+        _publish(tmp, final, {"step": step, "world_size": world_size()})
         if keep is not None:
             prune_checkpoints(root, keep)
-    _barrier()
+    barrier()
     return final
 
 
@@ -298,7 +283,7 @@ def load_checkpoint(
     state = _dcp_state(model, optimizer)
     if state:
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=not _distributed())
+            dcp.load(state, checkpoint_id=str(path), no_dist=not is_distributed())
         if optimizer is None:
             set_model_state_dict(model, state["model"])
         else:
@@ -314,23 +299,13 @@ def load_checkpoint(
 
 
 def _restore_rng(path: Path) -> None:
-    file = path / "rng" / f"rank_{_rank():05d}.pt"
+    file = path / "rng" / f"rank_{rank():05d}.pt"
     if not file.is_file():
         logger.warning(
-            "%s has no RNG state for rank %d (saved with another world size); keeping the current one", path, _rank()
+            "%s has no RNG state for rank %d (saved with another world size); keeping the current one", path, rank()
         )
         return
     set_rng_state(torch.load(file, weights_only=True))
-
-
-def _unwrapped_class_name(model: nn.Module) -> str:
-    """The model's own class name (FSDP2 makes a subclass named ``FSDP<name>``)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    cls = type(model)
-    if isinstance(model, FSDPModule):
-        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
-    return cls.__name__
 
 
 def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, dtype: torch.dtype | None = None) -> Path:
@@ -351,20 +326,20 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, dtype:
     out = Path(out_dir)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(model, options=options)
-    if _rank() == 0:
+    if rank() == 0:
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(out), state_dict=state, safe_serialization=True)
         # The architecture name, whichever transformers wrote it (older ones keep FSDP2's "FSDP" prefix).
         config = copy.deepcopy(model.config)
-        config.architectures = [_unwrapped_class_name(model)]
+        config.architectures = [compat.unsharded_class_name(model)]
         if dtype is not None:
             config.dtype = dtype
         config.save_pretrained(str(out))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(out))
-    _barrier()
+    barrier()
     return out
 
 

@@ -5,15 +5,24 @@ from __future__ import annotations
 import argparse
 import logging
 
-from medgrpo.train.config import ConfigError, load_config
+from medgrpo.train.config import ConfigError, describe_fields, load_config
 
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``train`` to the ``medgrpo`` command line."""
-    parser = subparsers.add_parser("train", help="SFT or MedGRPO on Qwen2.5-VL", description=__doc__)
+    parser = subparsers.add_parser(
+        "train",
+        help="SFT or MedGRPO on Qwen2.5-VL",
+        description="SFT or MedGRPO on Qwen2.5-VL, one process or torchrun on N GPUs "
+        "(torchrun --nproc_per_node N -m medgrpo train --config run.yaml).",
+        epilog=describe_fields(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="YAML config (see configs/); defaults when omitted")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest complete checkpoint")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.group_size=8 optim.lr=1e-6")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. grpo.rollout.group_size=8 optim.lr=1e-6 (fields below)"
+    )
     parser.set_defaults(func=run)
     return parser
 

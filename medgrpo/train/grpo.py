@@ -1,293 +1,184 @@
-"""One MedGRPO policy update: rollout → rewards → group advantages → fused policy loss.
+"""One MedGRPO step: rollout → rewards → group advantages → ``num_iterations`` policy updates.
 
-The update runs the language model on prompt + completion, takes the hidden states of the
-completion positions, and hands them to :func:`medgrpo.fused_linear_policy_loss` with the
-lm-head weight: the (tokens × vocab) logits are never formed. Each prompt's video
-embeddings come from the rollout (the vision tower ran once per prompt); with a frozen vision
-tower they are constants of the update.
-
-Normalization: the loss is a sum over completion tokens divided by ``num_items`` = the
-global completion-token count (all-reduced on the device, no host sync; gradients are summed
-over ranks), so micro-batches and ranks add up to the loss of the whole batch (DAPO, the paper's
-``loss_type``). ``grpo`` and ``dr_grpo`` are exact under micro-batching as well (each
-micro-batch's loss is weighted by its share of the sequences); ``bnpo`` normalizes by the
-micro-batch's own token count, so it refuses micro-batching.
-
-FSDP2: a sharded model (``fully_shard``) runs every forward through its root module, so the
-root's parameters (embeddings, final norm, lm head) are gathered and their gradients
-reduce-scattered by FSDP: the update feeds each sequence's video patches to the root forward
-(:func:`medgrpo.train.model.final_hidden_states`; the frozen vision tower re-encodes them)
-and reads the gathered lm-head weight right after it. Unsharded models take the faster path of
-:mod:`medgrpo.train.qwen` (each prompt's video embeddings from the rollout, reused).
-
-Host syncs: the rope positions (Hugging Face computes them on the host; one transfer), and
-one ``.item()`` per step on the finiteness flag, which the step's logging needs anyway. A
-step whose loss or gradient norm is not finite is skipped: gradients dropped, weights and
-optimizer state untouched, the skip counted.
+The rollout (:mod:`medgrpo.train.rollout`) encodes each video once and samples G completions from one
+prefill; the rewarder (:mod:`medgrpo.rewards.rewarder`) scores them; :func:`medgrpo.group_advantages`
+normalizes them with the run's statistics; the update (:mod:`medgrpo.train.update`) runs the fused
+policy loss. Old log-probs are taken before the first update when ``num_iterations > 1``, reference
+log-probs when ``beta > 0``. Everything the step reports stays on the device until it is logged.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from medgrpo.ops.fused_linear_policy_loss import fused_linear_policy_loss
-from medgrpo.ops.linear_logprob import linear_logprob
-from medgrpo.ops.policy_loss import PolicyLossConfig
-from medgrpo.train import qwen
-from medgrpo.train.rollout import Rollout
+from medgrpo.data.collate import VideoBatch, eos_ids
+from medgrpo.data.task_key import format_task_key
+from medgrpo.ops.group_advantages import group_advantages_with_stats
+from medgrpo.ops.policy_loss import MEDGRPO_LOSS, PolicyLossConfig
+from medgrpo.rewards.rewarder import Rewarder
+from medgrpo.train.distributed import gathered
+from medgrpo.train.metrics import StepResult
+from medgrpo.train.optim import optimizer_step
+from medgrpo.train.rollout import RolloutConfig, decode_text, generate
+from medgrpo.train.state import TrainState
+from medgrpo.train.update import (
+    LossOptions,
+    PolicyInputs,
+    UpdateMetrics,
+    backward_policy_loss,
+    policy_inputs,
+    sequence_logprobs,
+)
+
+
+@dataclass
+class GRPOConfig:
+    """MedGRPO's policy-gradient step (defaults: the paper's settings, see configs/).
+
+    Attributes:
+        prompts_per_step: prompts per rank per step; each gets rollout.group_size completions.
+        num_iterations: policy updates per rollout (old log-probs are taken before the first when > 1).
+        micro_batch_size: sequences per forward/backward in the update.
+        scale: how advantages are scaled: "group" (by the group's std), "batch" (the batch's) or "none" (Dr. GRPO).
+        k: steepness of the sigmoid of the cross-dataset reward normalization.
+        norm_stats: the statistics file of medgrpo fit-norm (p25/p50/p75 per key); empty: raw rewards.
+        rollout: how completions are sampled.
+        loss: the policy loss.
+    """
+
+    prompts_per_step: int = 8
+    num_iterations: int = 1
+    micro_batch_size: int = 8
+    scale: str = "group"
+    k: float = 3.0
+    norm_stats: str = ""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: PolicyLossConfig = MEDGRPO_LOSS
+
+    def __post_init__(self) -> None:
+        self.loss.validate(has_ref=True)  # beta > 0 loads a reference model
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}")
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    """What the update passes to :func:`medgrpo.fused_linear_policy_loss`: the op's own
-    :class:`~medgrpo.ops.policy_loss.PolicyLossConfig` (default: MedGRPO's eps 0.2/0.3, DAPO, beta 0),
-    the sampling temperature, and the sequences per forward/backward."""
+class GRPOSetup:
+    """What every GRPO step of a run uses, built once (:meth:`build`): the config, the update's options,
+    the tokenizer and its stop tokens, the clipping norm, and the frozen reference model (beta > 0)."""
 
-    loss: PolicyLossConfig = PolicyLossConfig(epsilon_high=0.3)
-    temperature: float = 1.0
-    micro_batch_size: int = 8
+    config: GRPOConfig
+    loss: LossOptions
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+    max_grad_norm: float
+    reference: nn.Module | None = None
 
-
-@dataclass
-class PolicyInputs:
-    """Prompt + completion sequences of a rollout, ready for the language model."""
-
-    input_ids: torch.Tensor  # (N, P + T)
-    attention_mask: torch.Tensor  # (N, P + T)
-    position_ids: torch.Tensor  # (3, N, P + T)
-    video_embeds: list[torch.Tensor]  # per sequence (a prompt's embeddings shared by its G completions)
-    completion_ids: torch.Tensor  # (N, T)
-    completion_mask: torch.Tensor  # (N, T) bool
-    prompt_length: int  # P (prompts are left padded to it)
-    pixels: list[torch.Tensor] | None = None  # per sequence: its video's patch rows (sharded models only)
-    video_grid_thw: torch.Tensor | None = None  # (N, 3)
-    second_per_grid_ts: torch.Tensor | None = None  # (N,)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` is an FSDP2 module (its forwards must go through the root)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def video_rows(pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
-    """Each video's patch rows of a batch's ``pixel_values_videos`` (views; split by the grids)."""
-    sizes = video_grid_thw.prod(-1).tolist()
-    return list(pixel_values_videos.split(sizes))
-
-
-def policy_inputs(
-    model: nn.Module,
-    rollout: Rollout,
-    video_grid_thw: torch.Tensor,
-    second_per_grid_ts: torch.Tensor,
-    pixel_values_videos: torch.Tensor | None = None,
-) -> PolicyInputs:
-    """Concatenate prompts and completions and compute their 3D rope positions (videos repeated G times).
-
-    ``pixel_values_videos`` (the batch's) is needed for a sharded model, whose forward re-encodes them.
-    """
-    completion_mask = rollout.completion_mask.bool()
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
-    attention_mask = torch.cat([rollout.prompt_mask.long(), completion_mask.long()], dim=1)
-    group = rollout.group_size
-    grids = video_grid_thw.repeat_interleave(group, dim=0)
-    seconds = second_per_grid_ts.repeat_interleave(group, dim=0)
-    position_ids, _ = qwen.rope_positions(model, input_ids, grids, seconds, attention_mask)
-    pixels = None
-    if is_sharded(model):
-        if pixel_values_videos is None:
-            raise ValueError("a sharded model needs the batch's pixel_values_videos")
-        pixels = qwen.repeat_videos(video_rows(pixel_values_videos, video_grid_thw), group)
-    return PolicyInputs(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        video_embeds=qwen.repeat_videos([v.detach() for v in rollout.video_embeds], group),
-        completion_ids=rollout.completion_ids,
-        completion_mask=completion_mask,
-        prompt_length=rollout.prompt_ids.shape[1],
-        pixels=pixels,
-        video_grid_thw=grids,
-        second_per_grid_ts=seconds,
-    )
-
-
-def completion_hidden(model: nn.Module, inputs: PolicyInputs, rows: slice) -> torch.Tensor:
-    """Final hidden states that predict each completion token, ``(n, T, hidden)`` for ``rows``."""
-    ids = inputs.input_ids[rows]
-    if inputs.pixels is not None:
-        from medgrpo.train.model import final_hidden_states
-
-        hidden = final_hidden_states(
-            model,
-            input_ids=ids,
-            attention_mask=inputs.attention_mask[rows],
-            pixel_values_videos=torch.cat(inputs.pixels[rows]),
-            video_grid_thw=inputs.video_grid_thw[rows],
-            second_per_grid_ts=inputs.second_per_grid_ts[rows],
-            mm_token_type_ids=qwen.mm_token_type_ids(model, ids),
+    @classmethod
+    def build(
+        cls, config: GRPOConfig, tokenizer, *, max_grad_norm: float, reference: nn.Module | None = None
+    ) -> GRPOSetup:
+        temperature = config.rollout.temperature
+        loss = LossOptions(
+            loss=config.loss,
+            temperature=temperature if temperature > 0 else 1.0,
+            micro_batch_size=config.micro_batch_size,
         )
-    else:
-        embeds = qwen.build_inputs_embeds(model, ids, inputs.video_embeds[rows])
-        hidden = qwen.hidden_states(model, embeds, inputs.position_ids[:, rows], inputs.attention_mask[rows])
-    start = inputs.prompt_length - 1  # position i predicts token i + 1
-    return hidden[:, start : start + inputs.completion_ids.shape[1]]
+        return cls(config, loss, tokenizer, tuple(eos_ids(tokenizer)), max_grad_norm, reference)
 
 
-def micro_batches(total: int, size: int) -> list[slice]:
-    """Row slices of at most ``size`` rows covering ``range(total)``."""
-    return [slice(start, min(start + size, total)) for start in range(0, total, max(size, 1))]
+def grpo_step(state: TrainState, batch: VideoBatch, rewarder: Rewarder, setup: GRPOSetup) -> StepResult:
+    """One MedGRPO step on a batch of prompts (see the module docstring)."""
+    model, g = state.model, setup.config
+    device = batch.input_ids.device
+    start = time.perf_counter()
+    with gathered(model), torch.no_grad():
+        rollout = generate(
+            model,
+            batch,
+            g.rollout,
+            eos_token_ids=setup.eos_token_ids,
+            pad_token_id=setup.tokenizer.pad_token_id,
+            generator=state.generator,
+        )
+    t_rollout = time.perf_counter()
+    texts = decode_text(setup.tokenizer, rollout)
+    records = [r for r in batch.records for _ in range(g.rollout.group_size)]
+    rewards, keys, reward_batch = rewarder.score(texts, records, device)
+    advantage = group_advantages_with_stats(
+        rewards,
+        group_size=g.rollout.group_size,
+        keys=keys,
+        stats=rewarder.table,
+        k=g.k,
+        scale=g.scale,
+    )
+    normalized = advantage.rewards  # the rewards the advantages came from: normalized when stats are given
+    t_reward = time.perf_counter()
+    inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
+    logp = {"temperature": setup.loss.temperature, "micro_batch_size": setup.loss.micro_batch_size}
+    ref_logp = sequence_logprobs(setup.reference, inputs, **logp) if setup.reference is not None else None
+    old_logp = sequence_logprobs(model, inputs, **logp) if g.num_iterations > 1 else None
+    t_logp = time.perf_counter()
+    update, grad_norm, stepped, skipped = _updates(state, setup, inputs, advantage.advantages, old_logp, ref_logp)
+    end = time.perf_counter()
+    tokens = int(rollout.completion_tokens)
+    metrics = {
+        **_update_metrics(update),
+        "grad_norm": grad_norm,
+        "reward_raw": torch.nanmean(rewards),
+        "reward_norm": torch.nanmean(normalized),
+        "reward_missing": torch.isnan(rewards).float().mean(),
+        "advantage_std": advantage.advantages.std(),
+        "zero_std_group_fraction": advantage.zero_std_fraction,
+        "completion_tokens": tokens,
+        "nonfinite_skipped": skipped,
+        "time_rollout_s": t_rollout - start,
+        "time_reward_s": t_reward - t_rollout,
+        "time_logprob_s": t_logp - t_reward,
+        "time_update_s": end - t_logp,
+        "tokens_per_s": tokens / max(end - start, 1e-9),
+        "samples_per_s": len(texts) / max(end - start, 1e-9),
+        **{f"reward_count/{k}": v for k, v in reward_batch.counts.items()},
+    }
+    rows = ([format_task_key(r.data_source, r.qa_type) for r in records], rewards, normalized)
+    return StepResult(metrics, stepped, rows)
 
 
-@torch.no_grad()
-def sequence_logprobs(
-    model: nn.Module, inputs: PolicyInputs, *, temperature: float, micro_batch_size: int
-) -> torch.Tensor:
-    """Per-token log-probs ``(N, T)`` of the completions under ``model`` (old policy or reference)."""
-    out = []
-    for rows in micro_batches(inputs.input_ids.shape[0], micro_batch_size):
-        hidden = completion_hidden(model, inputs, rows)
-        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
-        logp, _ = linear_logprob(hidden, weight, inputs.completion_ids[rows], temperature=temperature)
-        out.append(logp)
-    return torch.cat(out)
-
-
-def global_token_count(mask: torch.Tensor) -> torch.Tensor:
-    """Completion tokens over all ranks (a 0-d device tensor; all-reduced on the device, no host sync).
-
-    Each rank's loss is its token sum over this count, and the sharded model sums gradients over
-    ranks (``shard_model(gradient_divide_factor=1)``), so the update is the whole batch's token mean.
-    """
-    count = mask.sum().to(torch.float32)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(count)
-    return count.clamp_min(1.0)
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@dataclass
-class UpdateMetrics:
-    """Device-side metrics of one update (summed over micro-batches, token-weighted)."""
-
-    loss: torch.Tensor
-    kl: torch.Tensor
-    clip_fraction: torch.Tensor
-    clip_fraction_low: torch.Tensor
-    clip_fraction_high: torch.Tensor
-    entropy: torch.Tensor
-    tokens: torch.Tensor
-
-
-def backward_policy_loss(
-    model: nn.Module,
+def _updates(
+    state: TrainState,
+    setup: GRPOSetup,
     inputs: PolicyInputs,
     advantages: torch.Tensor,
-    options: LossOptions,
-    *,
-    old_logp: torch.Tensor | None = None,
-    ref_logp: torch.Tensor | None = None,
-) -> UpdateMetrics:
-    """Forward and backward of the policy loss over micro-batches; gradients accumulate in ``model``."""
-    total = inputs.input_ids.shape[0]
-    slices = micro_batches(total, options.micro_batch_size)
-    loss_type = options.loss.loss_type
-    if loss_type == "bnpo" and len(slices) > 1:
-        raise ValueError("loss_type='bnpo' normalizes per batch: set micro_batch_size >= the sequences per step")
-    num_items = global_token_count(inputs.completion_mask) if loss_type == "dapo" else None
-    device = inputs.input_ids.device
-    names = ("loss", "kl", "clip", "clip_low", "clip_high", "entropy", "tokens")
-    sums = {name: torch.zeros((), device=device) for name in names}
-    for rows in slices:
-        hidden = completion_hidden(model, inputs, rows)
-        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
-        mask = inputs.completion_mask[rows]
-        out = fused_linear_policy_loss(
-            hidden,
-            weight,
-            inputs.completion_ids[rows],
-            mask,
-            advantages[rows],
-            old_logp=None if old_logp is None else old_logp[rows],
-            ref_logp=None if ref_logp is None else ref_logp[rows],
-            temperature=options.temperature,
-            num_items=num_items,
-            **asdict(options.loss),
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+) -> tuple[UpdateMetrics, torch.Tensor, bool, int]:
+    """``num_iterations`` guarded updates; the last one's metrics and gradient norm, whether all stepped, skips."""
+    state.model.train()
+    stepped_all, skipped = True, 0
+    for _ in range(setup.config.num_iterations):
+        update = backward_policy_loss(state.model, inputs, advantages, setup.loss, old_logp=old_logp, ref_logp=ref_logp)
+        stepped, grad_norm = optimizer_step(
+            state.params, state.optimizer, state.scheduler, loss=update.loss, max_grad_norm=setup.max_grad_norm
         )
-        # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its
-        # share, and by 1/world since gradients are summed over ranks.
-        loss = out.loss if loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / _world())
-        loss.backward()
-        tokens = mask.sum().to(torch.float32)
-        sums["loss"] += loss.detach()
-        sums["tokens"] += tokens
-        parts = (
-            ("kl", out.kl),
-            ("clip", out.clip_fraction),
-            ("clip_low", out.clip_fraction_low),
-            ("clip_high", out.clip_fraction_high),
-            ("entropy", out.entropy),
-        )
-        for name, value in parts:
-            if value is not None:
-                sums[name] += value.detach().float() * tokens
-    tokens = sums["tokens"].clamp_min(1.0)
-    return UpdateMetrics(
-        loss=sums["loss"],
-        kl=sums["kl"] / tokens,
-        clip_fraction=sums["clip"] / tokens,
-        clip_fraction_low=sums["clip_low"] / tokens,
-        clip_fraction_high=sums["clip_high"] / tokens,
-        entropy=sums["entropy"] / tokens,
-        tokens=sums["tokens"],
-    )
+        stepped_all &= stepped
+        skipped += not stepped
+    return update, grad_norm, stepped_all, skipped
 
 
-def optimizer_step(
-    parameters: Sequence[nn.Parameter],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    *,
-    loss: torch.Tensor,
-    max_grad_norm: float,
-) -> tuple[bool, torch.Tensor]:
-    """Clip, then step unless the loss or the gradient norm is not finite (then drop the gradients).
-
-    Returns ``(stepped, grad_norm)``; the one host sync of the update reads the finiteness flag.
-    """
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
-        grad_norm = grad_norm.full_tensor()
-    finite = bool((torch.isfinite(grad_norm) & torch.isfinite(loss)).item())
-    if finite:
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return finite, grad_norm.detach()
+def _update_metrics(update: UpdateMetrics) -> dict[str, torch.Tensor]:
+    return {
+        "loss": update.loss,
+        "kl": update.kl,
+        "clip_fraction": update.clip_fraction,
+        "clip_fraction_low": update.clip_fraction_low,
+        "clip_fraction_high": update.clip_fraction_high,
+        "entropy": update.entropy,
+    }
 
 
-__all__ = [
-    "LossOptions",
-    "PolicyInputs",
-    "UpdateMetrics",
-    "backward_policy_loss",
-    "completion_hidden",
-    "global_token_count",
-    "is_sharded",
-    "micro_batches",
-    "optimizer_step",
-    "policy_inputs",
-    "sequence_logprobs",
-    "video_rows",
-]
+__all__ = ["GRPOConfig", "GRPOSetup", "grpo_step"]

@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from medgrpo.train import compat
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 
@@ -149,7 +151,7 @@ def language_model(model: nn.Module) -> nn.Module:
     decoder = get_decoder() if callable(get_decoder) else None
     if decoder is not None and isinstance(getattr(decoder, "layers", None), nn.ModuleList):
         return decoder
-    for path in ("model.language_model", "language_model", "model"):
+    for path in compat.LANGUAGE_MODEL_PATHS:
         module = _submodule(model, path)
         if module is not None and isinstance(getattr(module, "layers", None), nn.ModuleList):
             return module
@@ -163,7 +165,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def vision_tower(model: nn.Module) -> nn.Module:
     """The vision encoder (patch embedding, blocks, merger): ``model.model.visual`` or ``model.visual``."""
-    for path in ("model.visual", "visual"):
+    for path in compat.VISION_TOWER_PATHS:
         module = _submodule(model, path)
         if module is not None:
             return module
@@ -197,11 +199,7 @@ def freeze_vision_tower(model: nn.Module) -> None:
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recompute every decoder and vision block in backward (non-reentrant, so FSDP2- and compile-safe)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the older name is deprecated
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    compat.enable_activation_checkpointing(model, use_reentrant=False)
 
 
 def compile_decoder_layers(model: nn.Module, *, backend: str = "inductor") -> None:
@@ -233,8 +231,7 @@ def final_hidden_states(model: nn.Module, **inputs) -> torch.Tensor:
         model(**inputs, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
     if len(outputs) != 1:
         raise RuntimeError(f"expected one language-model call in the forward, saw {len(outputs)}")
-    output = outputs[0]
-    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+    return compat.last_hidden_state(outputs[0])
 
 
 def shard_model(

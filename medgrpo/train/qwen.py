@@ -28,11 +28,12 @@ units; the trainer's model setup has to provide one of the two.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from medgrpo.train import compat
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # Hugging Face's mm_token_type_ids values
 
@@ -146,7 +147,7 @@ def rope_positions(
         "attention_mask": host(attention_mask),
     }
     get_rope_index = base_model(model).get_rope_index
-    if "mm_token_type_ids" in inspect.signature(get_rope_index).parameters:
+    if compat.rope_index_takes_token_types(get_rope_index):
         kwargs["mm_token_type_ids"] = mm_token_type_ids(model, ids)
     position_ids, rope_deltas = get_rope_index(ids, **kwargs)
     return position_ids.to(device), rope_deltas.reshape(-1, 1).to(device)
@@ -161,11 +162,6 @@ def text_positions(start: torch.Tensor, length: int) -> torch.Tensor:
     """``(3, B, length)`` position ids of ``length`` text tokens from ``start`` ``(B,)`` on (all axes equal)."""
     steps = torch.arange(length, device=start.device)
     return (start[:, None] + steps).unsqueeze(0).expand(3, -1, -1)
-
-
-def _cache_argument(decoder: nn.Module) -> str:
-    parameters = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def new_cache(model: nn.Module):
@@ -199,7 +195,7 @@ def hidden_states(
         ``(B, L, hidden)``.
     """
     decoder = model.get_decoder()
-    kwargs = {_cache_argument(decoder): cache, "use_cache": cache is not None}
+    kwargs = {compat.cache_keyword(decoder): cache, "use_cache": cache is not None}
     output = decoder(
         input_ids=None, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, **kwargs
     )

@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import Sampler
 
 from medgrpo.data.task_key import TaskKey
-from medgrpo.data.task_key import format_task_key as record_key
 
 
 def key_weight(key: str, weights: Mapping[str, float]) -> float:
@@ -39,7 +38,7 @@ class BalancedSampler(Sampler[int]):
     """Indices drawn with replacement, balanced by key, ``samples_per_epoch`` per rank.
 
     Args:
-        keys: the key of every record (:func:`record_key`).
+        keys: the key of every record (:func:`medgrpo.data.task_key.format_task_key`).
         weights: relative weight per key, data source or task type (see :func:`key_weight`).
         samples_per_epoch: draws per rank per epoch (default: dataset size / world size).
         rank, world_size: this rank's share of each epoch's draws.
@@ -99,4 +98,4 @@ class BalancedSampler(Sampler[int]):
         self.epoch, self.position, self.seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
 
 
-__all__ = ["BalancedSampler", "key_weight", "record_key"]
+__all__ = ["BalancedSampler", "key_weight"]

@@ -1,14 +1,14 @@
 """Supervised fine-tuning on the reference answers, through the same fused lm-head as GRPO.
 
-Only answer tokens (and the closing ``<|im_end|>``) carry a loss: the collator's ``labels``.
-The hidden states that predict them are gathered and passed to :func:`medgrpo.linear_logprob`,
-so no (tokens × vocab) logits are formed. The loss is the negative log-likelihood summed
-over answer tokens divided by the global answer-token count (all-reduced on the device; the
-sharded model sums gradients over ranks), so micro-batches and ranks add up to the token mean
-of the whole batch.
+Only answer tokens (and the closing ``<|im_end|>``) carry a loss: the collator's ``labels``. Their
+hidden states go to :func:`medgrpo.linear_logprob` (no (tokens × vocab) logits); the loss is the
+answer-token NLL summed over the batch's answer tokens on every rank, divided by their global count.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +16,24 @@ from torch import nn
 from medgrpo.data.collate import IGNORE_INDEX, VideoBatch, video_grid
 from medgrpo.ops.linear_logprob import linear_logprob
 from medgrpo.train import qwen
-from medgrpo.train.grpo import global_token_count, is_sharded, micro_batches
+from medgrpo.train.distributed import global_token_count, is_sharded
+from medgrpo.train.metrics import StepResult
+from medgrpo.train.optim import optimizer_step
+from medgrpo.train.state import TrainState
+from medgrpo.train.update import micro_batches
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning on the reference answers.
+
+    Attributes:
+        batch_size: records per rank per step.
+        micro_batch_size: rows per forward/backward (gradients accumulate over the batch's micro-batches).
+    """
+
+    batch_size: int = 8
+    micro_batch_size: int = 8
 
 
 def batch_hidden(
@@ -24,7 +41,7 @@ def batch_hidden(
 ) -> torch.Tensor:
     """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row).
 
-    A sharded (FSDP2) model runs its root forward (see :mod:`medgrpo.train.grpo`); others run the
+    A sharded (FSDP2) model runs its root forward (see :mod:`medgrpo.train.update`); others run the
     stages of :mod:`medgrpo.train.qwen`, with the batch's 3D ``positions`` when given (computed
     here otherwise: Hugging Face computes them on the host, so compute them once per batch).
     """
@@ -84,4 +101,27 @@ def sft_backward(
     return loss_sum, tokens
 
 
-__all__ = ["batch_hidden", "sft_backward"]
+def sft_step(
+    state: TrainState, batch: VideoBatch, config: SFTConfig, *, max_grad_norm: float, train_vision: bool
+) -> StepResult:
+    """One SFT step: answer-token NLL through the fused head, clipped, skipped when not finite."""
+    start = time.perf_counter()
+    state.model.train()
+    loss, tokens = sft_backward(state.model, batch, micro_batch_size=config.micro_batch_size, train_vision=train_vision)
+    stepped, grad_norm = optimizer_step(
+        state.params, state.optimizer, state.scheduler, loss=loss, max_grad_norm=max_grad_norm
+    )
+    elapsed = time.perf_counter() - start
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "answer_tokens": tokens,
+        "nonfinite_skipped": int(not stepped),
+        "time_update_s": elapsed,
+        "samples_per_s": len(batch) / max(elapsed, 1e-9),
+        "tokens_per_s": batch.attention_mask.sum() / max(elapsed, 1e-9),
+    }
+    return StepResult(metrics, stepped)
+
+
+__all__ = ["SFTConfig", "batch_hidden", "sft_backward", "sft_step"]

@@ -17,8 +17,8 @@ from PIL import Image
 from medgrpo.data.collate import IGNORE_INDEX, VIDEO_PAD, VideoCollator, video_token_count
 from medgrpo.data.loader import DecodeOptions, SkippedSample, VideoDataset, VideoLoader, open_file_count
 from medgrpo.data.records import RecordDataset
+from medgrpo.demo.tiny_model import build_tokenizer
 from medgrpo.ops import reference
-from medgrpo.testing.tiny_qwen import build_tokenizer
 from medgrpo.testing.video_fixtures import read_barcode, write_jpeg_folder, write_video
 
 SIZE = (112, 84)  # (width, height)
@@ -224,6 +224,7 @@ def _resources() -> tuple[int, int, int]:
     return open_file_count(), threading.active_count(), len(multiprocessing.active_children())
 
 
+@pytest.mark.slow
 def test_no_leaks_over_many_epochs(dataset_file, tokenizer):
     dataset = VideoDataset(RecordDataset(dataset_file))
     collate = VideoCollator(tokenizer, with_answers=True)

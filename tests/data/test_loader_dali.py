@@ -12,7 +12,7 @@ from torch.utils.data import SequentialSampler
 from medgrpo.data.collate import VideoCollator
 from medgrpo.data.loader import DaliRecordLoader, DecodeOptions, VideoDataset, VideoLoader, plan_record
 from medgrpo.data.records import RecordDataset
-from medgrpo.testing.tiny_qwen import build_tokenizer
+from medgrpo.demo.tiny_model import build_tokenizer
 from medgrpo.testing.video_fixtures import write_jpeg_folder, write_video
 
 pytest.importorskip("nvidia.dali")

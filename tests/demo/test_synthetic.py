@@ -371,7 +371,7 @@ def test_cvs_cues_are_countable(dataset):
 
 
 def test_tokenizer_corpus_trains_the_demo_tokenizer(dataset, tmp_path):
-    from medgrpo.testing.tiny_qwen import build_tokenizer
+    from medgrpo.demo.tiny_model import build_tokenizer
 
     corpus = demo_tokenizer_corpus(dataset)
     records = all_records(dataset)

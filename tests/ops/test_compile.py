@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import medgrpo
@@ -13,6 +14,7 @@ def grpo_step(logp, mask, old_logp, rewards, keys, stats):
     return out.loss * 2.0, out.clip_fraction
 
 
+@pytest.mark.slow
 def test_inductor_fullgraph_matches_eager_with_gradients():
     gen = torch.Generator().manual_seed(0)
     logp = -torch.rand(8, 16, generator=gen)

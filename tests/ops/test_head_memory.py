@@ -5,6 +5,7 @@ Measured as allocation (medgrpo.testing.memory.PeakMemory), never as time.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import medgrpo
@@ -34,6 +35,7 @@ def reference_head(hidden, weight, targets):
     return reference.linear_logprob(hidden, weight, targets, return_entropy=True)
 
 
+@pytest.mark.slow
 def test_linear_logprob_extra_memory_is_bounded_by_a_chunk():
     small, large = peak_extra(medgrpo_head, 256), peak_extra(medgrpo_head, 4096)
     per_token_outputs = (HIDDEN + 8) * 4  # grad_hidden row, logp / lse / entropy and their gradients

@@ -319,6 +319,7 @@ _TOKENS = st.sampled_from(
 _TEXT = st.one_of(st.text(max_size=80), st.lists(st.one_of(_TOKENS, st.text(max_size=4)), max_size=40).map("".join))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("with_judge", [False, True], ids=["similarity_only", "loopback_judge"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(completions=st.lists(_TEXT, min_size=len(ALL), max_size=len(ALL)))

@@ -1,82 +1,65 @@
-"""Fixtures of the trainer tests: a tiny random Qwen2.5-VL, its offline tokenizer, and video batches.
+"""Fixtures of the trainer tests: the tiny random Qwen2.5-VL in memory, and video batches.
 
-The model is built here from a ``Qwen2_5_VLConfig`` (no hub access): 2 text layers of width 64 with
-4 heads (head_dim 16, so ``mrope_section`` sums to 8), a 2-block vision tower of width 32 whose merger
-projects to 64, Qwen2.5-VL's 14-pixel patches, frame pairs and 2x2 merge. Its special token ids are
-looked up by token string in :func:`medgrpo.testing.tiny_qwen.build_tokenizer`'s tokenizer, so the
-model and the collator agree on ``<|video_pad|>`` and friends.
+The model is the session's tiny Qwen2.5-VL (tests/conftest.py: 2 text layers of width 64, a 2-block
+vision tower, Qwen2.5-VL's patches and merge), whose special token ids are those of the session's
+tokenizer, so the model and the collator agree on ``<|video_pad|>`` and friends.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from medgrpo.data.collate import VIDEO_TOKEN_TYPE, VideoBatch, VideoCollator, video_grid
-from medgrpo.testing.tiny_qwen import build_tokenizer
+from medgrpo.data.loader import DecodeOptions, VideoDataset
+from medgrpo.data.records import RecordDataset
+from medgrpo.testing.video_fixtures import write_jpeg_folder
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory):
-    """The offline Qwen2.5-VL-style tokenizer (512 tokens)."""
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-def tiny_config(tokenizer):
-    """A tiny ``Qwen2_5_VLConfig`` whose special ids come from ``tokenizer``."""
-    from transformers import Qwen2_5_VLConfig
-
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in tokenizer.all_special_tokens}
-    text_config = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision_config = {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "patch_size": 14,
-        "temporal_patch_size": 2,
-        "spatial_merge_size": 2,
-        "window_size": 56,
-        "fullatt_block_indexes": [1],
-        "tokens_per_second": 2,
-    }
-    return Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tokenizer):
-    """A tiny random ``Qwen2_5_VLForConditionalGeneration`` in fp32, eval mode, SDPA attention."""
+def tiny_model(tiny_model_dir):
+    """The tiny ``Qwen2_5_VLForConditionalGeneration`` in fp32, eval mode, SDPA attention."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(0)
-    config = tiny_config(tokenizer)
-    config._attn_implementation = "sdpa"
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model_dir, local_files_only=True, dtype=torch.float32, attn_implementation="sdpa"
+    ).eval()
     # Random init has tiny weights (std 0.02): scale the lm head so that sampling is not near-uniform
     # and greedy argmaxes are well separated (no near-ties that float noise could flip).
+    torch.manual_seed(0)
     with torch.no_grad():
         model.get_output_embeddings().weight.normal_(0.0, 0.5)
     return model
+
+
+@pytest.fixture(scope="session")
+def clip_dataset():
+    """``make(root, answers)``: a :class:`VideoDataset` of one tal record per answer over JPEG clips of 4, 6, ...
+    frames, decoded at 56×56 (4×4 patches: 8 video tokens per 4 frames keep a forward fast)."""
+
+    def make(root: Path, answers: tuple[str, ...]) -> VideoDataset:
+        records = []
+        for i, answer in enumerate(answers):
+            frames = write_jpeg_folder(root / f"clip_{i}", 4 + 2 * i, (112, 112))
+            conversations = [{"from": "human", "value": f"<video>\nQuestion {i}?"}, {"from": "gpt", "value": answer}]
+            records.append(
+                {
+                    "conversations": conversations,
+                    "video": [f"clip_{i}/{Path(p).name}" for p in frames],
+                    "metadata": {"fps": "1.0", "video_id": f"v{i}"},
+                    "qa_type": "tal",
+                    "data_source": "AVOS",
+                }
+            )
+        (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return VideoDataset(
+            RecordDataset(root / "records.jsonl"), DecodeOptions(min_pixels=56 * 56, max_pixels=56 * 56)
+        )
+
+    return make
 
 
 def random_frames(num_frames: int, height: int, width: int, seed: int) -> torch.Tensor:

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.checkpoint import (
     checkpoint_step,
@@ -22,21 +21,9 @@ from medgrpo.train.checkpoint import (
 from medgrpo.train.model import ModelConfig, load_model
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer):
-    directory = tmp_path_factory.mktemp("tiny_qwen")
-    build_tiny_model(directory, tokenizer)
-    return directory
-
-
-def trainer(model_dir):
+def trainer(tiny_model_dir):
     # Text-only steps never reach the vision tower: frozen, so every trainable parameter has optimizer state.
-    model = load_model(ModelConfig(str(model_dir), dtype="float32", freeze_vision=True))
+    model = load_model(ModelConfig(str(tiny_model_dir), dtype="float32", freeze_vision=True))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
     return model, optimizer, scheduler
@@ -61,21 +48,22 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def test_resume_continues_exactly(model_dir, tmp_path):
+@pytest.mark.slow
+def test_resume_continues_exactly(tiny_model_dir, tmp_path):
     seed_all(0)
-    model, optimizer, scheduler = trainer(model_dir)
+    model, optimizer, scheduler = trainer(tiny_model_dir)
     uninterrupted = [train_step(model, optimizer, scheduler) for _ in range(4)]
     expected = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     seed_all(0)
-    model, optimizer, scheduler = trainer(model_dir)
+    model, optimizer, scheduler = trainer(tiny_model_dir)
     first = [train_step(model, optimizer, scheduler) for _ in range(2)]
     extra_state = {"sampler": {"epoch": 0, "position": 4}, "skipped": torch.tensor(3)}
     path = save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer, scheduler=scheduler, extra_state=extra_state)
     assert path.name == "step_000002" and checkpoint_step(path) == 2
 
     seed_all(123)  # a fresh process: other weights, generators elsewhere
-    model, optimizer, scheduler = trainer(model_dir)
+    model, optimizer, scheduler = trainer(tiny_model_dir)
     train_step(model, optimizer, scheduler)
     extra = load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=optimizer, scheduler=scheduler)
     assert extra["sampler"] == {"epoch": 0, "position": 4} and int(extra["skipped"]) == 3
@@ -86,13 +74,13 @@ def test_resume_continues_exactly(model_dir, tmp_path):
         assert torch.equal(p, expected[name]), name
 
 
-def test_model_only_checkpoint(model_dir, tmp_path):
+def test_model_only_checkpoint(tiny_model_dir, tmp_path):
     seed_all(1)
-    model, _, _ = trainer(model_dir)
+    model, _, _ = trainer(tiny_model_dir)
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     save_checkpoint(tmp_path, 0, model=model)
-    fresh, _, _ = trainer(model_dir)
+    fresh, _, _ = trainer(tiny_model_dir)
     assert load_checkpoint(tmp_path / "step_000000", model=fresh) == {}
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
     with pytest.raises(ValueError, match="no scheduler state"):
@@ -103,8 +91,8 @@ def test_model_only_checkpoint(model_dir, tmp_path):
         )
 
 
-def test_a_save_killed_midway_is_not_picked_up(model_dir, tmp_path, monkeypatch):
-    model, optimizer, scheduler = trainer(model_dir)
+def test_a_save_killed_midway_is_not_picked_up(tiny_model_dir, tmp_path, monkeypatch):
+    model, optimizer, scheduler = trainer(tiny_model_dir)
     save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, scheduler=scheduler)
     real_save = ckpt._save_file
 
@@ -130,8 +118,8 @@ def test_a_save_killed_midway_is_not_picked_up(model_dir, tmp_path, monkeypatch)
     assert json.loads((tmp_path / "step_000002" / "COMPLETE").read_text()) == {"step": 2, "world_size": 1}
 
 
-def test_keep_last_n(model_dir, tmp_path):
-    model, optimizer, _ = trainer(model_dir)
+def test_keep_last_n(tiny_model_dir, tmp_path):
+    model, optimizer, _ = trainer(tiny_model_dir)
     (tmp_path / "step_000001.tmp").mkdir(parents=True)  # a crashed save older than everything kept
     for step in (2, 4, 6, 8, 10):
         save_checkpoint(tmp_path, step, model=model, optimizer=optimizer, keep=2)
@@ -140,11 +128,11 @@ def test_keep_last_n(model_dir, tmp_path):
         save_checkpoint(tmp_path, 11, model=model, keep=0)
 
 
-def test_export_loads_with_from_pretrained_and_gives_the_same_logits(model_dir, tokenizer, tmp_path):
+def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tiny_model_dir, tokenizer, tmp_path):
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     seed_all(2)
-    model, optimizer, scheduler = trainer(model_dir)
+    model, optimizer, scheduler = trainer(tiny_model_dir)
     train_step(model, optimizer, scheduler)  # weights differ from the saved tiny model
     out = export_hf(model, tokenizer, tmp_path / "export")
     assert (out / "model.safetensors").is_file()

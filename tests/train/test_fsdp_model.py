@@ -8,45 +8,23 @@ sharded step must equal a one-process step on both samples.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import medgrpo
 from medgrpo.data.collate import VideoCollator
-from medgrpo.data.loader import DecodeOptions, VideoDataset
-from medgrpo.data.records import RecordDataset
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
-from medgrpo.testing.video_fixtures import write_jpeg_folder
+from medgrpo.data.loader import VideoDataset
+from medgrpo.testing.distributed import GLOO, run_gloo
 
 WORLD_SIZE = 2
 LR = 1e-3
 
 
-def make_batches(root: Path, tokenizer) -> list[dict[str, torch.Tensor]]:
+def make_batches(dataset: VideoDataset, tokenizer) -> list[dict[str, torch.Tensor]]:
     """One single-sample batch per rank (4- and 6-frame clips at 56×56), as plain tensors."""
-    records = []
-    for i, answer in enumerate(("1.0-2.0 seconds.", "clipping and cutting")):
-        frames = write_jpeg_folder(root / f"clip_{i}", 4 + 2 * i, (112, 112))
-        records.append(
-            {
-                "conversations": [
-                    {"from": "human", "value": f"<video>\nQuestion {i}?"},
-                    {"from": "gpt", "value": answer},
-                ],
-                "video": [f"clip_{i}/{Path(p).name}" for p in frames],
-                "metadata": {"fps": "1.0", "video_id": f"v{i}"},
-                "qa_type": "tal",
-                "data_source": "AVOS",
-            }
-        )
-    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = VideoDataset(RecordDataset(root / "records.jsonl"), DecodeOptions(min_pixels=56 * 56, max_pixels=56 * 56))
     collate = VideoCollator(tokenizer, with_answers=True)
     batches = []
     for i in range(len(dataset)):
@@ -105,7 +83,7 @@ def train_step(model, optimizer, batch) -> None:
     optimizer.zero_grad()
 
 
-def worker(rank: int, port: int, paths: dict, batches, expected, results) -> None:
+def worker(rank: int, paths: dict, batches, expected) -> dict[str, float]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
@@ -114,67 +92,54 @@ def worker(rank: int, port: int, paths: dict, batches, expected, results) -> Non
     from medgrpo.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
     from medgrpo.train.model import decoder_layers, lm_head_weight, vision_tower
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
-    try:
-        out = {}
-        model = sharded_model(paths["model"])
-        units = [*decoder_layers(model), vision_tower(model), model]
-        out["fsdp_units"] = float(sum(isinstance(m, FSDPModule) for m in model.modules()) == len(units))
-        out["sharded_outside_forward"] = float(isinstance(model.lm_head.weight, DTensor))
-        # One step on this rank's sample; the lm-head weight the fused head sees is the gathered one.
-        batch = batches[rank]
-        global_tokens = token_count(batch)
-        dist.all_reduce(global_tokens)
-        loss = local_loss(model, batch, global_tokens)
-        out["head_weight_gathered"] = float(not isinstance(lm_head_weight(model), DTensor))
-        loss.backward()
-        out["grad_error"] = max_error({n: p.grad.full_tensor() for n, p in model.named_parameters()}, expected["grads"])
-        optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
-        optimizer.step()
-        optimizer.zero_grad()
-        out["param_error"] = max_error(full_params(model), expected["params"])
+    out = {}
+    model = sharded_model(paths["model"])
+    units = [*decoder_layers(model), vision_tower(model), model]
+    out["fsdp_units"] = float(sum(isinstance(m, FSDPModule) for m in model.modules()) == len(units))
+    out["sharded_outside_forward"] = float(isinstance(model.lm_head.weight, DTensor))
+    # One step on this rank's sample; the lm-head weight the fused head sees is the gathered one.
+    batch = batches[rank]
+    global_tokens = token_count(batch)
+    dist.all_reduce(global_tokens)
+    loss = local_loss(model, batch, global_tokens)
+    out["head_weight_gathered"] = float(not isinstance(lm_head_weight(model), DTensor))
+    loss.backward()
+    out["grad_error"] = max_error({n: p.grad.full_tensor() for n, p in model.named_parameters()}, expected["grads"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    optimizer.step()
+    optimizer.zero_grad()
+    out["param_error"] = max_error(full_params(model), expected["params"])
 
-        # DCP round trip into a fresh sharded model and optimizer; then both take the same next step.
-        save_checkpoint(paths["checkpoints"], 1, model=model, optimizer=optimizer, extra_state={"samples_seen": 2})
-        fresh = sharded_model(paths["model"])
-        fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=LR)
-        extra = load_checkpoint(latest_checkpoint(paths["checkpoints"]), model=fresh, optimizer=fresh_optimizer)
-        out["extra_state_ok"] = float(extra == {"samples_seen": 2})
-        out["reload_error"] = max_error(full_params(fresh), full_params(model))
-        train_step(model, optimizer, batches[1 - rank])
-        train_step(fresh, fresh_optimizer, batches[1 - rank])
-        out["resumed_step_error"] = max_error(full_params(fresh), full_params(model))
+    # DCP round trip into a fresh sharded model and optimizer; then both take the same next step.
+    save_checkpoint(paths["checkpoints"], 1, model=model, optimizer=optimizer, extra_state={"samples_seen": 2})
+    fresh = sharded_model(paths["model"])
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=LR)
+    extra = load_checkpoint(latest_checkpoint(paths["checkpoints"]), model=fresh, optimizer=fresh_optimizer)
+    out["extra_state_ok"] = float(extra == {"samples_seen": 2})
+    out["reload_error"] = max_error(full_params(fresh), full_params(model))
+    train_step(model, optimizer, batches[1 - rank])
+    train_step(fresh, fresh_optimizer, batches[1 - rank])
+    out["resumed_step_error"] = max_error(full_params(fresh), full_params(model))
 
-        # Export: the Hugging Face directory holds exactly the gathered weights.
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        export_hf(model, AutoTokenizer.from_pretrained(paths["tokenizer"]), paths["export"])
-        if rank == 0:
-            loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["export"], local_files_only=True)
-            out["export_error"] = max_error(dict(loaded.state_dict()), full)
-            architectures = json.loads((Path(paths["export"]) / "config.json").read_text())["architectures"]
-            out["export_architecture_ok"] = float(architectures == ["Qwen2_5_VLForConditionalGeneration"])
-        results[rank] = out
-        dist.barrier()  # no rank tears gloo down while another still talks to it
-    finally:
-        dist.destroy_process_group()
+    # Export: the Hugging Face directory holds exactly the gathered weights.
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    export_hf(model, AutoTokenizer.from_pretrained(paths["tokenizer"]), paths["export"])
+    if rank == 0:
+        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(paths["export"], local_files_only=True)
+        out["export_error"] = max_error(dict(loaded.state_dict()), full)
+        architectures = json.loads((Path(paths["export"]) / "config.json").read_text())["architectures"]
+        out["export_architecture_ok"] = float(architectures == ["Qwen2_5_VLForConditionalGeneration"])
+    return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-def test_fsdp2_tiny_qwen_step_checkpoint_and_export(tmp_path):
-    tokenizer = build_tokenizer(tmp_path / "tokenizer")
-    build_tiny_model(tmp_path / "model", tokenizer)
-    batches = make_batches(tmp_path / "data", tokenizer)
-    expected = single_process_step(str(tmp_path / "model"), batches)
-    paths = {name: str(tmp_path / name) for name in ("model", "tokenizer", "checkpoints", "export")}
-    results = mp.Manager().dict()
-    mp.spawn(worker, args=(free_port(), paths, batches, expected, results), nprocs=WORLD_SIZE, join=True)
+@pytest.mark.slow
+@pytest.mark.skipif(not GLOO, reason="needs torch.distributed gloo")
+def test_fsdp2_tiny_qwen_step_checkpoint_and_export(tiny_model_dir, tokenizer, clip_dataset, tmp_path):
+    batches = make_batches(clip_dataset(tmp_path, ("1.0-2.0 seconds.", "clipping and cutting")), tokenizer)
+    expected = single_process_step(str(tiny_model_dir), batches)
+    paths = {"model": str(tiny_model_dir), "tokenizer": str(tiny_model_dir)}
+    paths |= {name: str(tmp_path / name) for name in ("checkpoints", "export")}
+    results = run_gloo(worker, paths, batches, expected, world_size=WORLD_SIZE)
     for rank in range(WORLD_SIZE):
         out = results[rank]
         assert out["fsdp_units"] == 1.0 and out["sharded_outside_forward"] == 1.0, out

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 
 import medgrpo
 from medgrpo.data.collate import VideoCollator
-from medgrpo.data.loader import DecodeOptions, VideoDataset
-from medgrpo.data.records import RecordDataset
-from medgrpo.testing.tiny_qwen import build_tiny_model, build_tokenizer
-from medgrpo.testing.video_fixtures import write_jpeg_folder
+from medgrpo.data.loader import VideoDataset
+from medgrpo.demo.tiny_model import build_tiny_model
 from medgrpo.train.model import (
     ModelConfig,
     compile_decoder_layers,
@@ -26,48 +21,18 @@ from medgrpo.train.model import (
     vision_tower,
 )
 
-# Frames resized to 56×56 (4×4 patches): 8 video tokens per 4-frame clip keep the forward fast.
-SMALL_FRAMES = DecodeOptions(min_pixels=56 * 56, max_pixels=56 * 56)
+ANSWERS = ("1.0-2.0 seconds.", "clipping")
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, tokenizer) -> Path:
-    directory = tmp_path_factory.mktemp("tiny_qwen")
-    build_tiny_model(directory, tokenizer)
-    return directory
-
-
-def video_batch(root: Path, tokenizer, answers: tuple[str, ...] = ("1.0-2.0 seconds.", "clipping")):
-    """A collated, patchified batch of short JPEG clips (4 and 6 frames)."""
-    records = []
-    for i, answer in enumerate(answers):
-        frames = write_jpeg_folder(root / f"clip_{i}", 4 + 2 * i, (112, 112))
-        records.append(
-            {
-                "conversations": [
-                    {"from": "human", "value": f"<video>\nQuestion {i}?"},
-                    {"from": "gpt", "value": answer},
-                ],
-                "video": [f"clip_{i}/{Path(p).name}" for p in frames],
-                "metadata": {"fps": "1.0", "video_id": f"v{i}"},
-                "qa_type": "tal",
-                "data_source": "AVOS",
-            }
-        )
-    (root / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    dataset = VideoDataset(RecordDataset(root / "records.jsonl"), SMALL_FRAMES)
+def video_batch(dataset: VideoDataset, tokenizer):
+    """The dataset's records collated with their answers and patchified."""
     return VideoCollator(tokenizer, with_answers=True)([dataset[i] for i in range(len(dataset))]).to("cpu")
 
 
-def test_tiny_model_matches_the_tokenizer_and_loads_from_disk(model_dir, tokenizer):
+def test_tiny_model_matches_the_tokenizer_and_loads_from_disk(tiny_model_dir, tokenizer, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, local_files_only=True)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, local_files_only=True)
     config = model.config
     ids = tokenizer.convert_tokens_to_ids
     assert (config.video_token_id, config.image_token_id) == (ids("<|video_pad|>"), ids("<|image_pad|>"))
@@ -81,16 +46,16 @@ def test_tiny_model_matches_the_tokenizer_and_loads_from_disk(model_dir, tokeniz
     head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
     assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
     # Same seed, same weights; the saved files are those weights.
-    again = build_tiny_model(model_dir.parent / "again", tokenizer)
+    again = build_tiny_model(tmp_path / "again", tokenizer)
     for (name, saved), rebuilt in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(saved, rebuilt), name
-    assert (model_dir / "model.safetensors").is_file()
+    assert (tiny_model_dir / "model.safetensors").is_file()
 
 
-def test_video_batch_forward_and_final_hidden_states(model_dir, tokenizer, tmp_path):
-    batch = video_batch(tmp_path, tokenizer)
+def test_video_batch_forward_and_final_hidden_states(tiny_model_dir, tokenizer, clip_dataset, tmp_path):
+    batch = video_batch(clip_dataset(tmp_path, ANSWERS), tokenizer)
     assert batch.video_grid_thw.tolist() == [[2, 4, 4], [3, 4, 4]]
-    model = load_model(ModelConfig(str(model_dir), dtype="float32"))
+    model = load_model(ModelConfig(str(tiny_model_dir), dtype="float32"))
     assert model.config._attn_implementation == "sdpa" and model.training
     logits = model(**batch.model_inputs()).logits
     assert logits.shape == (*batch.input_ids.shape, len(tokenizer)) and torch.isfinite(logits).all()
@@ -124,10 +89,10 @@ def test_missing_directory_is_a_clear_error(tmp_path):
         load_model(ModelConfig(str(tmp_path / "nowhere")))
 
 
-def test_dtype_freezing_and_activation_checkpointing(model_dir, tokenizer, tmp_path):
-    batch = video_batch(tmp_path, tokenizer)
-    plain = load_model(ModelConfig(str(model_dir), dtype="float32"))
-    cfg = ModelConfig(str(model_dir), dtype="float32", freeze_vision=True, activation_checkpointing=True)
+def test_dtype_freezing_and_activation_checkpointing(tiny_model_dir, tokenizer, clip_dataset, tmp_path):
+    batch = video_batch(clip_dataset(tmp_path, ANSWERS), tokenizer)
+    plain = load_model(ModelConfig(str(tiny_model_dir), dtype="float32"))
+    cfg = ModelConfig(str(tiny_model_dir), dtype="float32", freeze_vision=True, activation_checkpointing=True)
     model = load_model(cfg)
     assert all(not p.requires_grad for p in vision_tower(model).parameters())
     assert all(p.requires_grad for p in decoder_layers(model).parameters()) and model.lm_head.weight.requires_grad
@@ -144,20 +109,20 @@ def test_dtype_freezing_and_activation_checkpointing(model_dir, tokenizer, tmp_p
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
         else:
             assert q.grad is None, name
-    assert load_model(ModelConfig(str(model_dir))).lm_head.weight.dtype == torch.bfloat16
+    assert load_model(ModelConfig(str(tiny_model_dir))).lm_head.weight.dtype == torch.bfloat16
 
 
-def test_reference_model_is_frozen_and_equal(model_dir):
-    reference = load_reference_model(ModelConfig(str(model_dir), dtype="float32"))
-    policy = load_model(ModelConfig(str(model_dir), dtype="float32"))
+def test_reference_model_is_frozen_and_equal(tiny_model_dir):
+    reference = load_reference_model(ModelConfig(str(tiny_model_dir), dtype="float32"))
+    policy = load_model(ModelConfig(str(tiny_model_dir), dtype="float32"))
     assert not reference.training and all(not p.requires_grad for p in reference.parameters())
     for (name, p), q in zip(policy.named_parameters(), reference.parameters()):
         assert torch.equal(p, q), name
 
 
-def test_compiled_decoder_layers_keep_names_and_outputs(model_dir, tokenizer, tmp_path):
-    batch = video_batch(tmp_path, tokenizer, answers=("clipping",))
-    model = load_model(ModelConfig(str(model_dir), dtype="float32")).eval()
+def test_compiled_decoder_layers_keep_names_and_outputs(tiny_model_dir, tokenizer, clip_dataset, tmp_path):
+    batch = video_batch(clip_dataset(tmp_path, ("clipping",)), tokenizer)
+    model = load_model(ModelConfig(str(tiny_model_dir), dtype="float32")).eval()
     names = list(model.state_dict())
     with torch.no_grad():
         expected = final_hidden_states(model, **batch.model_inputs())

@@ -1,4 +1,4 @@
-"""A local Qwen2.5-VL-style tokenizer and a tiny random Qwen2.5-VL, built offline (tests and the CPU demo).
+"""A local Qwen2.5-VL-style tokenizer and a tiny random Qwen2.5-VL, built offline (the CPU demo, tests, benchmarks).
 
 Nothing may be fetched from a model hub at run time, so tests and ``medgrpo demo`` build a
 small byte-level BPE tokenizer here, with Qwen2.5-VL's special tokens (same strings, in the

@@ -1,0 +1,163 @@
+"""What a step reports and where it goes: the metrics log (JSONL, TensorBoard, progress line), per-key
+reward means, the reward-curve figure, peak memory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepResult:
+    """What a training step reports: its metrics (device tensors until logged), whether the optimizer
+    stepped, and (GRPO) each completion's key with its raw and normalized reward."""
+
+    metrics: dict[str, Any]
+    stepped: bool
+    reward_rows: tuple[list[str], torch.Tensor, torch.Tensor] | None = None  # keys, raw and normalized rewards
+
+
+def as_number(value: Any) -> Any:
+    """A logged value on the host (tensors read here, once per logged step)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Per-step JSONL metrics, TensorBoard scalars when available, and a progress line with ETA."""
+
+    def __init__(self, directory: Path, total_steps: int, enabled: bool, start_step: int = 0):
+        self.enabled, self.total, self.start_step = enabled, total_steps, start_step
+        self.start = time.perf_counter()
+        self.path = directory / "metrics.jsonl"
+        self.writer = None
+        if enabled:
+            directory.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(directory / "tensorboard"))
+            except ImportError:
+                logger.info("tensorboard is not installed: metrics go to %s only", self.path)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        row = {"step": step, **{k: as_number(v) for k, v in metrics.items()}}
+        if not self.enabled:
+            return row
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for name, value in row.items():
+                if isinstance(value, (int, float)) and name != "step":
+                    self.writer.add_scalar(name, value, step)
+        self._progress(step, row)
+        return row
+
+    def _progress(self, step: int, row: dict[str, Any]) -> None:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        shown = " ".join(
+            f"{k}={row[k]:.4g}" for k in ("loss", "reward_raw", "reward_norm") if isinstance(row.get(k), (int, float))
+        )
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} eta {eta:5.0f}s ")
+        if step == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_reward_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """PNG of the mean raw and normalized reward per key (data_source/qa_type) against the step."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.info("matplotlib is not installed: no reward-curve figure")
+        return None
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        for name, value in row.items():
+            if name.startswith("reward_norm/") and value is not None:
+                series.setdefault(name.split("/", 1)[1], []).append((row["step"], value))
+    if not series:
+        return None
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, points in sorted(series.items()):
+        axis.plot(*zip(*points), label=key)
+    axis.set_xlabel("step")
+    axis.set_ylabel("mean normalized reward")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def mean_finite(values: Sequence[float]) -> float:
+    """The mean of the finite values (NaN when there is none)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+def per_key_means(keys: Sequence[str], values: Sequence[float]) -> dict[str, float]:
+    """Each key's :func:`mean_finite` of its values (``keys[i]`` is the key of ``values[i]``), keys sorted."""
+    groups: dict[str, list[float]] = {}
+    for key, value in zip(keys, values):
+        groups.setdefault(key, []).append(value)
+    return {key: mean_finite(groups[key]) for key in sorted(groups)}
+
+
+def reward_means(rows: tuple[list[str], torch.Tensor, torch.Tensor]) -> dict[str, float]:
+    """``reward_raw/<key>`` and ``reward_norm/<key>`` means of a step's rewards (keys without a finite
+    reward left out); read on the host, so only on logged steps."""
+    keys, raw, normalized = rows
+    columns = {"reward_raw": per_key_means(keys, raw.tolist()), "reward_norm": per_key_means(keys, normalized.tolist())}
+    means = {}
+    for key in columns["reward_raw"]:
+        for name, column in columns.items():
+            if math.isfinite(column[key]):
+                means[f"{name}/{key}"] = column[key]
+    return means
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak device memory (CUDA allocator), or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+
+
+__all__ = [
+    "MetricsLog",
+    "StepResult",
+    "as_number",
+    "mean_finite",
+    "peak_memory",
+    "per_key_means",
+    "plot_reward_curves",
+    "reward_means",
+]
