@@ -41,6 +41,19 @@ def enable_activation_checkpointing(model: nn.Module, **kwargs) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def flash_attention_implementations() -> tuple[str, ...]:
+    """The flash-attention implementations transformers' own checks find installed and usable, best first.
+
+    ``is_flash_attn_3_available`` / ``is_flash_attn_2_available`` look at the installed distribution's
+    name, so the flash-attn 4 wheel (which also installs a ``flash_attn`` package) does not count as
+    flash-attn 2. Releases without a check count as not having that implementation.
+    """
+    from transformers.utils import import_utils
+
+    checks = (("flash_attention_3", "is_flash_attn_3_available"), ("flash_attention_2", "is_flash_attn_2_available"))
+    return tuple(name for name, check in checks if getattr(import_utils, check, lambda: False)())
+
+
 def last_hidden_state(output) -> torch.Tensor:
     """The hidden states of a decoder's output: a ``ModelOutput`` or, from older releases, a tuple."""
     return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
@@ -67,6 +80,7 @@ __all__ = [
     "VISION_TOWER_PATHS",
     "cache_keyword",
     "enable_activation_checkpointing",
+    "flash_attention_implementations",
     "full_tensor",
     "last_hidden_state",
     "rope_index_takes_token_types",

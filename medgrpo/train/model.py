@@ -3,9 +3,12 @@
 Design choices:
 
 - **Local only.** ``from_pretrained(path, local_files_only=True)``: nothing is fetched from a hub.
-- **Attention.** ``"auto"`` picks ``flash_attention_2`` when flash-attn imports, the device is
-  CUDA and the compute dtype is half precision (flash-attn has no fp32 kernels), else PyTorch
-  ``sdpa``. The choice is applied to the vision tower and the language model alike.
+- **Attention.** ``"auto"`` asks transformers which flash attention it can run here (its own
+  availability checks, which tell flash-attn 2 from the flash-attn 4 wheel that also installs a
+  ``flash_attn`` package) and picks ``flash_attention_3`` on a Hopper GPU where it is usable, else
+  ``flash_attention_2``, else PyTorch ``sdpa``; fp32 compute always takes ``sdpa`` (flash attention
+  has no fp32 kernels). The choice and its reason are logged, and applied to the vision tower and
+  the language model alike.
 - **Order of wrapping** (torchtitan's): activation checkpointing → ``torch.compile`` per decoder
   block → ``fully_shard`` per decoder block, the vision tower as one unit, then the root.
   Activation checkpointing is transformers' own (non-reentrant ``torch.utils.checkpoint`` inside
@@ -27,7 +30,7 @@ Design choices:
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +40,10 @@ from torch import nn
 
 from medgrpo.train import compat
 
+logger = logging.getLogger(__name__)
+
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-ATTENTIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+ATTENTIONS = ("auto", "flash_attention_3", "flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
@@ -51,7 +56,7 @@ class ModelConfig:
             (fp32 master weights; with FSDP2 mixed precision the compute is then ``compute_dtype``).
         compute_dtype: the dtype of forward and backward when it differs from ``dtype``
             (``shard_model(param_dtype=...)`` casts to it); None means ``dtype``.
-        attention: ``"auto"``, ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"``.
+        attention: ``"auto"``, ``"flash_attention_3"``, ``"flash_attention_2"``, ``"sdpa"`` or ``"eager"``.
         activation_checkpointing: recompute each decoder and vision block in backward.
         freeze_vision: no gradients for the vision tower (patch embedding, blocks, merger).
         compile: ``torch.compile`` each decoder block (in place).
@@ -74,25 +79,50 @@ class ModelConfig:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
 
 
-def flash_attention_available() -> bool:
-    """Whether the ``flash_attn`` package is installed (it is only usable on CUDA)."""
-    return importlib.util.find_spec("flash_attn") is not None
+def usable_flash_attention(device: torch.device | str) -> tuple[str, ...]:
+    """The flash-attention implementations transformers can run on ``device``, best first.
+
+    transformers' own availability checks decide (``compat.flash_attention_implementations``), not
+    whether some ``flash_attn`` module imports; ``flash_attention_3`` counts on Hopper (sm_90) only.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return ()
+    found = compat.flash_attention_implementations()
+    if "flash_attention_3" in found and torch.cuda.get_device_capability(device)[0] != 9:
+        found = tuple(name for name in found if name != "flash_attention_3")
+    return found
 
 
 def resolve_attention(attention: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """The attention implementation to load: ``"auto"`` → flash-attn on CUDA in half precision, else SDPA.
+    """The attention implementation to load; ``"auto"`` takes the best one transformers can run here.
+
+    ``"auto"``: the first of :func:`usable_flash_attention` in half precision, else ``"sdpa"``; the
+    choice is logged with its reason. An explicit flash implementation must be usable.
 
     Raises:
-        ValueError: ``"flash_attention_2"`` asked for where it cannot run.
+        ValueError: an unknown name, or a flash implementation transformers cannot run on ``device``.
     """
-    device = torch.device(device)
-    usable = flash_attention_available() and device.type == "cuda"
-    if attention == "auto":
-        return "flash_attention_2" if usable and dtype != torch.float32 else "sdpa"
-    if attention == "flash_attention_2" and not usable:
-        raise ValueError(f"flash_attention_2 needs the flash_attn package and a CUDA device (device is {device})")
     if attention not in ATTENTIONS:
         raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+    device = torch.device(device)
+    usable = usable_flash_attention(device)
+    if attention == "auto":
+        if device.type != "cuda":
+            choice, reason = "sdpa", f"{device.type} device"
+        elif dtype == torch.float32:
+            choice, reason = "sdpa", "fp32 compute (flash attention has no fp32 kernels)"
+        elif usable:
+            choice, reason = usable[0], f"transformers reports {', '.join(usable)} usable"
+        else:
+            choice, reason = "sdpa", "transformers reports no usable flash attention (flash-attn 2 or 3)"
+        logger.info("attention: %s (auto: %s)", choice, reason)
+        return choice
+    if attention.startswith("flash_attention") and attention not in usable:
+        raise ValueError(
+            f"attention {attention!r} needs a CUDA device where transformers reports it usable; on {device} it "
+            f"reports {', '.join(usable) or 'none'}. Use attention: auto (or sdpa)."
+        )
     return attention
 
 
@@ -297,7 +327,6 @@ __all__ = [
     "decoder_layers",
     "enable_activation_checkpointing",
     "final_hidden_states",
-    "flash_attention_available",
     "freeze_vision_tower",
     "language_model",
     "lm_head_weight",
@@ -305,5 +334,6 @@ __all__ = [
     "load_reference_model",
     "resolve_attention",
     "shard_model",
+    "usable_flash_attention",
     "vision_tower",
 ]

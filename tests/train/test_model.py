@@ -76,12 +76,43 @@ def test_video_batch_forward_and_final_hidden_states(tiny_model_dir, tokenizer, 
 def test_attention_choice():
     assert resolve_attention("auto", "cpu", torch.bfloat16) == "sdpa"
     assert resolve_attention("eager", "cpu", torch.float32) == "eager"
-    with pytest.raises(ValueError, match="flash_attention_2 needs"):
+    with pytest.raises(ValueError, match="'flash_attention_2' needs a CUDA device"):
         resolve_attention("flash_attention_2", "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="attention must be one of"):
         ModelConfig("x", attention="flash")
     with pytest.raises(ValueError, match="dtype must be one of"):
         ModelConfig("x", dtype="float16")
+
+
+def test_auto_attention_asks_transformers_and_logs_the_choice(monkeypatch, caplog):
+    from medgrpo.train import compat
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(compat, "flash_attention_implementations", lambda: ("flash_attention_3", "flash_attention_2"))
+    with caplog.at_level("INFO", logger="medgrpo.train.model"):
+        assert resolve_attention("auto", "cuda", torch.bfloat16) == "flash_attention_3"
+    assert "attention: flash_attention_3 (auto: transformers reports" in caplog.text
+    assert resolve_attention("auto", "cuda", torch.float32) == "sdpa"  # no fp32 flash kernels
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_attention("auto", "cuda", torch.bfloat16) == "flash_attention_2"  # FA3 is Hopper-only
+    with pytest.raises(ValueError, match="reports flash_attention_2"):
+        resolve_attention("flash_attention_3", "cuda", torch.bfloat16)
+    monkeypatch.setattr(compat, "flash_attention_implementations", lambda: ())
+    assert resolve_attention("auto", "cuda", torch.bfloat16) == "sdpa"
+
+
+def test_a_flash_attn_module_alone_does_not_select_flash_attention(tmp_path, monkeypatch):
+    # The flash-attn 4 wheel installs a `flash_attn` package (flash_attn/cute) that transformers refuses
+    # for flash_attention_2: importability of the module must not decide, transformers' checks do.
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from medgrpo.train import compat
+
+    assert "flash_attention_2" not in compat.flash_attention_implementations()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_attention("auto", "cuda", torch.bfloat16) == "sdpa"
 
 
 def test_missing_directory_is_a_clear_error(tmp_path):
