@@ -40,15 +40,15 @@ def make_batch(batch=3, length=9, hidden=16, vocab=41, *, seed=0, per_token_adva
     )
 
 
-def run(fn, batch: dict, dtype: torch.dtype, **options):
-    """Loss, entropy, clip fraction and the gradients for hidden, weight and bias."""
-    leaves = [batch[k].detach().to(dtype).clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
-    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
+def run(fn, batch: dict, dtype: torch.dtype, device: str = "cpu", **options):
+    """Loss, entropy, clip fraction and the gradients for hidden, weight and bias (on the CPU), run on ``device``."""
+    leaves = [batch[k].detach().to(device, dtype).clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    cast = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
     out = fn(
         leaves[0],
         leaves[1],
-        batch["targets"],
-        batch["mask"],
+        batch["targets"].to(device),
+        batch["mask"].to(device),
         cast(batch["advantages"]),
         bias=leaves[2],
         old_logp=cast(batch["old_logp"]),
@@ -57,7 +57,8 @@ def run(fn, batch: dict, dtype: torch.dtype, **options):
         **options,
     )
     (1.7 * out.loss).backward()
-    return [out.loss.detach(), out.entropy, out.clip_fraction] + [leaf.grad for leaf in leaves]
+    results = [out.loss.detach(), out.entropy, out.clip_fraction] + [leaf.grad for leaf in leaves]
+    return [None if t is None else t.cpu() for t in results]
 
 
 NAMES = ["loss", "entropy", "clip_fraction", "grad_hidden", "grad_weight", "grad_bias"]
@@ -89,17 +90,17 @@ def test_matches_reference_in_fp64(loss_type, importance_sampling, beta, dual_cl
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
 def test_tolerance_rule_in_low_precision(backend, dtype, importance_sampling, request):
-    context = contextlib.nullcontext()
+    context, device = contextlib.nullcontext(), "cpu"
     if backend == "triton":
-        request.getfixturevalue("triton_device")
-        context = triton_chunks_on_cpu()
+        device = request.getfixturevalue("triton_device")
+        context = triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()
     batch = make_batch(batch=4, length=11, hidden=24, vocab=300, seed=2)
     options = dict(loss_type="dapo", epsilon_high=0.3, beta=0.04, importance_sampling=importance_sampling)
     rounded = {k: (v.to(dtype).double() if v.is_floating_point() else v) for k, v in batch.items()}
     exact = run(reference.fused_linear_policy_loss, rounded, torch.float64, **options)
     same = run(reference.fused_linear_policy_loss, batch, dtype, **options)
     with context:
-        actual = run(fused(chunk_rows=5), batch, dtype, **options)
+        actual = run(fused(chunk_rows=5), batch, dtype, device, **options)
     for i, name in enumerate(NAMES):
         assert_within_reference_error(actual[i], same[i], exact[i], factor=3.0 if i >= 3 else 2.0, atol=1e-5, name=name)
 

@@ -50,11 +50,12 @@ def run_head(fn, inputs: dict, dtype: torch.dtype, temperature: float, device: s
     return [logp.detach().cpu(), entropy.detach().cpu(), *grads]
 
 
-def chunk_backend(backend: str, request):
+def chunk_backend(backend: str, request) -> tuple[contextlib.AbstractContextManager, str]:
+    """(context, device) that run the head's row kernels of ``backend``: Triton on CUDA, or interpreted on CPU."""
     if backend == "triton":
-        request.getfixturevalue("triton_device")
-        return triton_chunks_on_cpu() if not torch.cuda.is_available() else contextlib.nullcontext()
-    return contextlib.nullcontext()
+        device = request.getfixturevalue("triton_device")
+        return (triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()), device
+    return contextlib.nullcontext(), "cpu"
 
 
 def medgrpo_head(chunk_rows: int):
@@ -70,11 +71,11 @@ NAMES = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_full_logits_reference(backend, dtype, shape, temperature, request):
     inputs = make_head(*shape, seed=sum(shape))
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     rounded = {k: (v.to(dtype).double() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
     exact = run_head(reference.linear_logprob, rounded, torch.float64, temperature)
     same = run_head(reference.linear_logprob, inputs, dtype, temperature)
-    with chunk_backend(backend, request):
+    context, device = chunk_backend(backend, request)
+    with context:
         actual = run_head(medgrpo_head(chunk_rows=3), inputs, dtype, temperature, device)
     for i, name in enumerate(NAMES):
         factor = 3.0 if name.startswith("grad") else 2.0
@@ -86,8 +87,9 @@ def test_extreme_logits(backend, request):
     inputs = make_head(6, 8, 300, seed=1, logit_scale=3e3)  # logits of order +-1e4 after scaling
     exact = run_head(reference.linear_logprob, inputs, torch.float64, 0.5)
     same = run_head(reference.linear_logprob, inputs, torch.float32, 0.5)
-    with chunk_backend(backend, request):
-        actual = run_head(medgrpo_head(chunk_rows=4), inputs, torch.float32, 0.5)
+    context, device = chunk_backend(backend, request)
+    with context:
+        actual = run_head(medgrpo_head(chunk_rows=4), inputs, torch.float32, 0.5, device)
     assert all(torch.isfinite(t).all() for t in actual if t is not None)
     for i, name in enumerate(NAMES):
         assert_within_reference_error(actual[i], same[i], exact[i], factor=3.0, atol=1e-5, name=name)
