@@ -9,7 +9,7 @@ import torch
 
 import medgrpo
 from medgrpo.ops import reference
-from medgrpo.ops.linear_logprob import CHUNK_BYTES, MIN_CHUNK_ROWS, default_chunk_rows, triton_chunks_on_cpu
+from medgrpo.ops.linear_logprob import GEMM_ROWS, MIN_CHUNK_ROWS, default_chunk_rows, triton_chunks_on_cpu
 from medgrpo.testing.tolerance import assert_within_reference_error
 
 SHAPES = [(1, 5, 37), (7, 33, 37), (97, 16, 1025), (5, 8, 4099)]  # (M, H, V); V=4099 spans two vocab tiles
@@ -104,9 +104,20 @@ def test_shapes_single_token_and_default_chunking():
         hidden, torch.randn(9, 4), torch.zeros(2, 3, dtype=torch.long), return_entropy=True
     )
     assert logp.shape == entropy.shape == (2, 3)
-    for device in ("cpu", "cuda"):
-        rows = default_chunk_rows(152064, torch.bfloat16, torch.device(device))
-        assert rows % 64 == 0 and (rows == MIN_CHUNK_ROWS or rows * 152064 * 2 <= CHUNK_BYTES[device])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "hidden,vocab,dtype", [(3584, 152064, torch.bfloat16), (2048, 151936, torch.float32), (16, 4099, torch.float32)]
+)
+def test_default_chunk_rows_follow_the_shape(device, hidden, vocab, dtype):
+    itemsize = torch.finfo(dtype).bits // 8
+    rows = default_chunk_rows(10**6, vocab, hidden, dtype, torch.device(device))
+    # a multiple of 64, at most the device's GEMM rows; logits within the fp32 weight gradient unless at the floor
+    assert rows % 64 == 0 and MIN_CHUNK_ROWS <= rows <= GEMM_ROWS[device]
+    assert rows == MIN_CHUNK_ROWS or rows * vocab * itemsize <= vocab * hidden * 4
+    assert default_chunk_rows(100, vocab, hidden, dtype, torch.device(device)) == 100  # few rows: one chunk
+    assert default_chunk_rows(10**6, 151936, 2048, torch.float32, torch.device("cpu")) == 1024
 
 
 def test_gradcheck_fp64():
