@@ -31,7 +31,8 @@ class PolicyLossOutput(NamedTuple):
     """Loss and detached, device-side metrics of one policy-loss evaluation.
 
     ``kl`` is None without ``ref_logp``; ``clip_fraction_dual`` is None without
-    ``dual_clip``; ``entropy`` is None unless the op computed it (fused lm-head).
+    ``dual_clip``; ``entropy`` is None unless the op computed it (fused lm-head with
+    ``return_entropy=True``).
     Fractions are token-weighted over masked-in tokens.
     """
 
