@@ -12,6 +12,7 @@ floor, TRL's selective log-softmax, and the per-group summary (ratios, memory, T
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +34,14 @@ else:  # small shapes that keep both head files well within 3 minutes on 2 cores
     HIDDEN, VOCAB, DTYPE, TOKENS = 256, 8192, torch.float32, 256
     ROWS = [512, 2048]
     FLOOR_CHUNK_BYTES = 2**62  # one chunk: the floor is the three whole GEMMs
-WARMUP = 3 if CUDA else 1  # CPU: the untimed memory call is a warm-up too
+# Size knob: MEDGRPO_BENCH_HEAD="H,V" and MEDGRPO_BENCH_ROWS="M1,M2,..." replace the shapes above
+# (e.g. "2048,151936" and "1024,4096": a Qwen2.5-VL-3B-sized head on CPU; see bench/README.md).
+if os.environ.get("MEDGRPO_BENCH_HEAD"):
+    HIDDEN, VOCAB = (int(v) for v in os.environ["MEDGRPO_BENCH_HEAD"].split(","))
+if os.environ.get("MEDGRPO_BENCH_ROWS"):
+    ROWS = [int(v) for v in os.environ["MEDGRPO_BENCH_ROWS"].split(",")]
+# CPU: the untimed memory call and pytest-benchmark's calibration call are the warm-ups.
+WARMUP = 3 if CUDA else 0
 PROVIDERS = ["gemm_floor", "medgrpo", "medgrpo_entropy", "trl_eager", "reference"]
 DTYPE_NAME = str(DTYPE).removeprefix("torch.")
 

@@ -2,8 +2,8 @@
 
 The head is computed ``rows_per_chunk`` tokens at a time: a cuBLAS GEMM writes the
 chunk's logits (rows x V, the only logits that ever exist), then these kernels, one
-program per row, stream the row once for its online log-sum-exp, target logit and
-entropy, and once more to overwrite the logits in place with d loss / d logits, which
+program per row, stream the row once for its online log-sum-exp, target logit (and,
+when asked, entropy), and once more to overwrite the logits in place with d loss / d logits, which
 the two backward GEMMs consume. Memory stays bounded by the chunk, whatever M is.
 
 d/dz of log p_target = onehot - p; d/dz of the entropy H = -p (z - E_p[z]), with
@@ -22,8 +22,8 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _row_stats(logits_ptr, row, stride, V, inv_temperature, BLOCK_V: tl.constexpr):
-    """Online (max, sum exp, sum exp * z) of z = logits / T over the row, in fp32."""
+def _row_stats(logits_ptr, row, stride, V, inv_temperature, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Online (max, sum exp[, sum exp * z]) of z = logits / T over the row, in fp32: (lse, entropy or 0)."""
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -34,24 +34,37 @@ def _row_stats(logits_ptr, row, stride, V, inv_temperature, BLOCK_V: tl.constexp
         m_new = tl.maximum(m, z)
         # A lane that has seen only -inf (padding past V) subtracts 0, never -inf - -inf = NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m - m_safe)
         e = tl.exp(z - m_safe)
-        s = s * tl.exp(m - m_safe) + e
-        t = t * tl.exp(m - m_safe) + e * tl.where(e > 0, z, 0.0)
+        s = s * rescale + e
+        if WITH_ENTROPY:
+            t = t * rescale + e * tl.where(e > 0, z, 0.0)
         m = m_new
     m_row = tl.max(m, axis=0)
     scale = tl.exp(m - m_row)  # 0 for padding lanes (m = -inf); m_row is finite
     sum_exp = tl.sum(s * scale, axis=0)
     lse = m_row + tl.log(sum_exp)
-    entropy = lse - tl.sum(t * scale, axis=0) / sum_exp
+    entropy = 0.0
+    if WITH_ENTROPY:
+        entropy = lse - tl.sum(t * scale, axis=0) / sum_exp
     return lse, entropy
 
 
 @triton.jit(do_not_specialize=["V", "stride"])
 def _logprob_forward_kernel(
-    logits_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr, V, stride, inv_temperature, BLOCK_V: tl.constexpr
+    logits_ptr,
+    targets_ptr,
+    logp_ptr,
+    lse_ptr,
+    entropy_ptr,
+    V,
+    stride,
+    inv_temperature,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    lse, entropy = _row_stats(logits_ptr, row, stride, V, inv_temperature, BLOCK_V)
+    lse, entropy = _row_stats(logits_ptr, row, stride, V, inv_temperature, WITH_ENTROPY, BLOCK_V)
     target = tl.load(targets_ptr + row).to(tl.int64)
     z_target = tl.load(logits_ptr + row * stride + target).to(tl.float32) * inv_temperature
     tl.store(logp_ptr + row, z_target - lse)
@@ -102,13 +115,22 @@ def _block_v(V: int) -> int:
 def logprob_forward(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool = True):
     """(rows, V) logits chunk -> fp32 (log-prob of target, log-sum-exp, entropy) per row.
 
-    The entropy costs one FMA per logit in the same pass, so it is always computed.
+    The entropy (one more FMA per logit in the same pass, and one more accumulator) is
+    computed only ``with_entropy``; otherwise it is 0.
     """
     rows, V = logits.shape
     out = [torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(3)]
     if rows:
         _logprob_forward_kernel[(rows,)](
-            logits, targets, *out, V, logits.stride(0), 1.0 / temperature, BLOCK_V=_block_v(V), num_warps=8
+            logits,
+            targets,
+            *out,
+            V,
+            logits.stride(0),
+            1.0 / temperature,
+            WITH_ENTROPY=bool(with_entropy),
+            BLOCK_V=_block_v(V),
+            num_warps=8,
         )
     return tuple(out)
 

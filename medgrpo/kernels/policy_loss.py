@@ -77,7 +77,7 @@ def _sequence_log_ratio(
     tokens = tl.zeros([BLOCK_T], dtype=tl.float32)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
-        _, log_ratio, _, _, weight, _ = _load_row(
+        logp, log_ratio, ref, adv, weight, active = _load_row(
             logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF
         )
         total += log_ratio * weight
@@ -136,7 +136,7 @@ def _policy_loss_rows_kernel(
     row = tl.program_id(0).to(tl.int64)
     seq_log_ratio = 0.0
     if SEQUENCE_IS:
-        seq_log_ratio, _ = _sequence_log_ratio(
+        seq_log_ratio, seq_tokens = _sequence_log_ratio(
             logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T
         )
     loss_sum = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -154,7 +154,7 @@ def _policy_loss_rows_kernel(
             log_ratio = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_log_ratio
         loss, low, high, dual = _clip_state(tl.exp(log_ratio), adv, eps_low, eps_high, dual_clip)
         if HAS_REF:
-            kl, _ = _kl(logp, ref, KL_ESTIMATOR)
+            kl, kl_grad = _kl(logp, ref, KL_ESTIMATOR)
             # beta == 0 must not turn an infinite KL into NaN (0 * inf): select, don't multiply.
             loss = tl.where(beta != 0, loss + beta * kl, loss)
             kl_sum += tl.where(active, kl * weight, 0.0)
@@ -228,6 +228,41 @@ def _policy_loss_finalize_kernel(
     tl.store(metrics_ptr + 5, tokens)
 
 
+@triton.jit
+def _sequence_gradient_factor(
+    logp_ptr,
+    old_ptr,
+    ref_ptr,
+    adv_ptr,
+    mask_ptr,
+    row,
+    T,
+    adv_stride_b,
+    adv_stride_t,
+    eps_low,
+    eps_high,
+    dual_clip,
+    HAS_OLD: tl.constexpr,
+    HAS_REF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """GSPO: d loss / d logp_t = factor * w_t, factor = ratio / n * sum_t' w_t' d loss_t' / d ratio (one extra pass)."""
+    seq_log_ratio, seq_tokens = _sequence_log_ratio(
+        logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T
+    )
+    seq_ratio = tl.exp(seq_log_ratio)
+    dratio = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        logp, log_ratio, ref, adv, weight, active = _load_row(
+            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, cols, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF
+        )
+        token_ratio = tl.zeros([BLOCK_T], dtype=tl.float32) + seq_ratio
+        surrogate, low, high, dual = _clip_state(token_ratio, adv, eps_low, eps_high, dual_clip)
+        dratio += tl.where(active & ~(low | high | dual), -adv * weight, 0.0)
+    return seq_ratio * tl.sum(dratio, axis=0) / tl.maximum(seq_tokens, 1.0)
+
+
 @triton.jit(do_not_specialize=["T", "adv_stride_b", "adv_stride_t"])
 def _policy_loss_backward_kernel(
     grad_loss_ptr,
@@ -253,35 +288,25 @@ def _policy_loss_backward_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(grad_loss_ptr).to(tl.float32) * tl.load(row_weight_ptr + row)
-    seq_log_ratio = 0.0
     seq_factor = 0.0
     if SEQUENCE_IS:
-        # d loss / d logp_t = ratio * w_t / n * sum_t' w_t' dloss_t'/dratio: one extra pass for the sum.
-        seq_log_ratio, n = _sequence_log_ratio(
-            logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, row, T, adv_stride_b, adv_stride_t, HAS_OLD, HAS_REF, BLOCK_T
+        seq_factor = _sequence_gradient_factor(
+            logp_ptr,
+            old_ptr,
+            ref_ptr,
+            adv_ptr,
+            mask_ptr,
+            row,
+            T,
+            adv_stride_b,
+            adv_stride_t,
+            eps_low,
+            eps_high,
+            dual_clip,
+            HAS_OLD,
+            HAS_REF,
+            BLOCK_T,
         )
-        ratio = tl.exp(seq_log_ratio)
-        dratio = tl.zeros([BLOCK_T], dtype=tl.float32)
-        for start in range(0, T, BLOCK_T):
-            cols = start + tl.arange(0, BLOCK_T)
-            _, _, _, adv, weight, active = _load_row(
-                logp_ptr,
-                old_ptr,
-                ref_ptr,
-                adv_ptr,
-                mask_ptr,
-                row,
-                cols,
-                T,
-                adv_stride_b,
-                adv_stride_t,
-                HAS_OLD,
-                HAS_REF,
-            )
-            row_ratio = tl.zeros([BLOCK_T], dtype=tl.float32) + ratio
-            _, low, high, dual = _clip_state(row_ratio, adv, eps_low, eps_high, dual_clip)
-            dratio += tl.where(active & ~(low | high | dual), -adv * weight, 0.0)
-        seq_factor = ratio * tl.sum(dratio, axis=0) / tl.maximum(n, 1.0)
     for start in range(0, T, BLOCK_T):
         cols = start + tl.arange(0, BLOCK_T)
         logp, log_ratio, ref, adv, weight, active = _load_row(
@@ -291,11 +316,11 @@ def _policy_loss_backward_kernel(
             grad = seq_factor * weight
         else:
             ratio = tl.exp(log_ratio)
-            _, low, high, dual = _clip_state(ratio, adv, eps_low, eps_high, dual_clip)
+            surrogate, low, high, dual = _clip_state(ratio, adv, eps_low, eps_high, dual_clip)
             grad = tl.where(low | high | dual, 0.0, -adv * ratio) * weight
         if HAS_REF:
-            _, dkl = _kl(logp, ref, KL_ESTIMATOR)
-            grad += tl.where(beta != 0, beta * dkl * weight, 0.0)
+            kl, kl_grad = _kl(logp, ref, KL_ESTIMATOR)
+            grad += tl.where(beta != 0, beta * kl_grad * weight, 0.0)
         grad = tl.where(active, grad * scale, 0.0)
         tl.store(grad_ptr + row * T + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < T)
 

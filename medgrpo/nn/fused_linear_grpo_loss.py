@@ -20,7 +20,8 @@ class FusedLinearGRPOLoss(nn.Module):
     Switching from Liger (or TRL's ``use_liger_kernel`` path) is one line: construct this
     class instead. ``forward`` returns Liger's ``(loss, metrics)``: ``metrics`` is
     ``[mean_kl, clip_ratio]`` when beta != 0, else ``[clip_ratio]``. For every metric
-    (clip fractions low/high, entropy) call :func:`medgrpo.fused_linear_policy_loss`.
+    (clip fractions low/high; entropy with ``return_entropy=True``) call
+    :func:`medgrpo.fused_linear_policy_loss`.
 
     ``compiled`` and ``chunk_size`` are accepted for compatibility and ignored (the
     kernels need no torch.compile; chunks are sized from the vocabulary). Extra options:

@@ -49,11 +49,12 @@ SCHEMAS = {
         "bool[] needs) -> (Tensor, Tensor, Tensor)"
     ),
     # lm-head + policy loss (medgrpo/ops/fused_linear_policy_loss.py): (loss, metrics[6 + entropy],
-    # grad_hidden, grad_weight, grad_bias), the gradients computed for d loss = 1 during the forward.
+    # grad_hidden, grad_weight, grad_bias), the gradients computed for d loss = 1 during the forward;
+    # the entropy metric is 0 unless with_entropy.
     "fused_linear_policy_loss": (
         "fused_linear_policy_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor mask, Tensor advantages, "
         "Tensor? bias, Tensor? old_logp, Tensor? ref_logp, Tensor? num_items, float temperature, float[] hparams, "
-        "int[] modes, int chunk_rows, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "int[] modes, int chunk_rows, bool[] needs, bool with_entropy) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     # uint8 (T, H, W, 3) frames -> (T/2 * H/14 * W/14, 1176) normalized patch rows (medgrpo/ops/patchify.py).
     "patchify": "patchify(Tensor frames, ScalarType dtype) -> Tensor",

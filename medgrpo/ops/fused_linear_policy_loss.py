@@ -109,20 +109,24 @@ def _single_pass(
     hparams,
     modes,
     grads,
+    with_entropy,
 ):
     """Token-level IS: per chunk, logits -> log-probs -> policy gradient -> logits gradient -> GEMMs."""
     kernels = chunk_kernels_for(hidden)
     dtype = accumulation_dtype(hidden.dtype)
-    logp, entropy = (torch.empty(tokens.count, dtype=dtype, device=hidden.device) for _ in range(2))
+    logp = torch.empty(tokens.count, dtype=dtype, device=hidden.device)
+    entropy = torch.empty(tokens.count if with_entropy else 0, dtype=dtype, device=hidden.device)
     for start in range(0, tokens.count, chunk_rows):
         end = min(start + chunk_rows, tokens.count)
         hidden_chunk, target_chunk = tokens.take(hidden, start, end), tokens.take(targets, start, end)
         logits = chunk_logits(hidden_chunk, weight, bias)
-        logp[start:end], lse, entropy[start:end] = kernels.stats(logits, target_chunk, temperature)
+        logp[start:end], lse, chunk_entropy = kernels.stats(logits, target_chunk, temperature, with_entropy)
+        if with_entropy:
+            entropy[start:end] = chunk_entropy
         grad_logp = _token_policy_gradient(
             tokens, start, end, logp[start:end], advantages, mask, old_logp, ref_logp, row_weight, hparams, modes
         )
-        kernels.grad_(logits, target_chunk, lse, entropy[start:end], grad_logp, None, temperature)
+        kernels.grad_(logits, target_chunk, lse, chunk_entropy, grad_logp, None, temperature)
         grads.add_chunk(start, logits, hidden_chunk, weight)
     return logp, entropy
 
@@ -143,11 +147,14 @@ def _two_pass(
     hparams,
     modes,
     grads,
+    with_entropy,
 ):
     """Sequence-level IS: all log-probs first, the (B, T) policy gradient, then the head's gradient."""
     kernels = chunk_kernels_for(hidden)
     packed_hidden, packed_targets = tokens.take(hidden), tokens.take(targets)
-    logp, lse, entropy = head_forward(packed_hidden, weight, packed_targets, bias, temperature, chunk_rows, kernels)
+    logp, lse, entropy = head_forward(
+        packed_hidden, weight, packed_targets, bias, temperature, chunk_rows, kernels, with_entropy
+    )
     full_logp = tokens.scatter(logp, tuple(mask.shape))
     _, _, row_weight = torch.ops.medgrpo.policy_loss_forward(
         full_logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes
@@ -195,6 +202,7 @@ def _fused_impl(
     modes,
     chunk_rows,
     needs,
+    with_entropy,
 ):
     config = PolicyLossConfig.unpack(hparams, modes)
     tokens = PackedTokens(mask)
@@ -214,16 +222,18 @@ def _fused_impl(
             max_completion_length=config.max_completion_length,
             dtype=accumulation_dtype(hidden.dtype),
         )
-        logp, entropy = _single_pass(*common, row_weight, hparams, modes, grads)
+        logp, entropy = _single_pass(*common, row_weight, hparams, modes, grads, with_entropy)
     else:
-        logp, entropy = _two_pass(*common, num_items, hparams, modes, grads)
+        logp, entropy = _two_pass(*common, num_items, hparams, modes, grads, with_entropy)
     loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(
         tokens.scatter(logp, tuple(mask.shape)), advantages, mask, old_logp, ref_logp, num_items, hparams, modes
     )
-    token_weight = tokens.take(mask).to(entropy.dtype)
-    mean_entropy = (entropy * token_weight).sum() / token_weight.sum().clamp(min=1.0)
+    mean_entropy = loss.new_zeros(1)
+    if with_entropy:
+        token_weight = tokens.take(mask).to(entropy.dtype)
+        mean_entropy = ((entropy * token_weight).sum() / token_weight.sum().clamp(min=1.0)).reshape(1)
     _, grad_weight, grad_bias = grads.result(weight, bias)
-    all_metrics = torch.cat([metrics.to(loss.dtype), mean_entropy.reshape(1).to(loss.dtype)])
+    all_metrics = torch.cat([metrics.to(loss.dtype), mean_entropy.to(loss.dtype)])
     return loss, all_metrics, grad_hidden, grad_weight, grad_bias
 
 
@@ -247,6 +257,7 @@ def _fake(
     modes,
     chunk_rows,
     needs,
+    with_entropy,
 ):
     dtype = accumulation_dtype(hidden.dtype)
     grad_bias = torch.empty_like(bias) if needs[2] and bias is not None else weight.new_empty(0)
@@ -263,16 +274,26 @@ def _setup_context(ctx, inputs, output) -> None:
     _, _, grad_hidden, grad_weight, grad_bias = output
     ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.mark_non_differentiable(output[1], grad_hidden, grad_weight, grad_bias)
+    ctx.gradients_scaled = False
 
 
-NUM_INPUTS = 14  # hidden, weight, targets, mask, advantages, bias, old, ref, num_items, and 5 options
+NUM_INPUTS = 15  # hidden, weight, targets, mask, advantages, bias, old, ref, num_items, and 6 options
 
 
 def _backward(ctx, grad_loss, *_unused):
-    # The gradients were computed for d loss = 1; scale them (a multiply, never a host sync).
-    grad_hidden, grad_weight, grad_bias = (g * grad_loss.to(g.dtype) if g.numel() else None for g in ctx.saved_tensors)
+    # The forward computed the gradients for d loss = 1. They are scaled by the incoming
+    # gradient in place (a device multiply: no host sync, and no second weight-sized
+    # tensor), which uses them up: a second backward through a retained graph is refused.
+    if ctx.gradients_scaled:
+        raise RuntimeError(
+            "fused_linear_policy_loss: backward was already run through this graph; its gradients were "
+            "computed in the forward and scaled in place by the first backward, so a second backward "
+            "(retain_graph=True) cannot be served. Call fused_linear_policy_loss again for another backward."
+        )
+    ctx.gradients_scaled = True
     grads = [None] * NUM_INPUTS
-    grads[0], grads[1], grads[5] = grad_hidden, grad_weight, grad_bias
+    for index, gradient in zip((0, 1, 5), ctx.saved_tensors):
+        grads[index] = gradient.mul_(grad_loss.to(gradient.dtype)) if gradient.numel() else None
     return tuple(grads)
 
 
@@ -301,6 +322,7 @@ def fused_linear_policy_loss(
     dual_clip: Optional[float] = None,
     max_completion_length: Optional[int] = None,
     num_items: Union[Tensor, float, None] = None,
+    return_entropy: bool = False,
     chunk_rows: Optional[int] = None,
 ) -> PolicyLossOutput:
     """The lm-head and :func:`medgrpo.policy_loss` fused: hidden states in, loss out.
@@ -319,10 +341,14 @@ def fused_linear_policy_loss(
         old_logp, ref_logp, loss_type, epsilon_low, epsilon_high, beta, kl_estimator,
         importance_sampling, dual_clip, max_completion_length, num_items: as in
         :func:`medgrpo.policy_loss`.
-        chunk_rows: tokens per logits chunk (default from V and CHUNK_BYTES of logits).
+        return_entropy: also compute the masked mean entropy of the policy (one more pass
+            over each logits chunk on CPU, one more accumulator in the Triton kernel).
+        chunk_rows: tokens per logits chunk (default: :func:`medgrpo.ops.linear_logprob.default_chunk_rows`).
 
     Returns:
-        :class:`PolicyLossOutput` with ``entropy``: the masked mean entropy (detached).
+        :class:`PolicyLossOutput`; its ``entropy`` is the masked mean entropy (detached) with
+        ``return_entropy``, else None. Backward may run once per call: the gradients are
+        computed in the forward and scaled in place by the incoming gradient.
 
     Costs one host sync, to count the masked-in tokens that size the GEMMs.
     """
@@ -337,7 +363,8 @@ def fused_linear_policy_loss(
     )
     config.validate(has_ref=ref_logp is not None)
     items_tensor, items_value = split_num_items(num_items)
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype, hidden.device)
+    packed_rows = hidden.shape[0] * hidden.shape[1]  # an upper bound of the masked-in tokens (no host sync here)
+    rows = chunk_rows or default_chunk_rows(packed_rows, weight.shape[0], weight.shape[1], hidden.dtype, hidden.device)
     grad_mode = torch.is_grad_enabled()
     needs = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, metrics, *_ = torch.ops.medgrpo.fused_linear_policy_loss(
@@ -355,7 +382,12 @@ def fused_linear_policy_loss(
         config.modes(),
         int(rows),
         needs,
+        bool(return_entropy),
     )
     return output_from_metrics(
-        loss, metrics, has_ref=ref_logp is not None, has_dual_clip=dual_clip is not None, entropy=metrics[6]
+        loss,
+        metrics,
+        has_ref=ref_logp is not None,
+        has_dual_clip=dual_clip is not None,
+        entropy=metrics[6] if return_entropy else None,
     )

@@ -3,8 +3,9 @@
 The head runs over row chunks: one GEMM writes a (rows x V) logits chunk, a row kernel
 reduces it to log-prob, log-sum-exp and entropy, and the backward recomputes the chunk
 and turns it into d loss / d logits in place for the two backward GEMMs. Extra memory
-is one chunk, bounded by ``CHUNK_BYTES`` whatever the number of tokens. On CUDA the row
-kernels are Triton; on CPU the same steps run as PyTorch ops on the chunk.
+is one chunk (``default_chunk_rows``: at most the size of the fp32 weight gradient),
+whatever the number of tokens. On CUDA the row kernels are Triton; on CPU the same steps
+run as PyTorch ops over small row blocks of the chunk.
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ from torch import Tensor
 from medgrpo.ops import _checks, _library
 from medgrpo.ops.reference import accumulation_dtype
 
-# Bytes of one logits chunk: bounds the head's extra memory (plus the chunk's gradients).
-# Bytes of one logits chunk: bounds the head's extra memory. Large on GPUs, where the GEMM
-# wants many rows; small on CPUs, whose GEMMs are efficient at a few hundred rows and whose
-# PyTorch chunk math keeps a few chunk-sized temporaries alive.
-CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
-
 
 # ------------------------------------------------------------------------------ chunk math
 @dataclass(frozen=True)
@@ -36,17 +31,34 @@ class ChunkKernels:
     grad_: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], float], Tensor]
 
 
+# The PyTorch chunk math runs over row blocks of the chunk of about this many bytes, so that its
+# temporaries (fp32 copies of bf16 logits, exp, log-softmax) stay small beside the chunk.
+TORCH_BLOCK_BYTES = 8 * 2**20
+
+
+def _row_blocks(logits: Tensor) -> Iterator[slice]:
+    rows, vocab = logits.shape
+    step = max(1, TORCH_BLOCK_BYTES // max(vocab * 4, 1))
+    return (slice(start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+def _scaled_logits(logits: Tensor, temperature: float) -> Tensor:
+    """z = logits / temperature in the accumulation dtype: ``logits`` itself for fp32 at temperature 1 (no copy)."""
+    z = logits.to(accumulation_dtype(logits.dtype))
+    return z if temperature == 1.0 else z / temperature
+
+
 def _torch_stats(
     logits: Tensor, targets: Tensor, temperature: float, with_entropy: bool = True
 ) -> tuple[Tensor, Tensor, Tensor]:
-    z = logits.to(accumulation_dtype(logits.dtype)) / temperature
-    lse = torch.logsumexp(z, dim=-1)
-    log_p = z.sub_(lse.unsqueeze(-1))
-    logp = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if not with_entropy:
-        return logp, lse, torch.zeros_like(lse)
-    # entropy = -sum p log p; p = 0 entries (log p = -inf) contribute 0
-    entropy = -torch.linalg.vecdot(log_p.exp(), log_p.nan_to_num(neginf=0.0))
+    logp, lse, entropy = (logits.new_zeros(logits.shape[0], dtype=accumulation_dtype(logits.dtype)) for _ in range(3))
+    for rows in _row_blocks(logits):
+        z = _scaled_logits(logits[rows], temperature)  # may be a view of the logits: read only
+        lse[rows] = torch.logsumexp(z, dim=-1)
+        logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+        if with_entropy:  # entropy = -sum p log p; p = 0 entries (log p = -inf) contribute 0
+            log_p = z - lse[rows].unsqueeze(-1)
+            entropy[rows] = -torch.linalg.vecdot(log_p.exp(), log_p.nan_to_num_(neginf=0.0))
     return logp, lse, entropy
 
 
@@ -59,18 +71,26 @@ def _torch_grad_(
     grad_entropy: Optional[Tensor],
     temperature: float,
 ) -> Tensor:
-    # d/dz [g log p_t + h H] = g (onehot - p) - h p (log p + H), with log p = z - lse.
-    log_p = logits.to(accumulation_dtype(logits.dtype)).div(temperature).sub_(lse.unsqueeze(-1))
-    p = log_p.exp()
-    g = grad_logp.unsqueeze(-1).to(log_p.dtype)
-    if grad_entropy is not None:
-        h = grad_entropy.unsqueeze(-1).to(log_p.dtype)
-        coefficient = torch.where(p > 0, log_p.add_(entropy.unsqueeze(-1)), 0.0).mul_(h).add_(g)
-    else:
-        coefficient = g
-    grad_z = p.mul_(coefficient).neg_()
-    grad_z.scatter_add_(-1, targets.unsqueeze(-1), g)
-    return logits.copy_(grad_z.div_(temperature))
+    # d/dz [g log p_t + h H] = g (onehot - p) - h p (log p + H), with log p = z - lse; d/dlogits = d/dz / T.
+    # In place on the logits (consumed: they become their gradient); on fp32 copies of bf16/fp16 row blocks.
+    for rows in _row_blocks(logits):
+        z = logits[rows].to(accumulation_dtype(logits.dtype))
+        log_p = (z if temperature == 1.0 else z.div_(temperature)).sub_(lse[rows].unsqueeze(-1))
+        g = grad_logp[rows].unsqueeze(-1).to(log_p.dtype)
+        if grad_entropy is None:
+            grad_z = log_p.exp_().mul_(g).neg_()  # -g p
+        else:
+            h = grad_entropy[rows].unsqueeze(-1).to(log_p.dtype)
+            p = log_p.exp()
+            # where p = 0, log p may be -inf: zero it (p times anything finite is 0 there)
+            coefficient = log_p.add_(entropy[rows].unsqueeze(-1)).nan_to_num_(neginf=0.0).mul_(h).add_(g)
+            grad_z = coefficient.mul_(p).neg_()  # still in z's storage
+        grad_z.scatter_add_(-1, targets[rows].unsqueeze(-1), g)
+        if temperature != 1.0:
+            grad_z.div_(temperature)
+        if z.dtype != logits.dtype:  # worked on an fp32 copy
+            logits[rows] = grad_z
+    return logits
 
 
 TORCH_CHUNK = ChunkKernels(_torch_stats, _torch_grad_)
@@ -102,15 +122,27 @@ def chunk_kernels_for(hidden: Tensor) -> ChunkKernels:
     return triton_chunk() if use_triton else TORCH_CHUNK
 
 
-# Every chunk reads the whole (V, H) weight: fewer rows than this starve the GEMM.
+# Rows per chunk. Each chunk re-reads the (V, H) weight in the logits GEMM and in the hidden-gradient
+# GEMM, and reads and writes the fp32 weight gradient in the third: weight-sized traffic per chunk
+# against 6 * rows * V * H FLOPs, so few rows make the head memory-bound. Measured on 2 CPU cores
+# (H 2048, V 151936, fp32, fused fwd+bwd, M 2048): 256-row chunks ~30% slower than 512-1024, 2048
+# no faster; on an H200 (~155 FLOP/byte) the fp32 weight-gradient read+write alone stays under ~8%
+# of the GEMM time only from ~4096 rows (the GPU benchmark is to confirm it).
+GEMM_ROWS = {"cuda": 4096, "cpu": 1024}
+# Memory: one chunk's logits at most as large as the fp32 weight gradient the head holds anyway
+# (rows <= 4 H / logits itemsize), never fewer rows than MIN_CHUNK_ROWS. Bounded whatever M is.
 MIN_CHUNK_ROWS = 256
 
 
-def default_chunk_rows(vocab: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk: logits within CHUNK_BYTES, at least MIN_CHUNK_ROWS, a multiple of 64."""
-    budget = CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    rows = budget // max(vocab * torch.finfo(dtype).bits // 8, 1)
-    return max(MIN_CHUNK_ROWS, rows // 64 * 64)
+def default_chunk_rows(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk for an (rows x hidden) @ (hidden x vocab) head: all rows if few, else a multiple of 64.
+
+    min(rows, GEMM_ROWS of the device, max(MIN_CHUNK_ROWS, rows whose logits fit the fp32 weight gradient)).
+    """
+    itemsize = torch.finfo(dtype).bits // 8
+    by_memory = max(MIN_CHUNK_ROWS, (vocab * hidden * 4) // max(vocab * itemsize, 1))
+    chunk = min(GEMM_ROWS["cuda" if device.type == "cuda" else "cpu"], by_memory) // 64 * 64
+    return max(1, min(rows, chunk))
 
 
 def chunk_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -122,26 +154,33 @@ _FUSED_OUT_DTYPE_GEMM = True  # cleared if this torch build has no fp32-output b
 ACCUMULATE_BLOCK_ROWS = 8192  # rows of `out` per fallback GEMM: bounds its fp32 temporary
 
 
-def add_matmul_fp32_(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out (fp32) += a @ b for low-precision a, b, without an fp32 copy of a or b.
+def matmul_into_(out: Tensor, a: Tensor, b: Tensor, *, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b with ``accumulate``; fp32 ``out`` for low-precision a, b without their fp32 copy.
 
-    On CUDA one cuBLAS GEMM reads bf16/fp16 and accumulates into ``out`` in fp32; where the
-    torch build lacks that GEMM, blocks of ``out``'s rows are computed (fp32 accumulate
-    inside cuBLAS, one rounding) and added, with a bounded temporary.
+    Without ``accumulate`` ``out`` is only written (beta = 0: its old contents, even NaN,
+    are ignored), so it needs no zero fill. On CUDA one cuBLAS GEMM reads bf16/fp16 and
+    writes ``out`` in fp32; where the torch build lacks that GEMM, blocks of ``out``'s rows
+    are computed (fp32 accumulate inside cuBLAS, one rounding) and added, with a bounded
+    temporary.
     """
     global _FUSED_OUT_DTYPE_GEMM
+    beta = 1.0 if accumulate else 0.0
     if a.dtype == out.dtype:
-        out.addmm_(a, b)
+        out.addmm_(a, b, beta=beta)
         return
     if out.is_cuda and _FUSED_OUT_DTYPE_GEMM:
         try:
-            torch.addmm(out, a, b, out_dtype=out.dtype, out=out)
+            torch.addmm(out, a, b, out_dtype=out.dtype, beta=beta, out=out)
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _FUSED_OUT_DTYPE_GEMM = False
     for start in range(0, out.shape[0], ACCUMULATE_BLOCK_ROWS):
         block = slice(start, start + ACCUMULATE_BLOCK_ROWS)
-        out[block] += (a[block] @ b).to(out.dtype) if out.is_cuda else a[block].to(out.dtype) @ b.to(out.dtype)
+        product = (a[block] @ b).to(out.dtype) if out.is_cuda else a[block].to(out.dtype) @ b.to(out.dtype)
+        if accumulate:
+            out[block] += product
+        else:
+            out[block] = product
 
 
 # ------------------------------------------------------------------------------ the head
@@ -169,10 +208,16 @@ def head_forward(
 
 
 class HeadGradients:
-    """Gradient sinks of the head: hidden rows, and fp32 accumulators of weight and bias.
+    """Gradient sinks of the head: hidden rows, the weight gradient and the bias gradient.
 
     ``place_hidden(start, end, rows)`` stores a chunk's hidden gradient; by default into a
     (M, H) buffer, the fused loss scatters it straight into the (B, T, H) gradient instead.
+
+    The weight gradient is summed over chunks in fp32. For an fp32 weight the chunks write
+    straight into the returned gradient (the first chunk overwrites, the next ones add: no
+    zero fill, no copy). For a bf16/fp16 weight an fp32 accumulator (twice the weight's
+    bytes) is rounded once at the end; Liger-Kernel accumulates in the weight's dtype.
+    Whether that extra memory buys enough accuracy is for the GPU benchmark to decide.
     """
 
     def __init__(
@@ -187,7 +232,8 @@ class HeadGradients:
         self.hidden = torch.empty_like(hidden) if needs[0] and place_hidden is None else hidden.new_empty(0)
         self.place_hidden = place_hidden or self._store_rows
         dtype = accumulation_dtype(weight.dtype)
-        self.weight = torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None
+        self.weight = torch.empty(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None
+        self.weight_written = False  # host-side: has a chunk written self.weight yet
         self.bias = torch.zeros(bias.shape, dtype=dtype, device=bias.device) if needs[2] and bias is not None else None
 
     def _store_rows(self, start: int, end: int, rows: Tensor) -> None:
@@ -198,11 +244,16 @@ class HeadGradients:
         if self.needs[0]:
             self.place_hidden(start, start + grad_logits.shape[0], grad_logits @ weight.to(grad_logits.dtype))
         if self.weight is not None:
-            add_matmul_fp32_(self.weight, grad_logits.t(), hidden_chunk.to(grad_logits.dtype))
+            matmul_into_(
+                self.weight, grad_logits.t(), hidden_chunk.to(grad_logits.dtype), accumulate=self.weight_written
+            )
+            self.weight_written = True
         if self.bias is not None:
             self.bias += grad_logits.to(self.bias.dtype).sum(0)
 
     def result(self, weight: Tensor, bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        if self.weight is not None and not self.weight_written:  # no token reached the head
+            self.weight.zero_()
         grad_weight = self.weight.to(weight.dtype) if self.weight is not None else weight.new_empty(0)
         grad_bias = self.bias.to(bias.dtype) if self.bias is not None else weight.new_empty(0)
         return self.hidden, grad_weight, grad_bias
@@ -370,9 +421,9 @@ def linear_logprob(
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Log-prob of each target token under ``softmax((hidden @ weight.T + bias) / temperature)``.
 
-    Never materializes the (tokens x V) logits: the head runs over row chunks whose
-    logits fit in ``CHUNK_BYTES`` (256 MiB on CUDA, 32 MiB on CPU), so extra memory is bounded
-    as tokens grow.
+    Never materializes the (tokens x V) logits: the head runs over row chunks (up to 4096
+    rows on CUDA, 1024 on CPU, fewer when a chunk's logits would outgrow the fp32 weight
+    gradient; see ``default_chunk_rows``), so extra memory is bounded as tokens grow.
     Pass only the rows that need a log-prob (completion tokens): every row costs a
     vocab-sized GEMM row.
 
@@ -383,7 +434,7 @@ def linear_logprob(
         bias: optional (V,) bias.
         temperature: logits are divided by it (the sampling temperature).
         return_entropy: also return the entropy of each row's distribution.
-        chunk_rows: rows per chunk (default: from CHUNK_BYTES and V).
+        chunk_rows: rows per chunk (default: ``default_chunk_rows`` of the shape, dtype and device).
 
     Returns:
         (logp, entropy): fp32 tensors of targets' shape; entropy is None unless asked.
@@ -393,7 +444,9 @@ def linear_logprob(
     weight = full_weight(weight)
     check_head_inputs(hidden, weight, targets, bias, temperature)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
-    rows = chunk_rows or default_chunk_rows(weight.shape[0], flat_hidden.dtype, flat_hidden.device)
+    rows = chunk_rows or default_chunk_rows(
+        flat_hidden.shape[0], weight.shape[0], weight.shape[1], flat_hidden.dtype, flat_hidden.device
+    )
     logp, _, entropy = torch.ops.medgrpo.linear_logprob_forward(
         flat_hidden, weight, targets.reshape(-1), bias, float(temperature), int(rows), bool(return_entropy)
     )

@@ -31,7 +31,8 @@ class PolicyLossOutput(NamedTuple):
     """Loss and detached, device-side metrics of one policy-loss evaluation.
 
     ``kl`` is None without ``ref_logp``; ``clip_fraction_dual`` is None without
-    ``dual_clip``; ``entropy`` is None unless the op computed it (fused lm-head).
+    ``dual_clip``; ``entropy`` is None unless the op computed it (fused lm-head with
+    ``return_entropy=True``).
     Fractions are token-weighted over masked-in tokens.
     """
 
@@ -371,11 +372,16 @@ def fused_linear_policy_loss(
     *,
     bias: Optional[Tensor] = None,
     temperature: float = 1.0,
+    return_entropy: bool = False,
     **policy_loss_options,
 ) -> PolicyLossOutput:
-    """policy_loss(linear_logprob(hidden, weight, targets), ...) with the masked mean entropy."""
-    logp, entropy = linear_logprob(hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=True)
+    """policy_loss(linear_logprob(hidden, weight, targets), ...), with the masked mean entropy if asked."""
+    logp, entropy = linear_logprob(
+        hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=return_entropy
+    )
     out = policy_loss(logp, advantages, mask, **policy_loss_options)
+    if entropy is None:
+        return out
     weight_mask = mask.to(entropy.dtype)
     mean_entropy = torch.where(mask != 0, entropy.detach() * weight_mask, 0).sum() / weight_mask.sum().clamp(min=1)
     return out._replace(entropy=mean_entropy)

@@ -177,6 +177,7 @@ def backward_policy_loss(
             ref_logp=None if ref_logp is None else ref_logp[rows],
             temperature=options.temperature,
             num_items=num_items,
+            return_entropy=True,  # logged as the update's `entropy`
             **options.loss.options(),
         )
         # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its

@@ -13,6 +13,7 @@ import medgrpo
 from medgrpo.nn import FusedLinearGRPOLoss
 from medgrpo.ops import reference
 from medgrpo.ops.linear_logprob import triton_chunks_on_cpu
+from medgrpo.testing.memory import PeakMemory
 from medgrpo.testing.tolerance import assert_within_reference_error
 
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
@@ -41,24 +42,25 @@ def make_batch(batch=3, length=9, hidden=16, vocab=41, *, seed=0, per_token_adva
 
 
 def run(fn, batch: dict, dtype: torch.dtype, device: str = "cpu", **options):
-    """Loss, entropy, clip fraction and the hidden, weight and bias gradients: computed on ``device``, on the CPU."""
+    """Loss, entropy, clip fraction and the gradients for hidden, weight and bias (on the CPU), run on ``device``."""
     leaves = [batch[k].detach().to(device, dtype).clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
     cast = lambda t: t.to(device, dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
     out = fn(
         leaves[0],
         leaves[1],
-        cast(batch["targets"]),
-        cast(batch["mask"]),
+        batch["targets"].to(device),
+        batch["mask"].to(device),
         cast(batch["advantages"]),
         bias=leaves[2],
         old_logp=cast(batch["old_logp"]),
         ref_logp=cast(batch["ref_logp"]),
         temperature=0.8,
+        return_entropy=True,
         **options,
     )
     (1.7 * out.loss).backward()
     results = [out.loss.detach(), out.entropy, out.clip_fraction] + [leaf.grad for leaf in leaves]
-    return [None if r is None else r.cpu() for r in results]
+    return [None if t is None else t.cpu() for t in results]
 
 
 NAMES = ["loss", "entropy", "clip_fraction", "grad_hidden", "grad_weight", "grad_bias"]
@@ -91,9 +93,9 @@ def test_matches_reference_in_fp64(loss_type, importance_sampling, beta, dual_cl
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
 def test_tolerance_rule_in_low_precision(backend, dtype, importance_sampling, request):
     context, device = contextlib.nullcontext(), "cpu"
-    if backend == "triton":  # CUDA tensors on a GPU; CPU tensors through the interpreter elsewhere
+    if backend == "triton":
         device = request.getfixturevalue("triton_device")
-        context = triton_chunks_on_cpu() if device == "cpu" else context
+        context = triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()
     batch = make_batch(batch=4, length=11, hidden=24, vocab=300, seed=2)
     options = dict(loss_type="dapo", epsilon_high=0.3, beta=0.04, importance_sampling=importance_sampling)
     rounded = {k: (v.to(dtype).double() if v.is_floating_point() else v) for k, v in batch.items()}
@@ -233,3 +235,60 @@ def test_bad_input_names_the_argument(overrides, error, words):
         (positional if key in positional else kwargs)[key] = value
     with pytest.raises(error, match=words):
         medgrpo.fused_linear_policy_loss(*positional.values(), **kwargs)
+
+
+def float_batch(**kwargs) -> dict:
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in make_batch(**kwargs).items()}
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
+def test_entropy_only_when_asked(backend, importance_sampling, request):
+    context, device = contextlib.nullcontext(), "cpu"
+    if backend == "triton":
+        device = request.getfixturevalue("triton_device")
+        context = triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()
+    batch = {k: v.to(device) for k, v in float_batch(seed=10).items()}
+    args = [batch[k] for k in ("hidden", "weight", "targets", "mask", "advantages")]
+    options = dict(old_logp=batch["old_logp"], importance_sampling=importance_sampling)
+    with context:
+        plain = medgrpo.fused_linear_policy_loss(*args, chunk_rows=4, **options)
+        asked = medgrpo.fused_linear_policy_loss(*args, return_entropy=True, chunk_rows=4, **options)
+    assert plain.entropy is None and asked.entropy is not None
+    torch.testing.assert_close(plain.loss, asked.loss)
+    want = reference.fused_linear_policy_loss(*args, return_entropy=True, **options)
+    torch.testing.assert_close(asked.entropy, want.entropy, rtol=1e-5, atol=1e-6)
+    assert reference.fused_linear_policy_loss(*args, **options).entropy is None
+
+
+def test_backward_scales_in_place_and_refuses_a_second_backward():
+    batch = float_batch(batch=2, length=6, hidden=16, vocab=4096, seed=11)
+    leaves = [batch[k].clone().requires_grad_(True) for k in ("hidden", "weight")]
+    args = (*leaves, batch["targets"], batch["mask"], batch["advantages"])
+    out = medgrpo.fused_linear_policy_loss(*args, old_logp=batch["old_logp"], chunk_rows=4)
+    with PeakMemory("cpu") as meter:
+        (2.5 * out.loss).backward(retain_graph=True)
+    # Autograd still copies the returned weight gradient into .grad (the custom op's autograd wrapper keeps
+    # a reference); scaling must add no second weight-sized tensor (it did: 2x before).
+    weight_bytes = leaves[1].numel() * 4
+    assert meter.peak_extra_bytes < 1.5 * weight_bytes, "backward allocated a second weight-sized tensor"
+    fresh = [t.detach().clone().requires_grad_(True) for t in leaves]
+    medgrpo.fused_linear_policy_loss(*fresh, *args[2:], old_logp=batch["old_logp"], chunk_rows=4).loss.backward()
+    for got, want in zip(leaves, fresh):
+        torch.testing.assert_close(got.grad, 2.5 * want.grad)
+    with pytest.raises(RuntimeError, match="backward was already run"):
+        out.loss.backward()
+
+
+def test_gradients_accumulate_over_two_calls():
+    """Micro-batches: a second call's in-place-scaled gradients add onto the first's."""
+    batch = float_batch(seed=12)
+    leaves = [batch[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    args = (leaves[0], leaves[1], batch["targets"], batch["mask"], batch["advantages"])
+    for scale in (1.0, 0.5):
+        (scale * medgrpo.fused_linear_policy_loss(*args, bias=leaves[2], chunk_rows=4).loss).backward()
+    fresh = [t.detach().clone().requires_grad_(True) for t in leaves]
+    loss = medgrpo.fused_linear_policy_loss(fresh[0], fresh[1], *args[2:], bias=fresh[2], chunk_rows=4).loss
+    (1.5 * loss).backward()
+    for got, want in zip(leaves, fresh):
+        torch.testing.assert_close(got.grad, want.grad)

@@ -9,7 +9,7 @@ import torch
 
 import medgrpo
 from medgrpo.ops import reference
-from medgrpo.ops.linear_logprob import CHUNK_BYTES, MIN_CHUNK_ROWS, default_chunk_rows, triton_chunks_on_cpu
+from medgrpo.ops.linear_logprob import GEMM_ROWS, MIN_CHUNK_ROWS, default_chunk_rows, triton_chunks_on_cpu
 from medgrpo.testing.tolerance import assert_within_reference_error
 
 # (M, H, V); V=4099 spans two vocab tiles; 97 rows of V=1025 take seconds per case under the Triton interpreter
@@ -51,11 +51,12 @@ def run_head(fn, inputs: dict, dtype: torch.dtype, temperature: float, device: s
     return [logp.detach().cpu(), entropy.detach().cpu(), *grads]
 
 
-def chunk_backend(backend: str, request):
+def chunk_backend(backend: str, request) -> tuple[contextlib.AbstractContextManager, str]:
+    """(context, device) that run the head's row kernels of ``backend``: Triton on CUDA, or interpreted on CPU."""
     if backend == "triton":
-        request.getfixturevalue("triton_device")
-        return triton_chunks_on_cpu() if not torch.cuda.is_available() else contextlib.nullcontext()
-    return contextlib.nullcontext()
+        device = request.getfixturevalue("triton_device")
+        return (triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()), device
+    return contextlib.nullcontext(), "cpu"
 
 
 def medgrpo_head(chunk_rows: int):
@@ -71,11 +72,11 @@ NAMES = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_matches_full_logits_reference(backend, dtype, shape, temperature, request):
     inputs = make_head(*shape, seed=sum(shape))
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     rounded = {k: (v.to(dtype).double() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
     exact = run_head(reference.linear_logprob, rounded, torch.float64, temperature)
     same = run_head(reference.linear_logprob, inputs, dtype, temperature)
-    with chunk_backend(backend, request):
+    context, device = chunk_backend(backend, request)
+    with context:
         actual = run_head(medgrpo_head(chunk_rows=3), inputs, dtype, temperature, device)
     for i, name in enumerate(NAMES):
         factor = 3.0 if name.startswith("grad") else 2.0
@@ -87,8 +88,9 @@ def test_extreme_logits(backend, request):
     inputs = make_head(6, 8, 300, seed=1, logit_scale=3e3)  # logits of order +-1e4 after scaling
     exact = run_head(reference.linear_logprob, inputs, torch.float64, 0.5)
     same = run_head(reference.linear_logprob, inputs, torch.float32, 0.5)
-    with chunk_backend(backend, request):
-        actual = run_head(medgrpo_head(chunk_rows=4), inputs, torch.float32, 0.5)
+    context, device = chunk_backend(backend, request)
+    with context:
+        actual = run_head(medgrpo_head(chunk_rows=4), inputs, torch.float32, 0.5, device)
     assert all(torch.isfinite(t).all() for t in actual if t is not None)
     for i, name in enumerate(NAMES):
         assert_within_reference_error(actual[i], same[i], exact[i], factor=3.0, atol=1e-5, name=name)
@@ -103,9 +105,20 @@ def test_shapes_single_token_and_default_chunking():
         hidden, torch.randn(9, 4), torch.zeros(2, 3, dtype=torch.long), return_entropy=True
     )
     assert logp.shape == entropy.shape == (2, 3)
-    for device in ("cpu", "cuda"):
-        rows = default_chunk_rows(152064, torch.bfloat16, torch.device(device))
-        assert rows % 64 == 0 and (rows == MIN_CHUNK_ROWS or rows * 152064 * 2 <= CHUNK_BYTES[device])
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize(
+    "hidden,vocab,dtype", [(3584, 152064, torch.bfloat16), (2048, 151936, torch.float32), (16, 4099, torch.float32)]
+)
+def test_default_chunk_rows_follow_the_shape(device, hidden, vocab, dtype):
+    itemsize = torch.finfo(dtype).bits // 8
+    rows = default_chunk_rows(10**6, vocab, hidden, dtype, torch.device(device))
+    # a multiple of 64, at most the device's GEMM rows; logits within the fp32 weight gradient unless at the floor
+    assert rows % 64 == 0 and MIN_CHUNK_ROWS <= rows <= GEMM_ROWS[device]
+    assert rows == MIN_CHUNK_ROWS or rows * vocab * itemsize <= vocab * hidden * 4
+    assert default_chunk_rows(100, vocab, hidden, dtype, torch.device(device)) == 100  # few rows: one chunk
+    assert default_chunk_rows(10**6, 151936, 2048, torch.float32, torch.device("cpu")) == 1024
 
 
 def test_gradcheck_fp64():
