@@ -272,9 +272,14 @@ def _fake(
 
 def _setup_context(ctx, inputs, output) -> None:
     _, _, grad_hidden, grad_weight, grad_bias = output
-    ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
     ctx.mark_non_differentiable(output[1], grad_hidden, grad_weight, grad_bias)
-    ctx.gradients_scaled = False
+    # The outputs other than the loss never get a gradient: without this, autograd would hand backward a
+    # zero-filled tensor for each, one of them weight-sized.
+    ctx.set_materialize_grads(False)
+    # Held as plain attributes, not saved tensors: backward hands them over and drops its reference, so
+    # autograd can adopt the weight gradient as ``weight.grad`` instead of copying it (a saved tensor
+    # would keep a second reference alive and force a weight-sized copy).
+    ctx.gradients = (grad_hidden, grad_weight, grad_bias)
 
 
 NUM_INPUTS = 15  # hidden, weight, targets, mask, advantages, bias, old, ref, num_items, and 6 options
@@ -284,16 +289,19 @@ def _backward(ctx, grad_loss, *_unused):
     # The forward computed the gradients for d loss = 1. They are scaled by the incoming
     # gradient in place (a device multiply: no host sync, and no second weight-sized
     # tensor), which uses them up: a second backward through a retained graph is refused.
-    if ctx.gradients_scaled:
+    gradients, ctx.gradients = ctx.gradients, None
+    if grad_loss is None:  # nothing flowed into the loss (grads are not materialized)
+        return (None,) * NUM_INPUTS
+    if gradients is None:
         raise RuntimeError(
             "fused_linear_policy_loss: backward was already run through this graph; its gradients were "
             "computed in the forward and scaled in place by the first backward, so a second backward "
             "(retain_graph=True) cannot be served. Call fused_linear_policy_loss again for another backward."
         )
-    ctx.gradients_scaled = True
     grads = [None] * NUM_INPUTS
-    for index, gradient in zip((0, 1, 5), ctx.saved_tensors):
+    for index, gradient in zip((0, 1, 5), gradients):
         grads[index] = gradient.mul_(grad_loss.to(gradient.dtype)) if gradient.numel() else None
+    del gradients
     return tuple(grads)
 
 
