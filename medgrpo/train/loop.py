@@ -18,7 +18,7 @@ from torch import nn
 
 from medgrpo.rewards.rewarder import Rewarder, build_rewarder
 from medgrpo.train import checkpoint as ckpt
-from medgrpo.train.config import TrainConfig, config_to_dict
+from medgrpo.train.config import ConfigError, TrainConfig, config_to_dict
 from medgrpo.train.data import NoUsableRecords, build_loader
 from medgrpo.train.distributed import Runtime, init_runtime, min_over_ranks, seed_everything, warm_up
 from medgrpo.train.evaluation import eval_metrics
@@ -34,6 +34,7 @@ from medgrpo.train.model import DTYPES, ModelConfig, load_model, load_reference_
 from medgrpo.train.optim import build_optimizer
 from medgrpo.train.sft import sft_step
 from medgrpo.train.state import TrainState
+from medgrpo.train.validate import validate
 
 
 @dataclass
@@ -68,9 +69,14 @@ def train(config: TrainConfig) -> RunSummary:
     """Run SFT or MedGRPO as ``config`` says; resumable; exports the final model (HF format).
 
     Raises:
+        ConfigError: the problems :func:`~medgrpo.train.validate.validate` found, before anything is
+            loaded or written.
         NoUsableRecords: no record of ``data.train_file`` can be used (found before anything is written,
             or, when only decoding shows it, on every rank at the same step).
     """
+    problems = validate(config)
+    if problems:
+        raise ConfigError(*problems)
     from transformers import AutoTokenizer
 
     runtime = init_runtime(config.device)
