@@ -28,6 +28,7 @@ from medgrpo.train.metrics import (
     StepResult,
     peak_memory,
     plot_reward_curves,
+    read_metrics,
     reward_means,
 )
 from medgrpo.train.model import DTYPES, ModelConfig, load_model, load_reference_model, shard_model
@@ -113,7 +114,6 @@ def train(config: TrainConfig) -> RunSummary:
             sft_step, config=config.sft, max_grad_norm=config.optim.max_grad_norm, train_vision=train_vision
         )
     log = MetricsLog(output, config.steps, runtime.is_main, start_step)
-    rows: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
     stream = iter(data)
     pixel_dtype = DTYPES[config.model.dtype]
@@ -137,16 +137,15 @@ def train(config: TrainConfig) -> RunSummary:
             if result.reward_rows is not None:
                 result.metrics.update(reward_means(result.reward_rows))
             last = log.log(state.step, result.metrics)
-            rows.append(last)
         if evaluating and state.step % config.eval_every == 0:
-            rows.append(log.log(state.step, evaluate(model, tokenizer, rewarder, config, runtime)))
+            log.log(state.step, evaluate(model, tokenizer, rewarder, config, runtime))
         if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
             state.save(output / "checkpoints", config.keep_checkpoints)
     log.close()
     state.save(output / "checkpoints", config.keep_checkpoints)
     export = ckpt.export_hf(model, tokenizer, output / "final")
-    if runtime.is_main:
-        plot_reward_curves(rows, output / "reward_curves.png")
+    if runtime.is_main:  # the whole run's curves: the rows of earlier processes are in the log too
+        plot_reward_curves(read_metrics(log.path), output / "reward_curves.png")
     steps = config.steps - start_step
     return RunSummary(steps, state.skipped_steps, state.skipped_records, last, output, export)
 
