@@ -220,9 +220,13 @@ def build_loader(
     prompts for rollouts, ``reserved_tokens`` (the completions' budget) taken from ``max_length``.
 
     Raises:
-        NoUsableRecords: not one record of ``train_file`` passes the screen (every rank raises it).
+        NoUsableRecords: ``train_file`` cannot be read as records, or not one of its records passes the
+            screen (every rank raises it).
     """
-    records = RecordDataset(config.train_file, root=config.root or None)
+    try:
+        records = RecordDataset(config.train_file, root=config.root or None)
+    except (OSError, ValueError) as error:  # not JSON lines nor a JSON list, not UTF-8, unreadable
+        raise NoUsableRecords(f"data.train_file {config.train_file}: cannot read its records: {error}") from None
     max_tokens = None if config.max_length is None else config.max_length - reserved_tokens
     collator = VideoCollator(
         tokenizer,
@@ -239,6 +243,8 @@ def build_loader(
         log=runtime.is_main,
     )
     usable = len(records) - len(screen.skipped)
+    if len(records) == 0:
+        raise NoUsableRecords(f"data.train_file {config.train_file}: holds no records")
     if usable == 0:
         raise NoUsableRecords(
             f"data.train_file {config.train_file}: none of its {len(records)} records is usable "

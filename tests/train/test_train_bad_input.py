@@ -195,6 +195,25 @@ def test_no_usable_record_stops_before_anything_is_written(run_dir, tmp_path, ca
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "name,text,expected",
+    [
+        ("records.json", '[{"video": "a.mp4"}, {"vid', "cannot read its records: Unterminated string"),
+        ("records.json", "[]", "holds no records"),
+        ("records.json", '{"video": "a.mp4"}', "cannot read its records: "),
+        ("records.jsonl", "\xff\xfe not text", "none of its 1 records is usable (skipped by kind: bad_record: 1"),
+    ],
+    ids=["truncated JSON list", "empty JSON list", "one object in a .json file", "not UTF-8"],
+)
+def test_a_records_file_that_is_not_records_is_one_line(run_dir, tmp_path, capsys, no_model_load, name, text, expected):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    write, out = run_dir
+    (line,) = refused(capsys, ["--config", str(write(**{"data.train_file": str(path)}))])
+    assert line.startswith(f"data.train_file {path}: ") and expected in line, line
+    assert not out.exists()
+
+
 def test_group_size_1_gives_zero_advantages_with_every_scale():
     """Why grpo.rollout.group_size=1 is refused: r - mean(group) is 0 for a group of one, whatever the scale."""
     import torch
