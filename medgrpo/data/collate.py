@@ -123,6 +123,38 @@ class VideoBatch:
         }
 
 
+@dataclass
+class TokenizedSample:
+    """A decoded sample and its token ids: the prompt (placeholders expanded), then the answer for SFT."""
+
+    sample: VideoSample
+    ids: list[int]
+    prompt_length: int
+
+
+@dataclass
+class TokenizedItems:
+    """A loader's items tokenized but not padded (:meth:`VideoCollator.tokenize_items`), in the order drawn."""
+
+    items: list[TokenizedSample | SkippedSample]
+
+    @property
+    def skipped(self) -> list[SkippedSample]:
+        """The items that cannot be used (what a loader counts)."""
+        return [item for item in self.items if isinstance(item, SkippedSample)]
+
+    def pin_memory(self) -> TokenizedItems:
+        """Page-locked frames (``DataLoader(pin_memory=True)`` calls this)."""
+        return TokenizedItems(
+            [
+                replace(item, sample=replace(item.sample, frames=item.sample.frames.pin_memory()))
+                if isinstance(item, TokenizedSample)
+                else item
+                for item in self.items
+            ]
+        )
+
+
 class VideoCollator:
     """Collate :class:`~medgrpo.data.loader.VideoSample` s into a :class:`VideoBatch`.
 
@@ -172,53 +204,60 @@ class VideoCollator:
         return self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
 
     def __call__(self, items: Sequence[VideoSample | SkippedSample]) -> VideoBatch:
-        skipped = [item for item in items if isinstance(item, SkippedSample)]
-        rows, samples = [], []
-        for sample in (item for item in items if not isinstance(item, SkippedSample)):
-            row = self._tokenize(sample)
-            if isinstance(row, SkippedSample):
-                skipped.append(row)
-            else:
-                rows.append(row)
-                samples.append(sample)
-        return self._batch(rows, samples, skipped)
+        """The batch of ``items``: each tokenized (:meth:`tokenize`), the usable ones padded (:meth:`pad`)."""
+        tokenized = [self.tokenize(item) for item in items]
+        return self.pad(
+            [t for t in tokenized if isinstance(t, TokenizedSample)],
+            [t for t in tokenized if isinstance(t, SkippedSample)],
+        )
 
-    def _tokenize(self, sample: VideoSample) -> tuple[list[int], int, int] | SkippedSample:
-        record = sample.record
+    def tokenize_items(self, items: Sequence[VideoSample | SkippedSample]) -> TokenizedItems:
+        """Each item tokenized, in order, not padded: a loader's collate when batches are assembled later
+        (:meth:`pad`), e.g. refilled from the next items when some were skipped."""
+        return TokenizedItems([self.tokenize(item) for item in items])
+
+    def tokenize(self, item: VideoSample | SkippedSample) -> TokenizedSample | SkippedSample:
+        """A sample's prompt (and answer) ids, or why it cannot be used (a skipped item stays skipped)."""
+        if isinstance(item, SkippedSample):
+            return item
+        record = item.record
         if self.with_answers and record.answer is None:
             return SkippedSample(record.index, record.id, "no_answer", "SFT needs the record's gpt answer")
         try:
-            prompt = self.prompt_ids(record.question, video_grid(sample.frames))
+            prompt = self.prompt_ids(record.question, video_grid(item.frames))
         except ValueError as error:
             return SkippedSample(record.index, record.id, "bad_prompt", str(error))
         answer = self.answer_ids(record.answer) if self.with_answers else []
         if self.max_length is not None and len(prompt) + len(answer) > self.max_length:
             reason = f"{len(prompt) + len(answer)} tokens > max_length {self.max_length}"
             return SkippedSample(record.index, record.id, "too_long", reason)
-        return prompt + answer, len(prompt), len(answer)
+        return TokenizedSample(item, prompt + answer, len(prompt))
 
-    def _batch(self, rows: list, samples: list[VideoSample], skipped: list[SkippedSample]) -> VideoBatch:
-        length = max((len(ids) for ids, _, _ in rows), default=0)
+    def pad(self, rows: Sequence[TokenizedSample], skipped: Sequence[SkippedSample] = ()) -> VideoBatch:
+        """The :class:`VideoBatch` of tokenized samples, padded on ``padding_side``; ``skipped`` rides along."""
+        length = max((len(row.ids) for row in rows), default=0)
         input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long) if self.with_answers else None
-        for i, (ids, prompt_len, _) in enumerate(rows):
-            start = length - len(ids) if self.padding_side == "left" else 0
-            input_ids[i, start : start + len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, start : start + len(ids)] = 1
+        for i, row in enumerate(rows):
+            start = length - len(row.ids) if self.padding_side == "left" else 0
+            end = start + len(row.ids)
+            input_ids[i, start:end] = torch.tensor(row.ids, dtype=torch.long)
+            attention_mask[i, start:end] = 1
             if labels is not None:
-                labels[i, start + prompt_len : start + len(ids)] = input_ids[i, start + prompt_len : start + len(ids)]
+                labels[i, start + row.prompt_length : end] = input_ids[i, start + row.prompt_length : end]
+        samples = [row.sample for row in rows]
         grids = [video_grid(s.frames) for s in samples]
         return VideoBatch(
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels,
-            prompt_lengths=torch.tensor([p for _, p, _ in rows], dtype=torch.long),
+            prompt_lengths=torch.tensor([row.prompt_length for row in rows], dtype=torch.long),
             frames=[s.frames for s in samples],
             video_grid_thw=torch.tensor(grids, dtype=torch.long).reshape(len(samples), 3),
             second_per_grid_ts=torch.tensor([s.plan.second_per_grid_ts for s in samples], dtype=torch.float32),
             records=[s.record for s in samples],
-            skipped=skipped,
+            skipped=list(skipped),
             mm_token_type_ids=(input_ids == self.video_pad_id).long() * VIDEO_TOKEN_TYPE,
         )
 
@@ -231,4 +270,13 @@ def eos_ids(tokenizer) -> list[int]:
     return ids
 
 
-__all__ = ["IGNORE_INDEX", "VideoBatch", "VideoCollator", "eos_ids", "video_grid", "video_token_count"]
+__all__ = [
+    "IGNORE_INDEX",
+    "TokenizedItems",
+    "TokenizedSample",
+    "VideoBatch",
+    "VideoCollator",
+    "eos_ids",
+    "video_grid",
+    "video_token_count",
+]

@@ -137,6 +137,11 @@ def skipped_sample(index: int, record_id: str | None, error: Exception) -> Skipp
     return SkippedSample(index, record_id or getattr(error, "record_id", None), _skip_kind(error), str(error))
 
 
+def log_skip(skip: SkippedSample) -> None:
+    """Log a skipped record (a warning with its index, id, kind and reason)."""
+    logger.warning("skipped record %d (id %s, %s): %s", skip.index, skip.record_id, skip.kind, skip.reason)
+
+
 # What makes a record unusable rather than a bug: a bad record, an unreadable video, an impossible plan.
 SKIPPABLE_ERRORS = (RecordError, VideoDecodeError, ValueError)
 
@@ -178,7 +183,7 @@ class SkipCounter:
         """Count ``skipped`` by kind and log each one."""
         for skip in skipped:
             self.skipped[skip.kind] += 1
-            logger.warning("skipped record %d (id %s, %s): %s", skip.index, skip.record_id, skip.kind, skip.reason)
+            log_skip(skip)
 
     @property
     def skipped_total(self) -> int:
@@ -310,8 +315,9 @@ class DaliRecordLoader(SkipCounter):
             yield batch
 
     def _items(self, indices: Sequence[int]) -> list[VideoSample | SkippedSample]:
-        planned, items = [], []
-        for index in indices:
+        """One item per index, in the order of ``indices``."""
+        planned, items = [], [None] * len(indices)
+        for slot, index in enumerate(indices):
             record_id = None
             try:
                 record = self.dataset.records[index]
@@ -319,15 +325,15 @@ class DaliRecordLoader(SkipCounter):
                 request = frame_request(record, self.dataset.options)
                 source, plan = plan_source(request)
             except SKIPPABLE_ERRORS as error:
-                items.append(skipped_sample(index, record_id, error))
+                items[slot] = skipped_sample(index, record_id, error)
                 continue
-            planned.append((record, source, plan, request.region_box))
-        decoded = self.decoder.decode_items([(source, plan, box) for _, source, plan, box in planned])
-        for (record, _, plan, _), frames in zip(planned, decoded):
+            planned.append((slot, record, source, plan, request.region_box))
+        decoded = self.decoder.decode_items([(source, plan, box) for _, _, source, plan, box in planned])
+        for (slot, record, _, plan, _), frames in zip(planned, decoded):
             if isinstance(frames, VideoDecodeError):
-                items.append(skipped_sample(record.index, record.id, frames))
+                items[slot] = skipped_sample(record.index, record.id, frames)
             else:
-                items.append(VideoSample(record=record, frames=frames, plan=plan))
+                items[slot] = VideoSample(record=record, frames=frames, plan=plan)
         return items
 
     def close(self) -> None:
@@ -351,6 +357,7 @@ __all__ = [
     "VideoSample",
     "frame_request",
     "load_record",
+    "log_skip",
     "open_file_count",
     "plan_record",
 ]

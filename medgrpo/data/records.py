@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from medgrpo.data.task_key import TaskKey, normalize_qa_type
 
@@ -157,14 +157,16 @@ def _check_source_root(source_root: str | None) -> str | None:
     return source_root
 
 
-def _resolve_inside(path: Any, real_root: str, source_root: str | None) -> Path:
+def _resolve_inside(
+    path: Any, real_root: str, source_root: str | None, resolve: Callable[[str], str] = os.path.realpath
+) -> Path:
     if not isinstance(path, str) or not path:
         raise ValueError(f"expected a non-empty path string, got {path!r}")
     if "://" in path or "\x00" in path:
         raise ValueError(f"expected a file path, got {path!r}")
     if source_root is not None and os.path.isabs(path):
         path = _rebase(path, source_root)
-    resolved = os.path.realpath(os.path.join(real_root, path))
+    resolved = resolve(os.path.join(real_root, path))
     if os.path.commonpath([real_root, resolved]) != real_root:
         raise ValueError(f"path {path!r} resolves to {resolved!r}, outside the dataset root {real_root!r}")
     return Path(resolved)
@@ -221,6 +223,55 @@ def task_key(raw: Any) -> TaskKey | None:
         return TaskKey(_data_source(raw), _qa_type(raw)[0])
     except _FieldError:
         return None
+
+
+class RecordOutline(NamedTuple):
+    """What :func:`outline_record` reads of a raw record.
+
+    Attributes:
+        index: its position in its file. id: its ``id`` field, if any.
+        key: its data source and task type.
+        question, answer: the human turn without its ``<video>`` tag, and the gpt turn (None if absent).
+        num_frames: the length of its frame list; None for a video file.
+        first_path: the video file, or the first frame, joined to the root without following links.
+    """
+
+    index: int
+    id: str | None
+    key: TaskKey
+    question: str
+    answer: str | None
+    num_frames: int | None
+    first_path: Path
+
+
+def outline_record(
+    raw: Any, *, index: int, root: str | os.PathLike[str], source_root: str | None = None
+) -> RecordOutline:
+    """The task key, texts and frame count of a raw record, checked as :func:`parse_record` checks them,
+    at a cost independent of the number of frames: one path (the file, or the first frame) is joined
+    to ``root`` and normalized, none is resolved on the file system, and the other fields (metadata,
+    region box, the other frames) wait for :func:`parse_record` on access. Cheap enough to screen
+    every record of a large file before training.
+
+    Raises:
+        RecordError: a missing or malformed field among those read, naming the record and the field.
+    """
+    record_id = _record_id(raw, index)
+    root = os.path.normpath(os.path.abspath(root))
+    resolve = partial(
+        _resolve_inside, real_root=root, source_root=_check_source_root(source_root), resolve=os.path.normpath
+    )
+    try:
+        question, answer = _conversation(raw)
+        key = TaskKey(_data_source(raw), _qa_type(raw)[0])
+        video = _present(raw, "video")
+        if isinstance(video, list) and video:
+            first = _path(video[0], "video[0]", resolve)
+            return RecordOutline(index, record_id, key, question, answer, len(video), first)
+        return RecordOutline(index, record_id, key, question, answer, None, _video(raw, resolve))
+    except _FieldError as error:
+        raise RecordError(str(error), index=index, record_id=record_id, field=error.field) from None
 
 
 def _build(raw: dict[str, Any], *, index: int, record_id: str | None, resolve: _Resolve) -> VideoRecord:
@@ -446,6 +497,11 @@ class RecordDataset:
     def __iter__(self) -> Iterator[VideoRecord]:
         for position in range(len(self)):
             yield self[position]
+
+    def outline(self, index: int) -> RecordOutline:
+        """:func:`outline_record` of the record at ``index`` (RecordError when it is malformed or not JSON)."""
+        position = self._position(index)
+        return outline_record(self._raw(position), index=position, root=self.root, source_root=self.source_root)
 
     def raw(self, index: int) -> Any:
         """The record at ``index`` as decoded from the file, not validated."""

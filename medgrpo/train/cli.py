@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 from medgrpo.train.config import ConfigError, describe_fields, load_config
 
@@ -28,19 +30,34 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Load the config, train, print where the outputs are; 2 on a bad config."""
+    """Load and check the config, train, print where the outputs are.
+
+    A user mistake (a config that does not load, or that :func:`~medgrpo.train.validate.validate`
+    refuses, or a records file without one usable record) is printed as one line per problem, before
+    the model is loaded or the output directory touched, and the status is 2.
+    """
+    from medgrpo.train.data import NoUsableRecords
     from medgrpo.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     overrides = list(args.overrides) + (["resume=true"] if args.resume else [])
     try:
-        config = load_config(args.config, overrides)
-    except (ConfigError, OSError) as error:
-        print(f"medgrpo train: {error}")
-        return 2
-    summary = train(config)
+        summary = train(load_config(args.config, overrides))
+    except ConfigError as error:
+        return _refuse(error.problems)
+    except NoUsableRecords as error:
+        return _refuse([str(error)])
     print(
-        f"medgrpo train: {summary.steps} steps ({summary.skipped_steps} skipped, records skipped by kind: "
-        f"{summary.skipped_records or 'none'}); outputs in {summary.output_dir}, model in {summary.export_dir}"
+        f"medgrpo train: {summary.steps} steps run (skipped steps in the run: {summary.skipped_steps}; records "
+        f"skipped by kind: {summary.skipped_records or 'none'}); outputs in {summary.output_dir}, "
+        f"model in {summary.export_dir}"
     )
     return 0
+
+
+def _refuse(problems: list[str]) -> int:
+    """Print each problem on one line (on the first rank only under torchrun); the exit status 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        for problem in problems:
+            print(f"medgrpo train: {problem}", file=sys.stderr)
+    return 2

@@ -80,7 +80,12 @@ class TrainConfig:
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit :class:`TrainConfig`."""
+    """A config file or override that does not fit :class:`TrainConfig`, or a config a run cannot use:
+    ``problems`` holds one line per problem (the message joins them)."""
+
+    def __init__(self, *problems: str):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -111,6 +116,11 @@ def _coerce(value: Any, kind: Any, where: str, base: Any = None) -> Any:
         return {str(k): _coerce(v, value_kind, f"{where}.{k}") for k, v in value.items()}
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-6 (no dot) and nan as strings
+            return float(value)
+        except ValueError:
+            pass
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -128,9 +138,14 @@ def _build(cls: type, raw: Any, where: str, base: Any = None) -> Any:
     unknown = sorted(set(raw) - set(kinds))
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown field(s) {unknown}; known: {sorted(kinds)}")
-    values = {
-        name: _coerce(raw[name], kinds[name], f"{where}.{name}".lstrip("."), getattr(base, name, None)) for name in raw
-    }
+    values, problems = {}, []
+    for name in raw:  # every field, so that all the problems are listed at once
+        try:
+            values[name] = _coerce(raw[name], kinds[name], f"{where}.{name}".lstrip("."), getattr(base, name, None))
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(*problems)
     missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in values and _required(f)]
     if base is None and missing:
         raise ConfigError(f"{where or 'config'}: missing field(s) {missing}")
@@ -150,6 +165,10 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} is not of the form section.field=value")
     dotted, text = override.split("=", 1)
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"override {override!r}: malformed YAML value: {_yaml_problem(error)}") from None
     *sections, name = dotted.strip().split(".")
     target = raw
     for section in sections:
@@ -158,7 +177,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         target = target[section]
         if not isinstance(target, dict):
             raise ConfigError(f"override {override!r}: {section} is not a section")
-    target[name] = yaml.safe_load(text) if text.strip() else ""
+    target[name] = value
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -171,14 +190,33 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
     raw: dict[str, Any] = {}
     if path is not None:
-        with open(path) as handle:
-            loaded = yaml.safe_load(handle)
+        try:
+            with open(path) as handle:
+                loaded = yaml.safe_load(handle)
+        except OSError as error:
+            raise ConfigError(f"--config {path}: {error.strerror or error}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--config {path}: malformed YAML: {_yaml_problem(error)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a YAML mapping at the top level")
         raw = loaded or {}
+    problems = []
     for override in overrides:
-        _apply_override(raw, override)
+        try:
+            _apply_override(raw, override)
+        except ConfigError as error:
+            problems += error.problems
+    if problems:
+        raise ConfigError(*problems)
     return config_from_dict(raw)
+
+
+def _yaml_problem(error: Exception) -> str:
+    """One line: where the YAML breaks and why (PyYAML's message spans several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
 
 
 def config_from_dict(raw: dict[str, Any]) -> TrainConfig:

@@ -121,6 +121,19 @@ def global_token_count(mask: torch.Tensor) -> torch.Tensor:
     return count.clamp_min(1.0)
 
 
+def min_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of every rank's ``value`` (all-reduced on ``device``; ``value`` itself in one process).
+
+    Every rank must call it at the same point; each gets the same answer, so all take the same branch
+    after it (no rank raises, or skips a collective, while the others wait).
+    """
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
+
+
 __all__ = [
     "Runtime",
     "barrier",
@@ -129,6 +142,7 @@ __all__ = [
     "init_runtime",
     "is_distributed",
     "is_sharded",
+    "min_over_ranks",
     "rank",
     "seed_everything",
     "warm_up",

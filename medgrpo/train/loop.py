@@ -18,21 +18,30 @@ from torch import nn
 
 from medgrpo.rewards.rewarder import Rewarder, build_rewarder
 from medgrpo.train import checkpoint as ckpt
-from medgrpo.train.config import TrainConfig, config_to_dict
-from medgrpo.train.data import batches, build_loader
-from medgrpo.train.distributed import Runtime, init_runtime, seed_everything, warm_up
+from medgrpo.train.config import ConfigError, TrainConfig, config_to_dict
+from medgrpo.train.data import NoUsableRecords, build_loader
+from medgrpo.train.distributed import Runtime, init_runtime, min_over_ranks, seed_everything, warm_up
 from medgrpo.train.evaluation import eval_metrics
 from medgrpo.train.grpo import GRPOSetup, grpo_step
-from medgrpo.train.metrics import MetricsLog, StepResult, peak_memory, plot_reward_curves, reward_means
+from medgrpo.train.metrics import (
+    MetricsLog,
+    StepResult,
+    peak_memory,
+    plot_reward_curves,
+    read_metrics,
+    reward_means,
+)
 from medgrpo.train.model import DTYPES, ModelConfig, load_model, load_reference_model, shard_model
 from medgrpo.train.optim import build_optimizer
 from medgrpo.train.sft import sft_step
 from medgrpo.train.state import TrainState
+from medgrpo.train.validate import validate
 
 
 @dataclass
 class RunSummary:
-    """What a run did: steps, skips, the final metrics row, and where its outputs are."""
+    """What a run did: the steps this process ran; over the whole run (resumes included) the skipped steps
+    and the records skipped by kind; the final metrics row; and where its outputs are."""
 
     steps: int
     skipped_steps: int
@@ -58,29 +67,44 @@ def build_model(config: ModelConfig, runtime: Runtime, *, with_reference: bool) 
 
 
 def train(config: TrainConfig) -> RunSummary:
-    """Run SFT or MedGRPO as ``config`` says; resumable; exports the final model (HF format)."""
+    """Run SFT or MedGRPO as ``config`` says; resumable; exports the final model (HF format).
+
+    Raises:
+        ConfigError: the problems :func:`~medgrpo.train.validate.validate` found, before anything is
+            loaded or written.
+        NoUsableRecords: no record of ``data.train_file`` can be used (found before anything is written,
+            or, when only decoding shows it, on every rank at the same step).
+    """
+    problems = validate(config)
+    if problems:
+        raise ConfigError(*problems)
     from transformers import AutoTokenizer
 
     runtime = init_runtime(config.device)
     seed_everything(config.seed, runtime.rank)
+    grpo, evaluating = config.mode == "grpo", bool(config.eval_every and config.data.eval_file)
+    tokenizer = AutoTokenizer.from_pretrained(config.model.path, local_files_only=True)
+    data = build_loader(
+        config.data,
+        runtime,
+        tokenizer,
+        batch_size=config.grpo.prompts_per_step if grpo else config.sft.batch_size,
+        with_answers=not grpo,
+        seed=config.seed,
+        reserved_tokens=config.grpo.rollout.max_new_tokens if grpo else 0,
+    )
     output = Path(config.output_dir)
     if runtime.is_main:
         output.mkdir(parents=True, exist_ok=True)
         (output / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path, local_files_only=True)
-    grpo, evaluating = config.mode == "grpo", bool(config.eval_every and config.data.eval_file)
     model, reference = build_model(config.model, runtime, with_reference=grpo and config.grpo.loss.beta > 0)
     optimizer, scheduler = build_optimizer(model, config.optim, config.steps)
-    batch_size = config.grpo.prompts_per_step if grpo else config.sft.batch_size
-    loader, sampler = build_loader(
-        config.data, runtime, tokenizer, batch_size=batch_size, with_answers=not grpo, seed=config.seed
-    )
     rewarder = build_rewarder(config.rewards, config.grpo.norm_stats, runtime.device) if grpo or evaluating else None
     generator = torch.Generator(device=runtime.device).manual_seed(config.seed * 7919 + runtime.rank)
-    state = TrainState(model, optimizer, scheduler, sampler, generator)
+    state = TrainState(model, optimizer, scheduler, data.sampler, generator)
     if config.resume:
         state.resume(output / "checkpoints")
-    start_step, skipped_before = state.step, state.skipped_steps
+    start_step = state.step
     if grpo:
         setup = GRPOSetup.build(config.grpo, tokenizer, max_grad_norm=config.optim.max_grad_norm, reference=reference)
         step = functools.partial(grpo_step, rewarder=rewarder, setup=setup)
@@ -90,36 +114,45 @@ def train(config: TrainConfig) -> RunSummary:
             sft_step, config=config.sft, max_grad_norm=config.optim.max_grad_norm, train_vision=train_vision
         )
     log = MetricsLog(output, config.steps, runtime.is_main, start_step)
-    rows: list[dict[str, Any]] = []
     last: dict[str, Any] = {}
-    stream = batches(loader, sampler)
+    stream = iter(data)
     pixel_dtype = DTYPES[config.model.dtype]
     while state.step < config.steps:
-        result: StepResult = step(state, next(stream).to(runtime.device, pixel_dtype))
+        batch = next(stream)
+        if min_over_ranks(len(batch), runtime.device) == 0:  # every rank stops here together
+            raise NoUsableRecords(
+                f"data.train_file {config.data.train_file}: no usable record left to draw at step {state.step + 1} "
+                f"(records skipped by kind: {state.skipped_records}; each is logged with its id)"
+            )
+        result: StepResult = step(state, batch.to(runtime.device, pixel_dtype))
         state.step += 1
         state.skipped_steps += not result.stepped
         result.metrics.update(
             lr=scheduler.get_last_lr()[0],
             skipped_steps=state.skipped_steps,
-            skipped_records=loader.skipped_total,
+            **skip_metrics(state.skipped_records),
             **peak_memory(runtime.device),
         )
         if state.step % max(config.log_every, 1) == 0 or state.step == config.steps:
             if result.reward_rows is not None:
                 result.metrics.update(reward_means(result.reward_rows))
             last = log.log(state.step, result.metrics)
-            rows.append(last)
         if evaluating and state.step % config.eval_every == 0:
-            rows.append(log.log(state.step, evaluate(model, tokenizer, rewarder, config, runtime)))
+            log.log(state.step, evaluate(model, tokenizer, rewarder, config, runtime))
         if config.save_every and state.step % config.save_every == 0 and state.step < config.steps:
             state.save(output / "checkpoints", config.keep_checkpoints)
     log.close()
     state.save(output / "checkpoints", config.keep_checkpoints)
     export = ckpt.export_hf(model, tokenizer, output / "final")
-    if runtime.is_main:
-        plot_reward_curves(rows, output / "reward_curves.png")
-    skipped = state.skipped_steps - skipped_before
-    return RunSummary(config.steps - start_step, skipped, dict(loader.skipped), last, output, export)
+    if runtime.is_main:  # the whole run's curves: the rows of earlier processes are in the log too
+        plot_reward_curves(read_metrics(log.path), output / "reward_curves.png")
+    steps = config.steps - start_step
+    return RunSummary(steps, state.skipped_steps, state.skipped_records, last, output, export)
+
+
+def skip_metrics(skipped: dict[str, int]) -> dict[str, int]:
+    """``skipped_records`` (the total) and ``skipped_records/<kind>`` of the run's skipped records."""
+    return {"skipped_records": sum(skipped.values()), **{f"skipped_records/{k}": v for k, v in sorted(skipped.items())}}
 
 
 def evaluate(model: nn.Module, tokenizer, rewarder: Rewarder, config: TrainConfig, runtime: Runtime) -> dict[str, Any]:
@@ -135,4 +168,4 @@ def evaluate(model: nn.Module, tokenizer, rewarder: Rewarder, config: TrainConfi
     )
 
 
-__all__ = ["RunSummary", "build_model", "train"]
+__all__ = ["RunSummary", "build_model", "skip_metrics", "train"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -38,7 +39,14 @@ def as_number(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Per-step JSONL metrics, TensorBoard scalars when available, and a progress line with ETA."""
+    """Per-step JSONL metrics, TensorBoard scalars when available, and a progress line with ETA.
+
+    A run that starts at ``start_step`` (resumed from that step's checkpoint, or 0) owns every step
+    after it: rows of later steps already in ``metrics.jsonl`` (written before a crash, by the steps
+    now run again) are dropped when the log opens (:func:`truncate_metrics`), and TensorBoard purges
+    its events from ``start_step + 1`` on (``SummaryWriter(purge_step=...)``), so each step has one
+    row and one point.
+    """
 
     def __init__(self, directory: Path, total_steps: int, enabled: bool, start_step: int = 0):
         self.enabled, self.total, self.start_step = enabled, total_steps, start_step
@@ -47,10 +55,11 @@ class MetricsLog:
         self.writer = None
         if enabled:
             directory.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(self.path, start_step)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(str(directory / "tensorboard"))
+                self.writer = SummaryWriter(str(directory / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 logger.info("tensorboard is not installed: metrics go to %s only", self.path)
 
@@ -84,6 +93,37 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics log, in order (none if it does not exist); a line that is not a JSON object
+    (torn by a crash mid-write) is left out and logged."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+        elif line.strip():
+            logger.warning("%s line %d is not a metrics row (a write cut short?): left out", path, number)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of ``path`` up to ``step``: written to a temporary file, renamed over it (atomic)."""
+    if not path.is_file():
+        return
+    kept = [row for row in read_metrics(path) if row["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write("".join(json.dumps(row) + "\n" for row in kept))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
 
 
 def plot_reward_curves(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -159,5 +199,7 @@ __all__ = [
     "peak_memory",
     "per_key_means",
     "plot_reward_curves",
+    "read_metrics",
     "reward_means",
+    "truncate_metrics",
 ]

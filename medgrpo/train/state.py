@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from medgrpo.train import checkpoint as ckpt
+from medgrpo.train.distributed import is_distributed, rank, world_size
 from medgrpo.train.sampler import BalancedSampler
 
 logger = logging.getLogger(__name__)
@@ -21,9 +23,10 @@ class TrainState:
     """The resumable state of a run.
 
     The model and optimizer are saved with torch.distributed.checkpoint and the scheduler by rank 0
-    (:func:`medgrpo.train.checkpoint.save_checkpoint`); :meth:`state_dict` is the rest: the sampler's
-    position, the rollout generator, the step and the counters. ``params`` are the trainable
-    parameters, the optimizer's.
+    (:func:`medgrpo.train.checkpoint.save_checkpoint`); :meth:`state_dict` is the rest: the step and
+    the skipped-step count, and each rank's own sampler (position, excluded records, skip counts by
+    kind) and rollout generator, gathered on rank 0 (ranks draw and skip differently). ``params``
+    are the trainable parameters, the optimizer's.
     """
 
     model: nn.Module
@@ -39,19 +42,33 @@ class TrainState:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler, the generator, the step and the counters (Python values and tensors)."""
-        return {
-            "sampler": self.sampler.state_dict(),
-            "generator": self.generator.get_state(),
-            "step": self.step,
-            "skipped_steps": self.skipped_steps,
-        }
+        """The step, the counters, and every rank's sampler and generator; every rank calls it (a gather)."""
+        own = {"sampler": self.sampler.state_dict(), "generator": self.generator.get_state()}
+        ranks = [own]
+        if is_distributed():
+            ranks = [None] * world_size()
+            dist.all_gather_object(ranks, own)
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "ranks": ranks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.sampler.load_state_dict(state["sampler"])
-        self.generator.set_state(state["generator"])
+        ranks = state.get("ranks") or [state]  # checkpoints of older runs hold rank 0's sampler and generator only
+        if len(ranks) != world_size():
+            logger.warning(
+                "the checkpoint holds the data position of %d rank(s), this run has %d: ranks without their own "
+                "take rank 0's, and the draws differ from an uninterrupted run",
+                len(ranks),
+                world_size(),
+            )
+        own = ranks[rank()] if rank() < len(ranks) else ranks[0]
+        self.sampler.load_state_dict(own["sampler"])
+        self.generator.set_state(own["generator"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))  # absent from checkpoints of older runs
+
+    @property
+    def skipped_records(self) -> dict[str, int]:
+        """Records skipped in the run so far (this rank's), by kind: before training and while drawing."""
+        return dict(self.sampler.skipped)
 
     def save(self, directory: Path, keep: int) -> Path:
         """Checkpoint the state at its step under ``directory``, keeping the newest ``keep``; every rank calls it."""
@@ -67,6 +84,7 @@ class TrainState:
 
     def resume(self, directory: Path) -> bool:
         """Load the newest complete checkpoint under ``directory``; False (logged) when there is none."""
+        # The one call site choosing the checkpoint to resume from (the newest complete one).
         latest = ckpt.latest_checkpoint(directory)
         if latest is None:
             logger.warning("--resume: no complete checkpoint under %s; starting from step 0", directory)

@@ -110,6 +110,12 @@ def video_batch(request, tokenizer, clips) -> VideoBatch:
 
 
 @pytest.fixture(scope="session")
+def batch_maker(tokenizer, clips):
+    """Builds the two prompts' batch with the given padding side, as the processor returns it (not moved)."""
+    return lambda padding_side: make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], padding_side)
+
+
+@pytest.fixture(scope="session")
 def left_batch(tokenizer, clips) -> VideoBatch:
     """The two prompts, left-padded (what rollouts take)."""
     return make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], "left").to("cpu")

@@ -261,17 +261,15 @@ def test_filter_logits():
     assert abs(share - 0.5 / 0.8) < 0.05
 
 
-def test_bad_inputs(tiny_model, left_batch, tokenizer, clips, special):
+def test_bad_inputs(tiny_model, batch_maker, special):
     with pytest.raises(ValueError, match="group_size"):
         RolloutConfig(group_size=0)
     with pytest.raises(ValueError, match="top_p"):
         RolloutConfig(top_p=0.0)
-    from conftest import QUESTIONS, make_batch
-
-    right = make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], "right").to("cpu")
+    right = batch_maker("right").to("cpu")
     with pytest.raises(ValueError, match="left-padded"):
         generate(tiny_model, right, RolloutConfig(group_size=1, max_new_tokens=2), **stop_kwargs(special))
-    host = make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], "left")
+    host = batch_maker("left")
     with pytest.raises(ValueError, match="to\\(device\\)"):
         generate(tiny_model, host, RolloutConfig(group_size=1, max_new_tokens=2), **stop_kwargs(special))
 
