@@ -226,6 +226,25 @@ def test_unknown_type_and_bad_reference_are_nan_and_counted(reward, caplog):
         reward(["a"], [])
 
 
+def test_non_finite_and_huge_reference_scores_are_left_out(reward):
+    huge = int("9" * 400)
+    records = [
+        Rec("cvs_assessment", "", [{"cvs_scores": {"two_structures": math.nan, "cystic_plate": huge}}]),
+        Rec("cvs_assessment", "", [{"cvs_scores": {"two_structures": 2, "cystic_plate": math.inf}}]),
+        Rec("skill_assessment", "", [{"skill_scores": {"Respect for tissue": huge, "Time and motion": 3}}]),
+        Rec("tal", "", [{"spans": [{"start": 1.0, "end": huge}, {"start": 1.0, "end": 3.0}]}]),
+    ]
+    completions = [
+        "Two structures: 2, Cystic plate: 1",
+        "Two structures: 2",
+        "Time and motion: 3/5",
+        "1.0-3.0 seconds.",
+    ]
+    out = reward(completions, records)
+    assert math.isnan(out.rewards[0]) and out.counts["bad_reference/cvs_assessment"] == 1  # no finite component left
+    assert out.rewards[1:].tolist() == [1.0, 1.0, 1.0]  # the finite parts alone
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         RewardConfig(format_penalty=1.5)
