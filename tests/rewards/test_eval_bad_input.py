@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from medgrpo.rewards.evaluate import main, metrics_judge
+from medgrpo.testing.judge_server import JudgeServer
 
 ROOT = Path(__file__).resolve().parents[2]
 EARLIER = '{"earlier": "metrics"}\n'
@@ -215,13 +216,55 @@ def test_a_judge_that_raises_costs_its_scores_not_the_metrics(tmp_path: Path, ca
     output = tmp_path / "metrics.json"
     argv = ["--predictions", str(path), "--output", str(output), "--no-embedder"]
     assert main(argv, judge=metrics_judge(BrokenJudge())) == 0
-    (line,) = capsys.readouterr().err.splitlines()
-    assert line == (
-        "medgrpo eval: the judge failed on 1 pairs (RuntimeError: connection pool is closed); their scores are missing"
-    )
+    assert capsys.readouterr().err.splitlines() == [
+        "medgrpo eval: the judge failed on 1 pairs (RuntimeError: connection pool is closed); their scores are missing",
+        "medgrpo eval: the judge scored none of 1 pairs; not asking it again "
+        "(0 more pairs of this task and all later ones are missing)",
+    ]
     metrics = strict_load(output)
     assert metrics["tag_miou_03"] == 1.0 and metrics["vs_llm"] is None
     assert metrics["notes"]["vs_judge_missing"] == 1
+
+
+def judged_file(tmp_path: Path) -> Path:
+    """A tal record, two video summaries and one region caption: three judge pairs over two tasks."""
+    path = tmp_path / "predictions.json"
+    region = {**caption("rc"), "qa_type": "region_caption"}
+    path.write_text(json.dumps([tal("a"), caption("vs1"), {**caption("vs2"), "prediction": "Another."}, region]))
+    return path
+
+
+@pytest.mark.parametrize("reply", ["not_json", "untyped", "string", "no_choices", "418"])
+def test_judge_replies_that_are_no_score(reply: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = judged_file(tmp_path)
+    output = tmp_path / "metrics.json"
+    with JudgeServer() as server:
+        server.rule("", reply)
+        judge = ["--judge-base-url", server.base_url, "--judge-model", "loopback-judge"]
+        assert main(["--predictions", str(path), "--output", str(output), "--no-embedder", *judge]) == 0
+        asked = server.requests
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "judge scored none of 2 pairs; not asking it again" in err
+    assert "judge: 2 pairs, 0 cached, 0 scored, 2 missing" in err  # the region caption was never asked
+    metrics = strict_load(output)
+    assert metrics["tag_miou_03"] == 1.0 and metrics["vs_llm"] is None and metrics["rc_llm"] is None
+    assert metrics["notes"]["vs_judge_missing"] == 2 and metrics["notes"]["rc_judge_missing"] == 1
+    assert asked <= 2 * 5  # two pairs, each with at most its retries
+
+
+def test_a_judge_that_never_answers_costs_one_deadline(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = judged_file(tmp_path)
+    output = tmp_path / "metrics.json"
+    with JudgeServer() as server:
+        server.rule("", "hang")
+        judge = ["--judge-base-url", server.base_url, "--judge-model", "m", "--judge-deadline-s", "1"]
+        assert main(["--predictions", str(path), "--output", str(output), "--no-embedder", *judge]) == 0
+        assert server.requests == 2  # the region caption is not asked
+    assert "not asking it again" in capsys.readouterr().err
+    assert "2 of 2 scores missing after retries (batch deadline x2)" in caplog.text
+    assert strict_load(output)["vs_llm"] is None
 
 
 def test_command_line_shows_no_traceback(tmp_path: Path) -> None:
