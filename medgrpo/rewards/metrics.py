@@ -570,6 +570,33 @@ def _nearest(texts: list[str], classes: Sequence[str], embed: Embed | None) -> l
     return [int(i) for i in torch.argmax(sims, dim=1).tolist()]
 
 
+def _group_classes(dataset: str, procedure: str | None, records: Sequence[EvalRecord]) -> list[str]:
+    """A class group's classes: the dataset's list (NurViD: the procedure's), else the sorted distinct ground truths."""
+    classes = list(nac.action_classes(dataset, procedure))
+    return classes or sorted({g for g in (nac.normalize_action(r.gnd, dataset) for r in records) if g})
+
+
+class CachedEmbed:
+    """An :data:`Embed` that embeds each text once: :meth:`add` many texts in one call, then look them up.
+
+    :func:`nap_metrics` wraps its ``embed`` in one; pass one yourself to share the
+    embeddings between several evaluations (the class lists repeat).
+    """
+
+    def __init__(self, embed: Embed) -> None:
+        self.embed = embed
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def add(self, texts: Iterable[str]) -> None:
+        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if new:
+            self.rows.update(zip(new, self.embed(new)))
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        self.add(texts)
+        return torch.stack([self.rows[t] for t in texts])
+
+
 def nap_group_results(
     dataset: str, procedure: str | None, records: Sequence[EvalRecord], embed: Embed | None
 ) -> tuple[list[int], list[str], int]:
@@ -579,10 +606,8 @@ def nap_group_results(
     distinct ground truths; a ground truth outside the list is left out; an answer equal
     (after strip, case-sensitive) to a class is that class, otherwise its nearest class.
     """
-    classes = list(nac.action_classes(dataset, procedure))
+    classes = _group_classes(dataset, procedure, records)
     gts = [nac.normalize_action(r.gnd, dataset) for r in records]
-    if not classes:
-        classes = sorted({g for g in gts if g})
     index = {c: i for i, c in enumerate(classes)}
     kept = [(r, g) for r, g in zip(records, gts) if g and g in index]
     left_out = [r.key for r, g in zip(records, gts) if not (g and g in index)]
@@ -603,7 +628,12 @@ def nap_metrics(records: Sequence[EvalRecord], embed: Embed | None = None) -> Ta
     result = TaskResult()
     hits: dict[str, list[int]] = defaultdict(list)
     unresolved = 0
-    for (dataset, procedure), group in _nap_groups(records).items():
+    groups = _nap_groups(records)
+    if embed is not None:  # every class list and answer in one embedding call, not two per class group
+        embed = cache = embed if isinstance(embed, CachedEmbed) else CachedEmbed(embed)
+        answers = [nac.normalize_action(r.answer, r.data_source) for r in records]
+        cache.add([c for key, group in groups.items() for c in _group_classes(*key, group)] + [a for a in answers if a])
+    for (dataset, procedure), group in groups.items():
         group_hits, left_out, group_unresolved = nap_group_results(dataset, procedure, group, embed)
         hits[dataset].extend(group_hits)
         result.skipped.extend((key, "ground truth not in the class list") for key in left_out)
