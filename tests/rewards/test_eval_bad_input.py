@@ -156,24 +156,18 @@ def test_output_into_a_missing_directory_is_created(tmp_path: Path) -> None:
     assert strict_load(output)["tag_miou_03"] == 1.0
 
 
-@pytest.mark.parametrize("where", ["a directory", "under a file"])
 def test_output_that_cannot_be_written_still_prints_the_metrics(
-    where: str, tmp_path: Path, capsys: pytest.CaptureFixture
+    unwritable_output, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     path = tmp_path / "predictions.json"
     path.write_text(json.dumps([tal("a")]))
-    if where == "a directory":
-        output = tmp_path / "metrics.json"
-        output.mkdir()
-    else:
-        (tmp_path / "blocker").write_text("a file")
-        output = tmp_path / "blocker" / "metrics.json"
-    assert main(["--predictions", str(path), "--output", str(output), "--no-embedder"]) == 2
+    argv = ["--predictions", str(path), "--output", str(unwritable_output.path), "--no-embedder"]
+    assert main(argv) == 2
     seen = capsys.readouterr()
     (line,) = seen.err.splitlines()
-    assert line.startswith(f"medgrpo eval: cannot write {output}: ")
+    assert line.startswith(f"medgrpo eval: cannot write {unwritable_output.path}: ")
     assert "Overall |" in seen.out and "1.0000" in seen.out  # the computed table
-    assert where != "under a file" or (tmp_path / "blocker").read_text() == "a file"
+    assert unwritable_output.untouched()
 
 
 def test_unreadable_comparison_run_keeps_the_metrics(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -128,25 +128,14 @@ def test_output_into_a_missing_directory_is_created(tmp_path: Path) -> None:
     assert load_norm_stats(output).rows[0].count == 4
 
 
-@pytest.mark.parametrize("where", ["a directory", "under a file"])
-def test_output_that_cannot_be_written(where: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_output_that_cannot_be_written(unwritable_output, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_lines(tmp_path / "rollouts.jsonl", GOOD)
-    if where == "a directory":
-        output = tmp_path / "stats.json"
-        output.mkdir()
-    else:
-        (tmp_path / "blocker").write_text("a file")
-        output = tmp_path / "blocker" / "stats.json"
-    assert main([str(path), "-o", str(output), "--min-samples", "1"]) == 2
+    assert main([str(path), "-o", str(unwritable_output.path), "--min-samples", "1"]) == 2
     seen = capsys.readouterr()
     (line,) = seen.err.splitlines()
-    assert line.startswith(f"fit-norm: cannot write {output}: ") and line.endswith("; nothing written")
+    assert line.startswith(f"fit-norm: cannot write {unwritable_output.path}: ") and line.endswith("; nothing written")
     assert "4 finite rewards over 1 keys" in seen.out  # the report of what was read still comes
-    if where == "a directory":
-        assert list(output.iterdir()) == []
-    else:
-        assert (tmp_path / "blocker").read_text() == "a file"
-    assert len(list(tmp_path.iterdir())) == 2  # the input and the obstacle: no temporary file left
+    assert unwritable_output.untouched()  # and no temporary file is left beside it
 
 
 def test_strict_exits_1_after_writing(tmp_path: Path) -> None:
