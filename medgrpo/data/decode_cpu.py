@@ -26,6 +26,7 @@ from medgrpo.data.decode import (
     VideoSource,
     check_file,
     check_indices,
+    check_same_size,
     decode_frame_images,
     import_av,
     is_frame_source,
@@ -58,9 +59,8 @@ def _decode_video(path: str, indices: Sequence[int]) -> torch.Tensor:
         raise VideoDecodeError(path, f"cannot decode video: {error}") from error
     if last not in kept:
         raise VideoDecodeError(path, f"frame index {last} is beyond the video ({position + 1} frames decoded)")
-    shapes = {array.shape for array in kept.values()}
-    if len(shapes) != 1:
-        raise VideoDecodeError(path, f"frame size changes inside the video: {sorted(shapes)}")
+    positions = sorted(kept)
+    check_same_size([kept[i].shape[1::-1] for i in positions], [f"frame {i}" for i in positions], source=path)
     return torch.from_numpy(np.stack([kept[i] for i in wanted]))
 
 

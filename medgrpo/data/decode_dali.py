@@ -30,6 +30,7 @@ from medgrpo.data.decode import (
     VideoSource,
     check_file,
     check_indices,
+    check_same_size,
     frame_paths,
     is_frame_source,
     plan_source,
@@ -155,10 +156,7 @@ def _image_job(
     wanted = check_indices(plan.indices, label, len(paths))
     distinct = list(dict.fromkeys(wanted))
     images = [_read_image_bytes(paths[i]) for i in distinct]
-    sizes = {size for _, size in images}
-    if len(sizes) != 1:
-        raise VideoDecodeError(label, f"frames differ in size: {sorted(sizes)}")
-    width, height = sizes.pop()
+    width, height = check_same_size([size for _, size in images], [paths[i] for i in distinct])
     pre_height, pre_width = sampling.frame_list_presize(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
     # With a region box, DALI stops at the first (per-image) resize: the box goes on, then the video resize.
     out_height, out_width = (pre_height, pre_width) if box is not None else (plan.height, plan.width)

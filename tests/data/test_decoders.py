@@ -13,13 +13,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from medgrpo.data import sampling
-from medgrpo.data.decode import FrameRequest, VideoDecodeError, list_frame_files
+from medgrpo.data.decode import FrameRequest, VideoDecodeError, check_same_size, list_frame_files
 from medgrpo.testing.video_fixtures import CLIP_FPS as FPS
 from medgrpo.testing.video_fixtures import CLIP_FRAMES as N
 from medgrpo.testing.video_fixtures import CLIP_SIZE as SIZE
@@ -178,6 +179,32 @@ def test_empty_frame_list(tmp_path, backend):
     if backend.decode_frames is not None:
         with pytest.raises(VideoDecodeError, match="empty frame list"):
             backend.decode_frames([], [0])
+
+
+@pytest.mark.parametrize("backend", VIDEOS, indirect=True)
+@pytest.mark.parametrize("odd", [0, 3, 5])
+def test_frame_size_mismatch_names_the_odd_frame(tmp_path, backend, odd):
+    paths = write_jpeg_folder(tmp_path / "frames", 6, SIZE)
+    write_jpeg_folder(tmp_path / "small", 6, (SIZE[0] // 2, SIZE[1] // 2))
+    paths[odd] = str(tmp_path / "small" / Path(paths[odd]).name)
+    expected = f"frame is {SIZE[0] // 2}x{SIZE[1] // 2}, the other frames are {SIZE[0]}x{SIZE[1]}$"
+    with pytest.raises(VideoDecodeError, match=expected) as info:
+        backend.load(FrameRequest(paths))
+    assert info.value.path == paths[odd]
+    if backend.decode_frames is not None:
+        with pytest.raises(VideoDecodeError) as info:
+            backend.decode_frames(paths, [5, 0, 3])
+        assert info.value.path == paths[odd]
+
+
+def test_check_same_size_names_the_frame_inside_a_video():
+    sizes = [(64, 48), (64, 48), (32, 24), (64, 48), (16, 12)]
+    with pytest.raises(
+        VideoDecodeError, match=r"clip.mp4: frame 2 is 32x24, the other frames are 64x48 \(1 more"
+    ) as info:
+        check_same_size(sizes, [f"frame {i}" for i in range(5)], source="clip.mp4")
+    assert info.value.path == "clip.mp4"
+    assert check_same_size([(64, 48)] * 3, ["a", "b", "c"]) == (64, 48)
 
 
 @pytest.mark.parametrize("backend", FRAME_READERS, indirect=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sqlite3
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -226,6 +228,103 @@ def test_client_errors_are_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
         assert judge.score_batch(PREDICTIONS[:1], [REFERENCE]) == [None]
         assert server.requests == 0  # refused before scoring: 401 is final
     assert (judge.counters.requests, judge.counters.retries, judge.counters.missing) == (1, 0, 1)
+
+
+# ------------------------------------------------------------------------ replies that are no score
+BAD_REPLIES = {
+    "not_json": "reply is not JSON",  # 200, application/json, a body that is not JSON (a crash in training before)
+    "empty_body": "reply is not JSON",
+    "untyped": "reply is not a chat completion",  # 200 without content type (AttributeError in eval before)
+    "html": "reply is not a chat completion",
+    "string": "reply is not a chat completion",
+    "no_choices": "reply is not a chat completion",
+    "empty_choices": "reply has no choices",
+    "null_content": "unparseable reply",
+}
+
+
+@pytest.mark.parametrize("action", BAD_REPLIES)
+def test_a_reply_that_is_no_chat_completion_is_a_missing_score(
+    server: JudgeServer, caplog: pytest.LogCaptureFixture, action: str
+) -> None:
+    server.rule("[bad]", action)
+    with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"), make_judge(server, parse_retries=1) as judge:
+        scores = judge.score_batch(["x [bad]", PREDICTIONS[1]], [REFERENCE] * 2)
+    assert scores == [None, expected(PREDICTIONS[1])]
+    c = judge.counters
+    assert (c.items, c.scored, c.missing, c.requests, c.retries) == (2, 1, 1, 3, 1)  # asked again once, then missing
+    assert f"1 of 2 scores missing after retries ({BAD_REPLIES[action]} x1)" in caplog.text
+
+
+@pytest.mark.parametrize("status", ["400", "404", "413", "418", "422"])
+def test_any_other_status_is_a_missing_score_without_retry(server: JudgeServer, status: str) -> None:
+    server.rule("[bad]", status)
+    with make_judge(server) as judge:
+        assert judge.score_batch(["x [bad]", PREDICTIONS[0]], [REFERENCE] * 2) == [None, expected(PREDICTIONS[0])]
+    assert (judge.counters.missing, judge.counters.retries) == (1, 0)
+
+
+def test_a_closed_connection_is_retried_then_missing(server: JudgeServer, caplog: pytest.LogCaptureFixture) -> None:
+    server.rule("[bad]", "close")
+    with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"), make_judge(server, max_retries=1) as judge:
+        assert judge.score_batch(["x [bad]"], [REFERENCE]) == [None]
+    assert (judge.counters.requests, judge.counters.missing) == (2, 1)
+    assert "connection error x1" in caplog.text
+
+
+def test_a_server_that_never_answers_is_bounded_by_the_batch_deadline(
+    server: JudgeServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    server.rule("[hang]", "hang")
+    predictions = [f"x [hang] {i}" for i in range(6)] + [PREDICTIONS[0]]
+    started = time.monotonic()
+    with (
+        caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"),
+        make_judge(server, timeout_s=60.0, max_concurrency=2, batch_deadline_s=1.0) as judge,
+    ):
+        scores = judge.score_batch(predictions, [REFERENCE] * 7)
+        returned = time.monotonic() - started
+    # Each request's timeout is cut to the time left: 60 s per attempt and 4 retries would take minutes.
+    assert returned < 20.0
+    assert scores[:6] == [None] * 6 and judge.counters.missing in (6, 7)
+    assert "batch deadline" in caplog.text
+
+
+def test_slow_batches_report_their_progress(server: JudgeServer) -> None:
+    server.delay_s = 0.15
+    lines: list[str] = []
+    config = JudgeConfig(base_url=server.base_url, model="loopback-judge", max_concurrency=1, progress_every_s=0.2)
+    with Judge(config, progress=lines.append) as judge:
+        assert all(s is not None for s in judge.score_batch(PREDICTIONS, [REFERENCE] * 4))
+    assert lines, "a batch of 4 x 0.15 s reports after 0.2 s"
+    assert re.fullmatch(
+        r"judge: \d of 4 pairs answered \(\d scored, 0 missing\), \d waiting; \d+ s elapsed, "
+        r"(about \d+ s left|no answer yet) \(deadline in \d+ s\)",
+        lines[0],
+    ), lines[0]
+
+
+def test_http_request_lines_stay_out_of_an_info_log(server: JudgeServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    with make_judge(server) as judge:
+        judge.score_batch(PREDICTIONS[:2], [REFERENCE] * 2)
+    assert server.requests == 2
+    http_lines = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("httpx", "httpx2", "openai")]
+    assert http_lines == []
+
+
+def test_a_cache_that_cannot_be_written_costs_the_caching_not_the_score(
+    server: JudgeServer, tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    with make_judge(server, cache_path=str(tmp_path / "judge.sqlite")) as judge:
+
+        def full_disk(rows) -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(judge.cache, "put_many", full_disk)
+        with caplog.at_level(logging.WARNING, logger="medgrpo.rewards.judge"):
+            assert judge.score_batch(PREDICTIONS[:1], [REFERENCE]) == [expected(PREDICTIONS[0])]
+    assert "cannot write the cache" in caplog.text and "disk is full" in caplog.text
 
 
 # ------------------------------------------------------------------------ cache

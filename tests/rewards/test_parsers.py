@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -152,6 +154,10 @@ class TestSkill:
 
     def test_no_score(self):
         assert parse_skill("The surgeon is an expert.").value.mean is None
+
+    def test_score_past_the_float_range(self):
+        # A policy's 400-digit score: its mean is inf, not an OverflowError out of the reward.
+        assert parse_skill(f"Respect for tissue: {'9' * 400}/5, Time and motion: 3/5").value.mean == math.inf
 
 
 def test_captions_and_dispatch():

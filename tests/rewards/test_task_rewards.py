@@ -226,6 +226,25 @@ def test_unknown_type_and_bad_reference_are_nan_and_counted(reward, caplog):
         reward(["a"], [])
 
 
+def test_non_finite_and_huge_reference_scores_are_left_out(reward):
+    huge = int("9" * 400)
+    records = [
+        Rec("cvs_assessment", "", [{"cvs_scores": {"two_structures": math.nan, "cystic_plate": huge}}]),
+        Rec("cvs_assessment", "", [{"cvs_scores": {"two_structures": 2, "cystic_plate": math.inf}}]),
+        Rec("skill_assessment", "", [{"skill_scores": {"Respect for tissue": huge, "Time and motion": 3}}]),
+        Rec("tal", "", [{"spans": [{"start": 1.0, "end": huge}, {"start": 1.0, "end": 3.0}]}]),
+    ]
+    completions = [
+        "Two structures: 2, Cystic plate: 1",
+        "Two structures: 2",
+        "Time and motion: 3/5",
+        "1.0-3.0 seconds.",
+    ]
+    out = reward(completions, records)
+    assert math.isnan(out.rewards[0]) and out.counts["bad_reference/cvs_assessment"] == 1  # no finite component left
+    assert out.rewards[1:].tolist() == [1.0, 1.0, 1.0]  # the finite parts alone
+
+
 def test_config_validation():
     with pytest.raises(ValueError):
         RewardConfig(format_penalty=1.5)
@@ -252,9 +271,10 @@ def test_caption_rewards_with_the_judge(embedder):
     assert out.counts["caption_similarity_only"] == 0 and out.counts["judge_missing"] == 0
 
 
-def test_judge_down_gives_nan_only_for_caption_rewards(embedder, caplog):
+@pytest.mark.parametrize("failure", ["500", "not_json", "untyped", "no_choices", "string"])
+def test_judge_down_gives_nan_only_for_caption_rewards(embedder, caplog, failure):
     with JudgeServer() as server:
-        server.rule("", "500")  # every request fails
+        server.rule("", failure)  # every request fails (a server error, or a 200 that is no chat completion)
         config = RewardConfig(
             judge=JudgeConfig(base_url=server.base_url, model="loopback-judge", max_retries=1, backoff_base_s=0.01)
         )
@@ -274,7 +294,8 @@ def test_judge_down_gives_nan_only_for_caption_rewards(embedder, caplog):
     assert [math.isnan(v) for v in out.rewards[1:].tolist()] == [True, True, True, False, False]
     assert out.rewards[4] == 0.0  # no matched event: nothing to judge, nothing missing
     assert out.rewards[5] == 0.0  # empty answer: 0 without asking
-    assert out.counts["judge_missing"] == 3 and server.requests == 6  # 3 pairs x (1 try + 1 retry)
+    retries = 1 if failure == "500" else config.judge.parse_retries
+    assert out.counts["judge_missing"] == 3 and server.requests == 3 * (1 + retries)
     assert "scores missing" in caplog.text
 
 

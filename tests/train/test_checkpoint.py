@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import random
+import re
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,3 +151,195 @@ def test_export_loads_with_from_pretrained_and_gives_the_same_logits(tiny_model_
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(half, local_files_only=True)
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight.to(torch.bfloat16))
+
+
+# --------------------------------------------------------------------------- integrity
+def small_trainer(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 64)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def flip_block(path, size: int = 4096) -> None:
+    """Overwrite ``size`` bytes in the middle of a file with other bytes: same size, other content."""
+    data = bytearray(path.read_bytes())
+    start = max(0, len(data) // 2 - size // 2)
+    data[start : start + size] = bytes((b ^ 0xFF) for b in data[start : start + size])
+    path.write_bytes(bytes(data))
+
+
+def largest_shard(path):
+    return max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def test_manifest_holds_every_file_and_verifies(tmp_path):
+    model, optimizer = small_trainer()
+    path = save_checkpoint(tmp_path, 3, model=model, optimizer=optimizer, extra_state={"x": 1})
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    files = ckpt.checkpoint_files(path)
+    assert sorted(manifest["files"]) == files and {"trainer_state.pt", "rng/rank_00000.pt", ".metadata"} <= set(files)
+    for name, entry in manifest["files"].items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert ckpt.verify_checkpoint(path) == []
+    assert ckpt.latest_valid_checkpoint(tmp_path) == (path, [])
+
+
+def test_a_corrupted_shard_is_named_and_resume_falls_back(tmp_path):
+    first, optimizer = small_trainer(0)
+    save_checkpoint(tmp_path, 1, model=first, optimizer=optimizer)
+    second, optimizer = small_trainer(1)
+    newest = save_checkpoint(tmp_path, 2, model=second, optimizer=optimizer)
+    shard = largest_shard(newest)
+    size = shard.stat().st_size
+    flip_block(shard)
+    assert shard.stat().st_size == size and shard.stat().st_size >= 4096
+    expected = f"{shard.name}: SHA-256 differs from the manifest (corrupted)"
+    assert ckpt.verify_checkpoint(newest) == [expected]
+    path, problems = ckpt.latest_valid_checkpoint(tmp_path)
+    assert path == tmp_path / "step_000001" and problems == [f"step_000002/{expected}"]
+    fresh, fresh_optimizer = small_trainer(2)
+    with pytest.raises(ckpt.CheckpointError, match=f"step_000002 fails verification: {re.escape(expected)}"):
+        load_checkpoint(newest, model=fresh, optimizer=fresh_optimizer)
+    load_checkpoint(path, model=fresh, optimizer=fresh_optimizer, verify=False)
+    for a, b in zip(fresh.parameters(), first.parameters()):
+        assert torch.equal(a, b)  # the weights of step 1, not garbage
+
+
+@pytest.mark.parametrize("name", ["trainer_state.pt", "rng/rank_00000.pt", "shard"])
+def test_a_truncated_file_is_named(tmp_path, name):
+    model, optimizer = small_trainer()
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
+    file = largest_shard(path) if name == "shard" else path / name
+    written = file.stat().st_size
+    file.write_bytes(file.read_bytes()[: written // 2])
+    relative = file.relative_to(path).as_posix()
+    expected = f"{relative}: {written // 2} bytes, {written} written (truncated)"
+    assert ckpt.verify_checkpoint(path) == [expected]
+    assert ckpt.latest_valid_checkpoint(tmp_path) == (None, [f"step_000001/{expected}"])
+    with pytest.raises(ckpt.CheckpointError) as info:
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    assert relative in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_checkpoint_without_manifest_loads_unverified_and_names_a_cut_file(tmp_path, caplog):
+    model, optimizer = small_trainer()
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer, extra_state={"x": 1})
+    (path / ckpt.MANIFEST).unlink()  # as written before manifests existed
+    assert ckpt.verify_checkpoint(path) == [] and "is not verified" in caplog.text
+    assert load_checkpoint(path, model=model, optimizer=optimizer) == {"x": 1}
+    state = path / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ckpt.CheckpointError, match=r"checkpoint file .*trainer_state.pt cannot be read: \w+") as info:
+        load_checkpoint(path, model=model, optimizer=optimizer)
+    assert "\n" not in str(info.value)  # one line, not the zip reader's trace
+    flip_block(largest_shard(path))
+    state.write_bytes(b"")
+    with pytest.raises(ckpt.CheckpointError, match="cannot read the model/optimizer shards|cannot be read"):
+        load_checkpoint(path, model=model, optimizer=optimizer)
+
+
+def test_an_unreadable_manifest_fails_verification(tmp_path):
+    model, optimizer = small_trainer()
+    path = save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
+    (path / ckpt.MANIFEST).write_text("{not json")
+    (problem,) = ckpt.verify_checkpoint(path)
+    assert problem.startswith("MANIFEST.json: unreadable")
+
+
+FULL_DISK = {
+    "ENOSPC from the shard writer": OSError(errno.ENOSPC, "No space left on device"),
+    "torch.save's zip writer": RuntimeError(
+        "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/0: file write failed"
+    ),
+}
+
+
+@pytest.mark.parametrize("where", ["shards", "trainer_state"])
+@pytest.mark.parametrize("failure", FULL_DISK)
+def test_a_full_disk_says_so_with_the_path(tmp_path, monkeypatch, where, failure):
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    model, optimizer = small_trainer()
+    save_checkpoint(tmp_path, 1, model=model, optimizer=optimizer)
+
+    def no_space(*args, **kwargs):
+        raise FULL_DISK[failure]
+
+    if where == "shards":
+        monkeypatch.setattr(dcp_filesystem, "_write_item", no_space)
+    else:
+        real = ckpt._save_file
+        monkeypatch.setattr(
+            ckpt, "_save_file", lambda obj, path: no_space() if path.name == "trainer_state.pt" else real(obj, path)
+        )
+    with pytest.raises(ckpt.CheckpointWriteError) as info:
+        save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer)
+    error = info.value
+    assert error.errno == errno.ENOSPC and isinstance(error, OSError)
+    assert str(error).startswith("[Errno 28] no space left on device: cannot write the checkpoint (")
+    assert error.filename == str(tmp_path / "step_000002.tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]  # the partial save is removed
+    assert latest_checkpoint(tmp_path).name == "step_000001"
+
+
+def _two_rank_worker(rank: int, port: int, directory: str, results) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        root = Path(directory)
+        model, optimizer = small_trainer(0)
+        save_checkpoint(root, 1, model=model, optimizer=optimizer)
+        newest = save_checkpoint(root, 2, model=model, optimizer=optimizer)
+        shares = sorted(json.loads((newest / ckpt.MANIFEST).read_text())["files"])
+        if rank == 0:
+            flip_block(newest / shares[1])  # a file that rank 1 hashes, not rank 0
+        dist.barrier()
+        path, problems = ckpt.latest_valid_checkpoint(root)
+        outcome = {"latest": path.name if path else None, "problems": problems}
+        # A full disk on rank 1 alone: every rank raises, none waits forever in a collective.
+        real = ckpt._save_file
+        if rank == 1:
+            ckpt._save_file = lambda obj, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
+        try:
+            save_checkpoint(root, 3, model=model, optimizer=optimizer)
+        except ckpt.CheckpointWriteError as error:
+            outcome["save_error"] = error.errno
+        finally:
+            ckpt._save_file = real
+        outcome["left"] = sorted(p.name for p in root.iterdir())
+        results[rank] = outcome
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_takes_the_same_decision(tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    context = mp.start_processes(_two_rank_worker, args=(port, str(tmp_path), results), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("a rank is stuck in a collective")
+    assert results[0] == results[1]
+    problem = results[0]["problems"]
+    assert results[0]["latest"] == "step_000001" and len(problem) == 1 and "SHA-256 differs" in problem[0]
+    assert results[0]["save_error"] == errno.ENOSPC and results[0]["left"] == ["step_000001", "step_000002"]

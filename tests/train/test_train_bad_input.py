@@ -8,6 +8,7 @@ directory. Bad records never end a run: they are counted by kind and the run tra
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -302,3 +303,37 @@ def write_sft(run_dir, changes: dict) -> Path:
     write, _ = run_dir
     sft = changes.pop("sft")
     return write(**changes, **{f"sft.{k}": v for k, v in sft.items()})
+
+
+def corrupt_largest_shard(checkpoint: Path) -> str:
+    """Flip 4 KiB in the middle of the checkpoint's largest DCP shard (same size); its file name."""
+    shard = max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    middle = len(data) // 2
+    data[middle - 2048 : middle + 2048] = bytes(b ^ 0xFF for b in data[middle - 2048 : middle + 2048])
+    shard.write_bytes(bytes(data))
+    return shard.name
+
+
+@pytest.mark.slow
+def test_resume_passes_over_a_corrupted_checkpoint_and_stops_when_none_verifies(run_dir, capsys, caplog):
+    """The issue's repro: 4 KiB flipped in a shard of the newest checkpoint (on main: resumed with weights of
+    7.6e27). The run names the file, resumes from the newest checkpoint that verifies, and with none left says so."""
+    caplog.set_level(logging.INFO, logger="medgrpo.train.state")
+    changes = {"mode": "sft", "steps": 2, "save_every": 1, "sft": {"batch_size": 2, "micro_batch_size": 2}}
+    assert main(["train", "--config", str(write_sft(run_dir, dict(changes)))]) == 0
+    _, out = run_dir
+    checkpoints = out / "checkpoints"
+    bad = corrupt_largest_shard(checkpoints / "step_000002")
+    status = main(["train", "--config", str(write_sft(run_dir, {**changes, "steps": 3, "resume": True}))])
+    assert status == 0, capsys.readouterr().err
+    assert any(f"step_000002/{bad}: SHA-256 differs" in r.getMessage() for r in caplog.records)
+    assert any("resumed from" in r.getMessage() and "step_000001" in r.getMessage() for r in caplog.records)
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
+    capsys.readouterr()
+    for checkpoint in checkpoints.glob("step_*"):
+        corrupt_largest_shard(checkpoint)
+    status = main(["train", "--config", str(write_sft(run_dir, {**changes, "steps": 4, "resume": True}))])
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("medgrpo train:")]
+    assert status == 2 and len(said) == 1 and "no checkpoint under" in said[0] and "verifies" in said[0], said
