@@ -304,9 +304,11 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
     for axis in list(axes.flat)[len(keys) :]:
         axis.axis("off")
     axes.flat[0].set_ylabel("held-out raw reward")
-    axes.flat[0].legend(fontsize=8)
+    entries = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    handles, labels = list(entries.values()), list(entries)
+    figure.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05, 1, 1))  # the legend in its own strip below the panels, never over data
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
