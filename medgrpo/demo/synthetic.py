@@ -29,7 +29,7 @@ from medgrpo.data.loader import DecodeOptions
 from medgrpo.data.records import RecordDataset, VideoRecord
 from medgrpo.rewards.parsers import CVS_COMPONENTS
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 FRAME_SIZE = (112, 112)
 FRAMES_PER_VIDEO = 8
 FPS = 1.0
@@ -95,8 +95,9 @@ SYNTH_CHOLEC = Procedure(
 SYNTH_NURSE = Procedure(
     data_source="SynthNurse",
     phases=("handwashing", "injection", "dressing"),
-    # Close tints (centroids 20-30 levels apart): the main activity, the caption key, is harder to see.
-    tints=((160, 160, 178), (182, 160, 150), (160, 178, 150)),
+    # Handwashing's tint is far from the others; injection and dressing have close tints (14 levels apart)
+    # and are told apart mostly by their instrument (a thin white syringe, a cream gauze patch).
+    tints=((105, 150, 195), (188, 178, 150), (178, 188, 150)),
     instruments=(
         Instrument("glove", (150, 80, 200), (95, 40, 140), 0.375, 0.375, still=True),
         Instrument("syringe", (245, 245, 245), (210, 30, 30), 0.34, 0.08, (0.6, 1.0)),
