@@ -47,7 +47,7 @@ def _option(default: Any, text: str) -> Any:
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults are sized for about 4 minutes on 2 idle CPU cores, one seed."""
+    """Sizes of the demo; the defaults take 2-3 minutes for one seed on 2 busy CPU cores (docs/design-demo.md)."""
 
     out_dir: str = _option("runs/demo", "where everything goes: one folder per seed, the figures and the JSON result")
     seed: int = _option(0, "the first seed (data, weights, sampling); --seeds N runs seed .. seed + N - 1")
@@ -65,7 +65,9 @@ class DemoSettings:
     max_new_tokens: int = _option(32, "the longest answer sampled or generated")
     eval_every: int = _option(10, "held-out (val) evaluation every this many RL steps: the curves")
     norm_rollouts: int = _option(4, "sampled SFT completions per train record for fit-norm's statistics")
-    threads: int = _option(DEFAULT_THREADS, "torch CPU threads (1: measured fastest for the tiny model, see code)")
+    threads: int = _option(
+        DEFAULT_THREADS, "torch CPU threads (1: measured fastest for the tiny model, docs/design-demo.md)"
+    )
 
 
 @dataclass

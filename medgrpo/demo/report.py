@@ -369,7 +369,7 @@ def publish(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
         print(f"  {name:22s} {path}")
     for seed, run in result["seeds"].items():
         for name, path in run["paths"].items():
-            print(f"  seed {seed} {name:15s} {path}")
+            print(f"  seed {seed} {name:20s} {path}")
     return paths
 
 
