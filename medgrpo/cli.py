@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "per-(data_source, qa_type) reward quartiles from rollouts of the SFT model",
     ),
     "train": ("medgrpo.train.cli:register", "SFT or MedGRPO on Qwen2.5-VL (one process or torchrun)"),
-    "demo": ("medgrpo.demo.pipeline:register", "SFT then MedGRPO on CPU on a synthetic dataset (a few minutes)"),
+    "demo": ("medgrpo.demo.pipeline:register", "SFT vs plain GRPO vs MedGRPO on a synthetic task mixture, CPU"),
 }
 
 

@@ -1,9 +1,12 @@
 """The synthetic MedVidBench dataset of ``medgrpo demo``: rendered procedures, known answers.
 
-Two rendered procedures (``SynthCholec``, ``SynthNurse``) cut into short videos, with tal, stg,
-next_action and cvs_assessment questions in the authors' answer formats and ``struc_info`` as the
-official evaluator reads it; the same seed gives the same bytes. What each phase looks like, the
-questions, time and box conventions, the files and the decoding budget: docs/design-demo.md.
+Two rendered procedures (``SynthCholec``, ``SynthNurse``) cut into short videos, with questions
+whose rewards sit at very different levels, as MedVidBench's do: next_action and cvs_assessment
+(classification), tal (temporal localization) on SynthCholec; stg (grounding a small instrument on a
+coarse grid) and video_summary (a caption scored by sentence similarity) on SynthNurse. Answers are in
+the authors' formats and ``struc_info`` is what the official evaluator reads; the same seed gives the
+same bytes. What each phase looks like, the questions, time and box conventions, the files and the
+decoding budget: docs/design-demo.md.
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ from medgrpo.data.loader import DecodeOptions
 from medgrpo.data.records import RecordDataset, VideoRecord
 from medgrpo.rewards.parsers import CVS_COMPONENTS
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 3
 FRAME_SIZE = (112, 112)
 FRAMES_PER_VIDEO = 8
 FPS = 1.0
 NUM_VIDEOS = 40
-SPLIT_FRACTIONS = (0.75, 0.125, 0.125)
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
 SPLITS = ("train", "val", "test")
 DECODE_SIDE = 56
 JPEG_QUALITY = 92
-STG_TIMES = 2
+STG_TIMES = 1
+STG_GRID = 8  # a still instrument's box lies on a grid of frame_size / STG_GRID pixels
 MANIFEST = "manifest.json"
 Box = tuple[int, int, int, int]
 RGB = tuple[int, int, int]
@@ -45,7 +49,9 @@ RGB = tuple[int, int, int]
 class Instrument:
     """A flat bar: body colour, tip colour (at its leading end), size as fractions of the frame,
     and the band of the frame its top edge stays in (fractions of the free height), which
-    keeps instruments of one phase from hiding each other."""
+    keeps instruments of one phase from hiding each other. A ``still`` instrument does not
+    move: it sits on the :data:`STG_GRID` grid anywhere in the frame, drawn over the others
+    (the stg questions ask where it is)."""
 
     name: str
     color: RGB
@@ -53,6 +59,7 @@ class Instrument:
     width: float
     height: float
     band: tuple[float, float] = (0.0, 1.0)
+    still: bool = False
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,7 @@ class Procedure:
     tools: tuple[tuple[str, ...], ...]  # instrument names visible in each phase
     qa_types: tuple[str, ...]
     has_cvs: bool = False
+    summaries: tuple[str, ...] = ()  # the video summary's sentence for each phase
 
     def instrument(self, name: str) -> Instrument:
         return next(i for i in self.instruments if i.name == name)
@@ -81,20 +89,23 @@ SYNTH_CHOLEC = Procedure(
         Instrument("clipper", (50, 175, 80), (20, 90, 40), 0.30, 0.12, (0.6, 1.0)),
     ),
     tools=(("grasper",), ("grasper", "hook"), ("grasper", "clipper"), ("grasper",)),
-    qa_types=("tal", "stg", "next_action", "cvs_assessment"),
+    qa_types=("tal", "next_action", "cvs_assessment"),
     has_cvs=True,
 )
 SYNTH_NURSE = Procedure(
     data_source="SynthNurse",
     phases=("handwashing", "injection", "dressing"),
-    tints=((105, 150, 195), (215, 195, 150), (135, 195, 125)),
+    # Handwashing's tint is far from the others; injection and dressing have close tints (14 levels apart)
+    # and are told apart mostly by their instrument (a thin white syringe, a cream gauze patch).
+    tints=((105, 150, 195), (188, 178, 150), (178, 188, 150)),
     instruments=(
-        Instrument("glove", (150, 80, 200), (95, 40, 140), 0.24, 0.22, (0.0, 0.4)),
+        Instrument("glove", (150, 80, 200), (95, 40, 140), 0.375, 0.375, still=True),
         Instrument("syringe", (245, 245, 245), (210, 30, 30), 0.34, 0.08, (0.6, 1.0)),
         Instrument("gauze", (250, 245, 215), (215, 205, 170), 0.26, 0.20, (0.6, 1.0)),
     ),
-    tools=(("glove",), ("glove", "syringe"), ("glove", "gauze")),
-    qa_types=("tal", "stg", "next_action"),
+    tools=(("glove",), ("syringe", "glove"), ("gauze", "glove")),
+    qa_types=("stg", "video_summary"),
+    summaries=("Hands are scrubbed with soap.", "A needle enters the arm.", "Gauze covers the wound."),
 )
 PROCEDURES = (SYNTH_CHOLEC, SYNTH_NURSE)
 
@@ -179,8 +190,23 @@ def _window(lengths: list[int], frames: int, last_phase: int, rng: np.random.Gen
     return timeline, end - frames + 1
 
 
+def _still_box(instrument: Instrument, size: tuple[int, int], rng: np.random.Generator) -> Box:
+    """A still instrument's box: its size rounded to whole grid cells, at a uniform cell of the grid."""
+    cells = []
+    for extent, fraction in zip(size, (instrument.width, instrument.height)):
+        cell = extent / STG_GRID
+        span = min(max(1, round(fraction * STG_GRID)), STG_GRID)
+        start = int(rng.integers(STG_GRID - span + 1))
+        cells.append((round(start * cell), round((start + span) * cell)))
+    (x1, x2), (y1, y2) = cells
+    return x1, y1, x2, y2
+
+
 def _track(instrument: Instrument, size: tuple[int, int], frames: int, rng: np.random.Generator) -> tuple[Box, ...]:
-    """Boxes of a bar moving on a straight line across the frame, one per window frame."""
+    """Boxes of a bar moving on a straight line across the frame, one per window frame (the same box
+    on every frame for a still instrument)."""
+    if instrument.still:
+        return (_still_box(instrument, size, rng),) * frames
     width, height = size
     w = max(2, round(instrument.width * width))
     h = max(2, round(instrument.height * height))
@@ -242,17 +268,18 @@ def _ripples(scene: Scene, size: tuple[int, int]) -> np.ndarray:
 
 
 def _draw_cvs(image: np.ndarray, cvs: tuple[int, int, int]) -> None:
-    """The CVS cues: ``cvs[0]`` yellow ducts, a pale patch of size ``cvs[1]``, a dark triangle of size ``cvs[2]``."""
+    """The CVS cues: ``cvs[0]`` yellow ducts, a pale patch of size ``cvs[1]``, a dark triangle of size
+    ``cvs[2]``, each in its own region (ducts in the lower middle, patch bottom left, triangle top right)."""
     height, width, _ = image.shape
-    duct = max(2, round(width * 0.055))
+    duct = max(2, round(width * 0.09))
     for k in range(cvs[0]):
-        x = round(width * (0.40 + 0.16 * k))
-        image[round(height * 0.30) : round(height * 0.92), x : x + duct] = (245, 225, 90)
+        x = round(width * (0.45 + 0.17 * k))
+        image[round(height * 0.45) : round(height * 0.95), x : x + duct] = (245, 225, 90)
     if cvs[1]:
-        pw, ph = round(width * 0.17 * cvs[1]), round(height * 0.12 * cvs[1])
+        pw, ph = round(width * 0.2 * cvs[1]), round(height * 0.16 * cvs[1])
         image[height - ph - 2 : height - 2, 2 : 2 + pw] = (240, 215, 205)
     if cvs[2]:
-        side = round(min(width, height) * 0.16 * cvs[2])
+        side = round(min(width, height) * 0.2 * cvs[2])
         rows, cols = np.mgrid[0:side, 0:side]
         mask = cols >= rows  # upper-right half of the square: a right triangle in the top-right corner
         image[2 : 2 + side, width - side - 2 : width - 2][mask] = (45, 20, 25)
@@ -326,13 +353,15 @@ def tal_qa(scene: Scene, fps: float, rng: np.random.Generator) -> QA:
     return QA("tal", question, f"{start}-{end} seconds.", struc)
 
 
-def stg_qa(scene: Scene, fps: float, size: tuple[int, int], rng: np.random.Generator) -> QA:
-    """Where an instrument is at :data:`STG_TIMES` of the seconds it is visible (two, as in the
-    authors' one-shot example, keeps the answer near 32 tokens of the demo tokenizer)."""
-    names = [i.name for i in scene.procedure.instruments if len(scene.visible(i.name)) >= 2]
+def stg_qa(scene: Scene, fps: float, size: tuple[int, int], rng: np.random.Generator) -> QA | None:
+    """Where the procedure's still instrument is at the first :data:`STG_TIMES` seconds it is visible
+    (None when the procedure has no still instrument). The times are the first ones, not random: the
+    tiny demo model learns to copy a time from the question too slowly for its RL groups to carry signal."""
+    names = [i.name for i in scene.procedure.instruments if i.still and scene.visible(i.name)]
+    if not names:
+        return None
     name = names[int(rng.integers(len(names)))]
-    visible = scene.visible(name)
-    picked = sorted(int(f) for f in rng.choice(visible, size=min(STG_TIMES, len(visible)), replace=False))
+    picked = scene.visible(name)[:STG_TIMES]
     times = [_seconds(f / fps) for f in picked]
     boxes = {t: list(scene.boxes[name][f]) for t, f in zip(times, picked)}
     listed = ", ".join(times[:-1]) + f" and {times[-1]}" if len(times) > 1 else times[0]
@@ -367,6 +396,19 @@ def cvs_qa(scene: Scene) -> QA:
     return QA("cvs_assessment", question, answer, [{"cvs_scores": dict(zip(CVS_COMPONENTS, scene.cvs))}])
 
 
+def summary_qa(scene: Scene) -> QA:
+    """What happens at the end of the video, in one sentence: the sentence of the last frame's phase
+    (balanced across phases, as the window's last phase cycles). A caption task: without a judge its
+    reward is the sentence similarity of answer and reference, high for the right sentence and low
+    for another phase's."""
+    procedure = scene.procedure
+    if not procedure.summaries:
+        raise ValueError(f"{procedure.data_source} has no sentences for a video summary")
+    last = scene.phase_of_frame[-1]
+    question = "What is happening at the end of this video? Answer in one sentence."
+    return QA("video_summary", question, procedure.summaries[last], [{"phase": procedure.phases[last]}])
+
+
 def scene_questions(scene: Scene, *, fps: float, size: tuple[int, int], rng: np.random.Generator) -> list[QA]:
     """The questions of a scene, one per task of its procedure (next_action only when defined)."""
     makers = {
@@ -374,6 +416,7 @@ def scene_questions(scene: Scene, *, fps: float, size: tuple[int, int], rng: np.
         "stg": lambda: stg_qa(scene, fps, size, rng),
         "next_action": lambda: next_action_qa(scene),
         "cvs_assessment": lambda: cvs_qa(scene),
+        "video_summary": lambda: summary_qa(scene),
     }
     return [qa for qa in (makers[t]() for t in scene.procedure.qa_types) if qa is not None]
 

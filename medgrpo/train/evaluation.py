@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,12 @@ def rollouts(
     batch_size: int = 8,
     seed: int = 0,
     device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Any], list[str]]:
-    """Completions of every record of ``records_file`` (greedy by default), with their records."""
+    """Completions of every record of ``records_file`` (greedy by default), with their records.
+
+    ``progress(done, total)`` is called after each batch with the records done so far.
+    """
     dataset = VideoDataset(RecordDataset(records_file), options)
     collate = VideoCollator(tokenizer, padding_side="left")
     loader = VideoLoader(dataset, collate, batch_size=batch_size, sampler=SequentialSampler(dataset))
@@ -75,6 +80,8 @@ def rollouts(
         )
         texts += decode_text(tokenizer, rollout)
         records += [r for r in batch.records for _ in range(group_size)]
+        if progress is not None:
+            progress(len(records) // group_size, len(dataset))
     return records, texts
 
 
@@ -89,11 +96,24 @@ def evaluate_policy(
     max_new_tokens: int = 64,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Greedy answers on ``records_file`` scored by ``reward_fn``; normalized with ``stats`` when given."""
     records, texts = rollouts(
-        model, tokenizer, records_file, options, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device
+        model,
+        tokenizer,
+        records_file,
+        options,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        device=device,
+        progress=progress,
     )
+    return score_completions(records, texts, reward_fn, stats)
+
+
+def score_completions(records: list[Any], texts: list[str], reward_fn, stats=None) -> EvalResult:
+    """``texts[i]`` scored as the answer to ``records[i]``: rewards raw and (with ``stats``) normalized."""
     rewards = reward_fn(texts, records).rewards.float()
     keys = [format_task_key(r.data_source, r.qa_type) for r in records]
     normalized = None
@@ -165,4 +185,4 @@ def write_rollout_jsonl(path: str | Path, records: list[Any], texts: list[str], 
     return path
 
 
-__all__ = ["EvalResult", "eval_metrics", "evaluate_policy", "rollouts", "write_rollout_jsonl"]
+__all__ = ["EvalResult", "eval_metrics", "evaluate_policy", "rollouts", "score_completions", "write_rollout_jsonl"]
