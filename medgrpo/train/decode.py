@@ -182,10 +182,9 @@ class StaticDecoder:
                 dtype=dtype,
                 device=device,
             )
-            for tensor in (*cache.prompt_keys, *cache.prompt_values):
-                torch._dynamo.maybe_mark_dynamic(tensor, 2)
-            torch._dynamo.maybe_mark_dynamic(cache.prompt_valid, 1)
-            shape = _Shape(cache, DecodeState.allocate(dims[0] * config.group_size, dims[2], eos_ids, banned))
+            state = DecodeState.allocate(dims[0] * config.group_size, dims[2], eos_ids, banned)
+            _mark_dynamic(cache, state)
+            shape = _Shape(cache, state)
         if graphs:  # most recently used last; the least recently used beyond MAX_SHAPES are dropped
             self.shapes[key] = shape
             while len(self.shapes) > MAX_SHAPES:
@@ -193,6 +192,18 @@ class StaticDecoder:
         shape.state.eos_ids.copy_(eos_ids)
         shape.state.banned.copy_(banned)
         return StaticRun(self, model, shape, settings, config, graphs)
+
+
+def _mark_dynamic(cache: StaticKVCache, state: DecodeState) -> None:
+    """Let the compiled step take any prompts B, rows B*G, prompt length P and new tokens T (one compile)."""
+    for tensor in (*cache.prompt_keys, *cache.prompt_values, *cache.completion_keys, *cache.completion_values):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        torch._dynamo.maybe_mark_dynamic(tensor, 2)
+    for tensor, dims in ((cache.prompt_valid, (0, 1)), (state.tokens, (0, 1)), (state.uniforms, (0, 1))):
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    torch._dynamo.maybe_mark_dynamic(state.finished, 0)
+    torch._dynamo.maybe_mark_dynamic(state.position, 0)
 
 
 class StaticRun:

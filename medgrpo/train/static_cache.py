@@ -140,14 +140,15 @@ class PrefillLayout:
 class DecodeLayout:
     """One decoding step: write the step's keys and values at column ``step``, attend over prompt + completion.
 
-    ``step`` is a 0-d int64 tensor (not a Python int), so one compiled graph serves every step.
+    ``step`` is a 0-d int64 tensor (not a Python int), so one compiled graph serves every step. The
+    masks become one additive bias per step (:func:`decode_bias`), shared by the layers.
     """
 
     def __init__(self, cache: StaticKVCache, step: torch.Tensor):
         self.cache = cache
         self.index = step.reshape(1)
         columns = torch.arange(cache.completion_keys[0].shape[2], device=step.device)
-        self.completion_valid = columns <= step
+        self.bias = decode_bias(cache.prompt_valid, columns <= step, cache.group_size)
 
     def attend(
         self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float
@@ -159,22 +160,35 @@ class DecodeLayout:
             query,
             self.cache.prompt_keys[layer],
             self.cache.prompt_values[layer],
-            self.cache.prompt_valid,
             completion_keys,
             completion_values,
-            self.completion_valid,
+            self.bias,
             scaling=scaling,
         )
+
+
+def decode_bias(prompt_valid: torch.Tensor, completion_valid: torch.Tensor, group: int) -> torch.Tensor:
+    """``(B, G, 1, 1, P + T)`` fp32: 0 where a row may attend (its prompt's tokens, its completion so far),
+    ``-inf`` elsewhere, for :func:`grouped_decode_attention`.
+
+    Args:
+        prompt_valid: ``(B, P)`` bool, False at padding. completion_valid: ``(T,)`` bool. group: G.
+    """
+    prompts, prompt_length = prompt_valid.shape
+    valid = torch.cat(
+        [prompt_valid[:, None, :].expand(-1, group, -1), completion_valid.expand(prompts, group, -1)], dim=-1
+    )
+    zeros = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    return zeros.masked_fill(~valid, float("-inf"))[:, :, None, None, :]
 
 
 def grouped_decode_attention(
     query: torch.Tensor,
     prompt_keys: torch.Tensor,
     prompt_values: torch.Tensor,
-    prompt_valid: torch.Tensor,
     completion_keys: torch.Tensor,
     completion_values: torch.Tensor,
-    completion_valid: torch.Tensor,
+    bias: torch.Tensor,
     *,
     scaling: float,
 ) -> torch.Tensor:
@@ -182,41 +196,37 @@ def grouped_decode_attention(
 
     Args:
         query: ``(B*G, heads, 1, d)``, rows group-major.
-        prompt_keys, prompt_values: ``(B, kv_heads, P, d)``, one per group; prompt_valid ``(B, P)`` bool.
-        completion_keys, completion_values: ``(B*G, kv_heads, T, d)``; completion_valid ``(T,)`` bool.
+        prompt_keys, prompt_values: ``(B, kv_heads, P, d)``, one per group.
+        completion_keys, completion_values: ``(B*G, kv_heads, T, d)``.
+        bias: ``(B, G, 1, 1, P + T)`` fp32, 0 where row ``(b, g)`` attends and ``-inf`` elsewhere (:func:`decode_bias`).
         scaling: the softmax scale.
 
     Returns:
-        ``(B*G, 1, heads, d)``. The two score blocks share one softmax: each is exponentiated against
-        the row's overall maximum and the weighted values are summed over both, divided by the sum of
-        both blocks' weights. The prompt block is one product per group: its ``G * heads / kv_heads``
-        queries per KV head read the group's keys once.
+        ``(B*G, 1, heads, d)``. The prompt block of scores is one product per group (its
+        ``G * heads / kv_heads`` queries per KV head read the group's keys once), the completion block
+        one per row; the two are concatenated per row for one softmax (in fp32 at least), and the
+        weighted values of both blocks summed.
     """
     rows, heads, _, dim = query.shape
-    accumulate = torch.promote_types(query.dtype, torch.float32)  # softmax and sums in fp32 at least
     prompts, kv_heads, prompt_length, _ = prompt_keys.shape
     group, per_kv = rows // prompts, heads // kv_heads
+    accumulate = torch.promote_types(query.dtype, torch.float32)
     query = query.reshape(prompts, group, kv_heads, per_kv, dim)
-    # Prompt block: (B, kv_heads, G*per_kv, P), one product per group.
-    group_query = query.permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, group * per_kv, dim)
-    prompt_scores = torch.matmul(group_query, prompt_keys.transpose(-1, -2)).to(accumulate) * scaling
-    prompt_scores = prompt_scores.masked_fill(~prompt_valid[:, None, None, :], float("-inf"))
-    # Completion block: (B*G, kv_heads, per_kv, T), each row its own.
-    row_query = query.reshape(rows, kv_heads, per_kv, dim)
-    completion_scores = torch.matmul(row_query, completion_keys.transpose(-1, -2)).to(accumulate) * scaling
-    completion_scores = completion_scores.masked_fill(~completion_valid, float("-inf"))
-    # The joint maximum, in the (B, G, kv_heads, per_kv) layout of the rows.
-    to_rows = lambda t: t.reshape(prompts, kv_heads, group, per_kv, *t.shape[3:]).transpose(1, 2)
-    top = torch.maximum(
-        to_rows(prompt_scores.amax(-1)), completion_scores.amax(-1).reshape(prompts, group, kv_heads, per_kv)
-    )
-    prompt_weights = torch.exp(prompt_scores - top.transpose(1, 2).reshape(prompts, kv_heads, group * per_kv, 1))
-    completion_weights = torch.exp(completion_scores - top.reshape(rows, kv_heads, per_kv, 1))
-    prompt_out = torch.matmul(prompt_weights.to(prompt_values.dtype), prompt_values).to(accumulate)
-    completion_out = torch.matmul(completion_weights.to(completion_values.dtype), completion_values).to(accumulate)
-    total = to_rows(prompt_weights.sum(-1)) + completion_weights.sum(-1).reshape(prompts, group, kv_heads, per_kv)
-    out = (to_rows(prompt_out) + completion_out.reshape(prompts, group, kv_heads, per_kv, dim)) / total[..., None]
+    group_query = query.transpose(1, 2).reshape(prompts, kv_heads, group * per_kv, dim)
+    prompt_scores = torch.matmul(group_query, prompt_keys.transpose(-1, -2))
+    own_keys = completion_keys.reshape(prompts, group, kv_heads, -1, dim)
+    completion_scores = torch.matmul(query, own_keys.transpose(-1, -2))
+    # Per row: (B, G, kv_heads, per_kv, P + T), the group's prompt block seen from each of its rows.
+    prompt_scores = prompt_scores.reshape(prompts, kv_heads, group, per_kv, prompt_length).transpose(1, 2)
+    scores = torch.cat([prompt_scores.to(accumulate), completion_scores.to(accumulate)], dim=-1)
+    weights = torch.add(bias, scores, alpha=scaling).softmax(dim=-1)
+    prompt_weights = weights[..., :prompt_length].transpose(1, 2).reshape(prompts, kv_heads, group * per_kv, -1)
+    prompt_out = torch.matmul(prompt_weights.to(prompt_values.dtype), prompt_values)
+    own_values = completion_values.reshape(prompts, group, kv_heads, -1, dim)
+    completion_out = torch.matmul(weights[..., prompt_length:].to(completion_values.dtype), own_values)
+    prompt_out = prompt_out.reshape(prompts, kv_heads, group, per_kv, dim).transpose(1, 2)
+    out = prompt_out.to(accumulate) + completion_out.to(accumulate)
     return out.reshape(rows, 1, heads, dim).to(query.dtype)
 
 
-__all__ = ["DecodeLayout", "PrefillLayout", "StaticKVCache", "grouped_decode_attention", "prefill_mask"]
+__all__ = ["DecodeLayout", "PrefillLayout", "StaticKVCache", "decode_bias", "grouped_decode_attention", "prefill_mask"]
