@@ -19,15 +19,15 @@ on CPU and CUDA; on CUDA the compiled step is then captured once per shape as a
 eagerly (its layers gather their weights in forward hooks, which neither a graph nor a capture can hold).
 
 **Shapes, and how many compiles.** A rollout's shape is bucketed (:func:`bucket`: 1, 2, 3, 4, 6, 8,
-12, ... , each at most 1.5x the one before): prompts B, prompt length P (at least 16), new tokens T
-(at least 16); the rows are B x G. The compiled step treats P as a dynamic size (``mark_dynamic``),
-so a new prompt-length bucket reuses the compiled code; a new (B, G, T) or new sampling settings
-(temperature, top-k, top-p, pad id: constants of the graph) compile once more. In a run, B, G, T and
-the settings are fixed, so the step compiles once (tested with dynamo's counters). On CUDA each
-(B, P, T) bucket is captured once (a capture replays the compiled code: no compile) and its buffers
-and graph are kept for the next rollout of that shape, up to :data:`MAX_SHAPES` shapes (least
-recently used dropped first). On the CPU nothing needs fixed addresses: buffers are allocated per
-rollout.
+12, ..., each at most 1.5x the one before): prompts B, prompt length P (at least 16), new tokens T
+(at least 16); the rows are B x G. B, B x G, P and T are dynamic sizes of the compiled step
+(``maybe_mark_dynamic``), so new prompt lengths, group sizes and token budgets reuse the compiled
+code. What compiles again: a new model object, new sampling settings (temperature, top-k, top-p and
+the pad id are constants of the graph), and B = 1 (dynamo specializes sizes of 1). A training run
+compiles once (tested with dynamo's counters). On CUDA each bucketed shape is captured once (a
+capture replays the compiled code: no compile) and its buffers and graph are kept for the next
+rollout of that shape, up to :data:`MAX_SHAPES` shapes per model (least recently used dropped first).
+On the CPU nothing needs fixed addresses: buffers are allocated per rollout.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from torch import nn
 
 from medgrpo.train import qwen
 from medgrpo.train.attention import layout_attention, layout_mask
+from medgrpo.train.distributed import all_finished, is_sharded
 from medgrpo.train.static_cache import DecodeLayout, PrefillLayout, StaticKVCache
 from medgrpo.train.token_sampling import sample_tokens
 
@@ -269,15 +270,15 @@ class StaticRun:
             state.uniforms[:steps, :rows] = uniforms
         state.step.zero_()
         done = self._run(steps - 1)
-        return _trim(state.tokens[:rows, : done + 1], state.eos_ids)
+        return trim_ended(state.tokens[:rows, : done + 1], state.eos_ids)
 
     def _run(self, steps: int) -> int:
-        """Up to ``steps`` steps, checking for all-finished every ``check_every``; the steps run."""
+        """Up to ``steps`` steps, checking for all-finished (on every rank) every ``check_every``; the steps run."""
         every = self.config.check_every
         finished = self.shape.state.finished
         with layout_attention(self.model):
             for done in range(steps):
-                if done % every == 0 and bool(finished.all()):  # the loop's one host sync, every k steps
+                if done % every == 0 and all_finished(finished, self.model):  # the one host sync, every k steps
                     return done
                 if self.shape.graph is not None:
                     self.shape.graph.replay()
@@ -286,8 +287,12 @@ class StaticRun:
         return steps
 
 
-def _trim(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
-    """The columns up to the one where every row has ended (the reference loop's stopping step), copied."""
+def trim_ended(tokens: torch.Tensor, eos_ids: torch.Tensor) -> torch.Tensor:
+    """The columns up to the one where every row has ended (where a one-process loop stops), copied.
+
+    Steps run past it (the all-finished check every k steps; the ranks of a sharded model stepping
+    together) hold padding only.
+    """
     ended = torch.isin(tokens, eos_ids).long().cumsum(dim=1).gt(0).all(dim=0)
     stop = int(torch.where(ended.any(), ended.long().argmax() + 1, ended.shape[0]))
     return tokens[:, :stop].clone()
@@ -298,8 +303,6 @@ _DECODERS: weakref.WeakKeyDictionary[nn.Module, dict[bool, StaticDecoder]] = wea
 
 def static_decoder(model: nn.Module, *, compile: bool) -> StaticDecoder:
     """The model's :class:`StaticDecoder` (created on first use; it holds no reference to the model)."""
-    from medgrpo.train.distributed import is_sharded
-
     decoders = _DECODERS.setdefault(model, {})
     if compile not in decoders:
         decoders[compile] = StaticDecoder(compile=compile, sharded=is_sharded(model))
@@ -315,4 +318,5 @@ __all__ = [
     "bucket",
     "decode_step",
     "static_decoder",
+    "trim_ended",
 ]

@@ -46,7 +46,8 @@ from torch import nn
 from medgrpo.data.collate import VideoBatch
 from medgrpo.train import qwen
 from medgrpo.train.attention import layout_attention, layout_mask
-from medgrpo.train.decode import static_decoder
+from medgrpo.train.decode import static_decoder, trim_ended
+from medgrpo.train.distributed import all_finished
 from medgrpo.train.token_sampling import draw_uniforms, filter_logits, sample_tokens
 
 DECODERS = ("static", "dynamic")
@@ -242,13 +243,13 @@ def _decode(
         token = sample_tokens(logits, config, draws, banned_token_ids=banned).masked_fill(finished, pad_token_id)
         tokens.append(token)
         finished |= torch.isin(token, eos_ids)
-        if step + 1 == config.max_new_tokens or bool(finished.all()):  # the one host sync per step
+        if step + 1 == config.max_new_tokens or all_finished(finished, model):  # the one host sync per step
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         positions = qwen.text_positions(position + step, 1)
         hidden = qwen.hidden_states(model, embed_tokens(token[:, None]), positions, attention_mask, cache=cache)
         logits = qwen.logits(model, hidden[:, -1])
-    return torch.stack(tokens, dim=1)
+    return trim_ended(torch.stack(tokens, dim=1), eos_ids)  # a sharded model's ranks may step past their end
 
 
 def _dynamic_rollout(model, batch, video_embeds, config, eos_ids, pad_token_id, uniforms, timer) -> tuple:
