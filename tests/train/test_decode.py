@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_batch
 
+from medgrpo.train import decode as decode_module
 from medgrpo.train import qwen
 from medgrpo.train.attention import layout_attention, layout_mask
 from medgrpo.train.decode import bucket, static_decoder
@@ -132,20 +133,22 @@ def test_compiled_greedy_equals_hf_generate(tiny_model, left_batch, stops):
 
 @pytest.mark.slow
 def test_compiled_sampling_equals_the_reference_and_compiles_once(tiny_model, tokenizer, clips, stops):
-    """Prompts of three lengths in three prompt-length buckets (46 -> 48, 61 -> 64, 99 -> 128): one compile in all
-    (the prompt length is a dynamic size of the graph), and the tokens of the reference loop for the same seed."""
+    """Rollouts of three sizes: prompts in three length buckets (46 -> 48, 61 -> 64, 99 -> 128), group sizes 3, 2
+    and 4, token budgets 10, 20 and 12 (buckets 16 and 24). One compile in all (every size is a dynamic size of the
+    graph), and the tokens of the reference loop for the same seed."""
     questions = [("Why?", "Which?"), ("Localize the action. Answer in seconds.", "Which phase comes next?")]
     questions.append(("Localize the action in the video. " * 3, "Which phase comes next? " * 2))
     batches = [make_batch(tokenizer, q, clips, [1.0, 0.5], "left").to("cpu") for q in questions]
     assert len({bucket(b.input_ids.shape[1], minimum=16) for b in batches}) == 3
-    settings = {"group_size": 3, "max_new_tokens": 10, "temperature": 0.9, "top_k": 64, "top_p": 0.95}
+    sizes = [(3, 10), (2, 20), (4, 12)]  # (G, max_new_tokens)
+    settings = {"temperature": 0.9, "top_k": 64, "top_p": 0.95, "check_every": 4}
     before = unique_graphs()
-    for batch in batches:
+    for batch, (group, tokens) in zip(batches, sizes):
         rollouts = [
             generate(
                 tiny_model,
                 batch,
-                RolloutConfig(**settings, decode=decode, compile=compile, check_every=4),
+                RolloutConfig(**settings, group_size=group, max_new_tokens=tokens, decode=decode, compile=compile),
                 **stops,
                 generator=torch.Generator().manual_seed(5),
             )
@@ -154,6 +157,24 @@ def test_compiled_sampling_equals_the_reference_and_compiles_once(tiny_model, to
         assert torch.equal(rollouts[1].completion_ids, rollouts[0].completion_ids)
     assert unique_graphs() - before <= 1
     assert static_decoder(tiny_model, compile=True).compiled
+
+
+@pytest.mark.parametrize("every,checks", [(1, 11), (4, 3), (12, 1)])
+def test_all_finished_is_read_every_k_steps(tiny_model, left_batch, monkeypatch, every, checks):
+    """The host reads the all-finished flag at steps 0, k, 2k, ... of the 11 after the first token (no row ends
+    here: the stop token is a vision placeholder, never sampled), and the rollout still runs all 12 tokens."""
+    reads, original = [], decode_module.all_finished
+
+    def counted(finished, model):
+        reads.append(int(finished.sum()))
+        return original(finished, model)
+
+    monkeypatch.setattr(decode_module, "all_finished", counted)
+    config = RolloutConfig(group_size=2, max_new_tokens=12, temperature=1.0, check_every=every)
+    never = [tiny_model.config.video_token_id]
+    rollout = generate(tiny_model, left_batch, config, eos_token_ids=never, pad_token_id=0, generator=torch.Generator())
+    assert len(reads) == checks and reads == [0] * checks
+    assert rollout.decode_steps == 12 and bool(rollout.is_truncated.all())
 
 
 @pytest.mark.gpu
