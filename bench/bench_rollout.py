@@ -7,6 +7,10 @@ Providers (``medgrpo.train.rollout.generate`` unless said otherwise):
     reference_loop   decode="dynamic": the reference loop on Hugging Face's DynamicCache, KV replicated G times
     hf_generate      ``model.generate(num_return_sequences=G, do_sample=True)``: each prompt encoded and
                      prefilled G times, then HF's decoding loop
+    linear_floor     not a decoder: the language model's linear layers and the lm head applied to the B x G
+                     rows of a step, new_tokens - 1 times (the forwards a rollout runs after the prefill),
+                     nothing else: the matrix products every decoder of the model must do, what a step
+                     costs at least on this machine (its "decode" is that time)
 
 Models: random Qwen2.5-VL built by ``medgrpo.demo.tiny_model.build_tiny_model``: ``tiny`` (the demo's:
 hidden 64, 2 layers), ``h512x4`` (hidden 512, 4 layers, 8 heads / 2 KV heads, MLP 1536, vision hidden
@@ -25,11 +29,13 @@ Peak memory: one separate call under ``medgrpo.testing.memory.PeakMemory`` (extr
 
 Knobs (environment):
 
-    MEDGRPO_BENCH_ROLLOUT           "small" (default): the demo's shape and the 12.9 M point (G 8 / 64
-                                    tokens, the 152k vocabulary, G 16 / 256 tokens); "full": the issue's
+    MEDGRPO_BENCH_ROLLOUT           "small" (default): the demo's shape, the 12.9 M point (G 8 / 64
+                                    tokens, the 152k vocabulary, G 16 / 256 tokens) and h1024x8 at
+                                    G 8 / 64 tokens; "full": the issue's
                                     whole grid (3 models x 2 vocabularies x G 8, 16 x 64, 256 tokens)
     MEDGRPO_BENCH_ROLLOUT_BUDGET_S  cases that would start after this many seconds are skipped
                                     (default 1500 on the CPU)
+    MEDGRPO_BENCH_ROLLOUT_ROUNDS    timed rounds per provider (default 5)
     MEDGRPO_BENCH_THREADS           torch threads on the CPU (default 1: on a shared 2-core machine two
                                     threads wait on each other at every op and the timings scatter 10x)
 """
@@ -57,7 +63,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 SIZE = os.environ.get("MEDGRPO_BENCH_ROLLOUT", "small")
 BUDGET_S = float(os.environ.get("MEDGRPO_BENCH_ROLLOUT_BUDGET_S", "1500"))
 THREADS = int(os.environ.get("MEDGRPO_BENCH_THREADS", "1"))
-ROUNDS = 5
+ROUNDS = int(os.environ.get("MEDGRPO_BENCH_ROLLOUT_ROUNDS", "5"))
 QWEN_VOCAB = 151_936
 MODELS = {
     "tiny": {},
@@ -65,7 +71,7 @@ MODELS = {
     "h1024x8": {"hidden_size": 1024, "layers": 8, "heads": 16, "kv_heads": 2, "intermediate_size": 3072},
 }
 VISION = {"tiny": {}, "h512x4": {"vision_hidden": 64}, "h1024x8": {"vision_hidden": 64}}
-PROVIDERS = ["medgrpo", "medgrpo_eager", "reference_loop", "hf_generate"]
+PROVIDERS = ["medgrpo", "medgrpo_eager", "reference_loop", "hf_generate", "linear_floor"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,7 @@ SMALL = [
     Case("h512x4", "demo", 2, 8, 64),  # the issue's CPU target point
     Case("h512x4", "qwen", 2, 8, 64),
     Case("h512x4", "demo", 2, 16, 256),
+    Case("h1024x8", "demo", 2, 8, 64),
 ]
 FULL = SMALL + [
     Case(model, vocab, 2, group, tokens)
@@ -134,6 +141,8 @@ def make_call(provider: str, model, tokenizer, batch, case: Case, decode_times: 
     new_tokens = new_tokens or case.new_tokens
     never = [model.config.video_token_id]  # a stop token that is never sampled: every row decodes every step
     pad = tokenizer.pad_token_id
+    if provider == "linear_floor":
+        return linear_floor_call(model, case.prompts * case.group, new_tokens - 1, decode_times)
     if provider == "hf_generate":
         inputs = batch.model_inputs()
         banned = vision_placeholder_ids(model, batch.input_ids.device).tolist()
@@ -163,6 +172,25 @@ def make_call(provider: str, model, tokenizer, batch, case: Case, decode_times: 
     def call():
         rollout = generate(model, batch, config, eos_token_ids=never, pad_token_id=pad, generator=generator)
         decode_times.append(rollout.decode_s)
+
+    return call
+
+
+def linear_floor_call(model, rows: int, steps: int, decode_times: list[float]):
+    """The language model's linear layers and the lm head on ``rows`` rows, ``steps`` times; appends the seconds."""
+    layers = [m for m in model.get_decoder().modules() if isinstance(m, torch.nn.Linear)]
+    layers.append(model.get_output_embeddings())
+    weight = layers[0].weight
+    inputs = [torch.randn(rows, layer.in_features, dtype=weight.dtype, device=weight.device) for layer in layers]
+
+    @torch.no_grad()
+    def call():
+        start = time.perf_counter()
+        for _ in range(steps):
+            for layer, x in zip(layers, inputs):
+                layer(x)
+        synchronize(DEVICE)
+        decode_times.append(time.perf_counter() - start)
 
     return call
 

@@ -271,7 +271,7 @@ def summary_lines(data: dict) -> list[str]:
     lines += _table(
         ["decode ms/step", "medgrpo", "floor", "ref loop", "hf_generate", "x floor", "x ref", "x hf", "first call s"],
         [
-            [f"3B G={decode.get('group_size')} T={decode.get('new_tokens')}"]
+            [f"{decode.get('parameters_b', 0) * 1e3:,.1f}M G={decode.get('group_size')} T={decode.get('new_tokens')}"]
             + [_x(_get(decode, "providers", name, "ms_per_step")) for name in decode_providers]
             + [_x(decode.get(key)) for key in decode_ratios]
             + [_x(_get(decode, "providers", "medgrpo", "first_call_s"))]
