@@ -58,7 +58,9 @@ def _model(directory: Path, tokenizer):
     return load_model(ModelConfig(str(directory), dtype=dtype, freeze_vision=True), "cuda" if CUDA else "cpu")
 
 
-def _batch(tokenizer, device: str):
+def video_prompts(tokenizer, device: str, *, prompts: int = PROMPTS, frames: int = FRAMES, side: int = SIDE):
+    """A left-padded batch of ``prompts`` random ``frames``-frame ``side`` x ``side`` videos with a tal question,
+    patchified on ``device`` (bf16 on CUDA, fp32 on the CPU). bench_rollout.py uses it too."""
     record = VideoRecord(
         index=0,
         id="bench",
@@ -73,10 +75,10 @@ def _batch(tokenizer, device: str):
     )
     generator = torch.Generator().manual_seed(0)
     samples = []
-    for _ in range(PROMPTS):
-        frames = torch.randint(0, 256, (FRAMES, SIDE, SIDE, 3), dtype=torch.uint8, generator=generator)
-        plan = FramePlan(tuple(range(FRAMES)), SIDE, SIDE, 2.0)
-        samples.append(VideoSample(record=record, frames=frames, plan=plan))
+    for _ in range(prompts):
+        clip = torch.randint(0, 256, (frames, side, side, 3), dtype=torch.uint8, generator=generator)
+        plan = FramePlan(tuple(range(frames)), side, side, 2.0)
+        samples.append(VideoSample(record=record, frames=clip, plan=plan))
     dtype = torch.bfloat16 if CUDA else torch.float32
     return VideoCollator(tokenizer, padding_side="left")(samples).to(device, dtype)
 
@@ -93,7 +95,7 @@ def setup(tmp_path_factory):
     model = _model(directory, tokenizer)
     from medgrpo.rewards.task_rewards import RewardConfig, RewardFunction
 
-    return model, tokenizer, RewardFunction(RewardConfig()), _batch(tokenizer, "cuda" if CUDA else "cpu")
+    return model, tokenizer, RewardFunction(RewardConfig()), video_prompts(tokenizer, "cuda" if CUDA else "cpu")
 
 
 def _step(model, tokenizer, reward_fn, batch, optimizer, params) -> dict[str, float]:

@@ -31,6 +31,9 @@ HEAD_FLOOR_MAX = 1.25  # medgrpo time / bare-GEMM floor
 HEAD_LIGER_MIN = 1.5  # Liger time / medgrpo time
 ADVANTAGES_FLOOR_MAX = 2.0  # medgrpo per-call time / empty-kernel launch
 POLICY_LOSS_BANDWIDTH_MIN = 0.8  # fraction of the measured copy bandwidth
+# Issue 16: rollout decode of a 3B-shaped model (bench_decode.py).
+DECODE_FLOOR_MAX = 2.0  # time per step / (weights + KV cache bytes over the copy bandwidth)
+DECODE_HF_MIN = 3.0  # HF generate's time per step / medgrpo's
 ADVANTAGE_COLUMNS = ("medgrpo", "empty_kernel", "reference", "trl")
 
 
@@ -73,6 +76,7 @@ def evaluate_targets(data: dict) -> list[dict[str, Any]]:
     suite_ok = None
     if test_status is not None and test_status != "running":
         suite_ok = test_status == "ok" and tests.get("failures_total", 1) == 0 and counts.get("passed", 0) > 0
+    decode = _result(data, "bench_decode")
     smoke = _result(data, "trainer").get("phases") or {}
     aot = data.get("stages", {}).get("aot") or {}
     return [
@@ -111,6 +115,20 @@ def evaluate_targets(data: dict) -> list[dict[str, Any]]:
             {k: g.get("medgrpo_fraction_of_copy_bandwidth") for k, g in loss.items()},
             lambda v: v >= POLICY_LOSS_BANDWIDTH_MIN,
             ".0%",
+        ),
+        _target(
+            "rollout decode, 3B-shaped, bf16, G 8, 256 tokens: time per step / weights + KV read floor",
+            f"<= {DECODE_FLOOR_MAX}x",
+            {"3B": decode.get("medgrpo_ratio_to_floor")} if decode else {},
+            lambda v: v <= DECODE_FLOOR_MAX,
+            ".2f",
+        ),
+        _target(
+            "rollout decode, 3B-shaped: speed-up over HF generate",
+            f">= {DECODE_HF_MIN}x",
+            {"3B": decode.get("medgrpo_speedup_over_hf_generate")} if decode else {},
+            lambda v: v >= DECODE_HF_MIN,
+            ".2f",
         ),
         {
             "what": "whole GPU test suite, real Triton",
@@ -243,12 +261,30 @@ def summary_lines(data: dict) -> list[str]:
             for key, g in _groups(data, "bench_policy_loss").items()
         ],
     )
+    decode = _result(data, "bench_decode")
+    decode_providers = ("medgrpo", "floor", "reference_loop", "hf_generate")
+    decode_ratios = (
+        "medgrpo_ratio_to_floor",
+        "medgrpo_speedup_over_reference_loop",
+        "medgrpo_speedup_over_hf_generate",
+    )
+    lines += _table(
+        ["decode ms/step", "medgrpo", "floor", "ref loop", "hf_generate", "x floor", "x ref", "x hf", "first call s"],
+        [
+            [f"{decode.get('parameters_b', 0) * 1e3:,.1f}M G={decode.get('group_size')} T={decode.get('new_tokens')}"]
+            + [_x(_get(decode, "providers", name, "ms_per_step")) for name in decode_providers]
+            + [_x(decode.get(key)) for key in decode_ratios]
+            + [_x(_get(decode, "providers", "medgrpo", "first_call_s"))]
+        ]
+        if decode.get("providers")
+        else [],
+    )
     failures = _result(data, "tests").get("failures", [])
     for failure in failures[:8]:
         lines.append(f"  FAILED {failure['nodeid'][:90]}: {failure['message'][:120]}")
     if len(failures) > 8:
         lines.append(f"  ... {len(failures) - 8} more failures in validate.json")
-    lines.append("targets (issue 11, Part B):")
+    lines.append("targets (issue 11, Part B; decode: issue 16):")
     for t in data.get("targets") or evaluate_targets(data):
         lines.append(f"  [{_mark(t['passed'])}] {t['what']} {t['target']}: {t['measured'][:110]}")
     lines.append(f"wall {data.get('wall_s', '?')} s; the full record: validate.json, validate.log, junit.xml in $OUT")

@@ -16,6 +16,9 @@ it imports can break before the first stage has recorded). Every stage is a chil
     bench_head        the 7B head: medgrpo, GEMM floor, Liger, TRL eager (bench_head_7b.py)
     trainer           SFT + MedGRPO smoke run, checkpoint, resume, export (trainer_smoke.py)
     tests             the GPU test suite under pytest-xdist (gpu_suite.py selects it)
+    bench_decode      3B-shaped rollout decode: the compiled, graph-captured step vs the reference loop vs
+                      HF generate vs the weights + KV read floor (bench_decode.py; last: its compile is
+                      the longest wait, so it gets what the library's proof leaves; --only bench_decode)
 
 Adding a stage is one function ``stage_x(run, timeout) -> dict`` and one line in STAGES. A stage
 gets ``min(its budget, what is left of the whole run)`` seconds; one stopped at its timeout is
@@ -343,6 +346,14 @@ def stage_bench_head(run: Run, timeout: float) -> dict:
     return run.python("bench_head", "bench_head_7b.py", ["--budget-s", str(max(timeout - 30, 10))], timeout)
 
 
+def stage_bench_decode(run: Run, timeout: float) -> dict:
+    args = ["--budget-s", str(max(timeout - 15, 10))]
+    copy = run.stage_result("ceilings").get("copy_gb_per_s")
+    if copy:
+        args += ["--copy-gb-per-s", str(copy)]
+    return run.python("bench_decode", "bench_decode.py", args, timeout)
+
+
 def stage_trainer(run: Run, timeout: float) -> dict:
     return run.python("trainer", "trainer_smoke.py", ["--work", str(run.work / "smoke")], timeout)
 
@@ -437,6 +448,7 @@ STAGES = [
     Stage("bench_head", stage_bench_head, 150, 300),
     Stage("trainer", stage_trainer, 120, 300),
     Stage("tests", stage_tests, 240, 600, needs=("build",)),
+    Stage("bench_decode", stage_bench_decode, 240, 600),
 ]
 
 

@@ -92,6 +92,20 @@ def warm_up(model: nn.Module) -> None:
     model.reshard()
 
 
+def all_finished(finished: torch.Tensor, model: nn.Module) -> bool:
+    """Whether every row of ``finished`` is True, on every rank when ``model`` is sharded (a host sync).
+
+    A sharded model's decoder layers all-gather their weights in every forward, so the ranks of a
+    rollout must run the same number of decoding steps: a rank whose rows have all ended keeps
+    stepping (its rows padded) until every rank's have.
+    """
+    flag = finished.all()
+    if is_sharded(model) and is_distributed():
+        flag = flag.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 @contextlib.contextmanager
 def gathered(model: nn.Module) -> Iterator[None]:
     """Gather a sharded model's root parameters (embeddings, norm, lm head) for a no-grad rollout.

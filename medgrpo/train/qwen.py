@@ -195,7 +195,8 @@ def hidden_states(
         ``(B, L, hidden)``.
     """
     decoder = model.get_decoder()
-    kwargs = {compat.cache_keyword(decoder): cache, "use_cache": cache is not None}
+    # Without a cache, no cache argument at all: its name differs across releases (an inspect per call).
+    kwargs = {"use_cache": False} if cache is None else {compat.cache_keyword(decoder): cache, "use_cache": True}
     output = decoder(
         input_ids=None, inputs_embeds=inputs_embeds, position_ids=position_ids, attention_mask=attention_mask, **kwargs
     )

@@ -45,11 +45,17 @@ from torch import nn
 
 from medgrpo.data.collate import VideoBatch
 from medgrpo.train import qwen
+from medgrpo.train.attention import layout_attention, layout_mask
+from medgrpo.train.decode import static_decoder, trim_ended
+from medgrpo.train.distributed import all_finished
+from medgrpo.train.token_sampling import draw_uniforms, filter_logits, sample_tokens
+
+DECODERS = ("static", "dynamic")
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    """Sampling settings of a rollout.
+    """Sampling settings of a rollout, and how it is decoded.
 
     Attributes:
         group_size: G, completions per prompt.
@@ -58,6 +64,12 @@ class RolloutConfig:
         top_p: nucleus sampling: keep the smallest set of most likely tokens whose probability
             reaches ``top_p`` (always at least one token); 1 keeps all.
         top_k: keep the ``top_k`` most likely tokens; 0 keeps all.
+        decode: "static": a static KV cache written in place, the prompt's KV stored once per group,
+            one (compiled) step per token (medgrpo.train.decode); "dynamic": the reference loop on
+            Hugging Face's DynamicCache. Both give the same tokens for the same seed.
+        compile: torch.compile the static step (and capture it as a CUDA graph on a GPU). Compiling
+            costs tens of seconds once per run; off, the static step runs eagerly.
+        check_every: the static path reads the all-finished flag (a host sync) every this many steps.
     """
 
     group_size: int = 8
@@ -65,6 +77,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    decode: str = "static"
+    compile: bool = False
+    check_every: int = 8
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
@@ -77,6 +92,10 @@ class RolloutConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"decode must be one of {DECODERS}, got {self.decode!r}")
+        if self.check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {self.check_every}")
 
 
 @dataclass
@@ -131,43 +150,6 @@ class Rollout:
             "rollout/completion_tokens": float(self.completion_tokens),
             "rollout/decode_tokens_per_s": self.completion_tokens / max(self.decode_s, 1e-9),
         }
-
-
-def filter_logits(logits: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to ``-inf`` the logits outside the top-k and outside the top-p nucleus (HF's order: k, then p).
-
-    The nucleus is the smallest set of most likely tokens whose probability reaches ``top_p``;
-    the most likely token is always kept.
-    """
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    config: RolloutConfig,
-    generator: torch.Generator | None = None,
-    *,
-    banned_token_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(N,)`` next tokens from fp32 ``(N, V)`` logits: argmax at temperature 0, else a filtered sample.
-
-    ``banned_token_ids`` (int64 on the logits' device) are never returned.
-    """
-    if banned_token_ids is not None:
-        logits = logits.index_fill(-1, banned_token_ids, float("-inf"))
-    if config.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits / config.temperature, top_k=config.top_k, top_p=config.top_p)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def completion_masks(
@@ -229,13 +211,14 @@ def _check_batch(batch: VideoBatch, eos_token_ids: Sequence[int]) -> None:
         raise ValueError("rollout prompts must be left-padded (VideoCollator(padding_side='left'))")
 
 
-def _prefill(model: nn.Module, batch: VideoBatch, video_embeds: list[torch.Tensor], cache) -> tuple:
-    """Run the prompts into ``cache``; return the last position's logits and the next mrope position."""
+def _prefill(model: nn.Module, batch: VideoBatch, video_embeds: list[torch.Tensor], mask, cache=None) -> tuple:
+    """Run the prompts (into ``cache``, or a layout's static cache through ``mask``); return the last
+    position's logits and the next mrope position."""
     embeds = qwen.build_inputs_embeds(model, batch.input_ids, video_embeds)
     positions, rope_deltas = qwen.rope_positions(
         model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
     )
-    hidden = qwen.hidden_states(model, embeds, positions, batch.attention_mask, cache=cache)
+    hidden = qwen.hidden_states(model, embeds, positions, mask, cache=cache)
     return qwen.logits(model, hidden[:, -1]), qwen.next_positions(batch.attention_mask, rope_deltas)
 
 
@@ -248,24 +231,64 @@ def _decode(
     config: RolloutConfig,
     eos_ids: torch.Tensor,
     pad_token_id: int,
-    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None,
 ) -> torch.Tensor:
-    """Sample up to ``max_new_tokens`` per row from the replicated cache; ``(N, T)`` tokens."""
+    """The reference loop: sample up to ``max_new_tokens`` per row from the replicated cache; ``(N, T)`` tokens."""
     embed_tokens = model.get_input_embeddings()
     banned = vision_placeholder_ids(model, logits.device)
     finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     tokens = []
     for step in range(config.max_new_tokens):
-        token = sample_tokens(logits, config, generator, banned_token_ids=banned).masked_fill(finished, pad_token_id)
+        draws = None if uniforms is None else uniforms[step]
+        token = sample_tokens(logits, config, draws, banned_token_ids=banned).masked_fill(finished, pad_token_id)
         tokens.append(token)
         finished |= torch.isin(token, eos_ids)
-        if step + 1 == config.max_new_tokens or bool(finished.all()):  # the one host sync per step
+        if step + 1 == config.max_new_tokens or all_finished(finished, model):  # the one host sync per step
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
         positions = qwen.text_positions(position + step, 1)
         hidden = qwen.hidden_states(model, embed_tokens(token[:, None]), positions, attention_mask, cache=cache)
         logits = qwen.logits(model, hidden[:, -1])
-    return torch.stack(tokens, dim=1)
+    return trim_ended(torch.stack(tokens, dim=1), eos_ids)  # a sharded model's ranks may step past their end
+
+
+def _dynamic_rollout(model, batch, video_embeds, config, eos_ids, pad_token_id, uniforms, timer) -> tuple:
+    """The reference path: prefill into a DynamicCache, replicate it G times, decode step by step."""
+    group = config.group_size
+    cache = qwen.new_cache(model)
+    logits, position = _prefill(model, batch, video_embeds, batch.attention_mask, cache)
+    prefill_s = timer.lap()
+    cache.batch_repeat_interleave(group)
+    completion_ids = _decode(
+        model,
+        logits.repeat_interleave(group, dim=0),
+        batch.attention_mask.repeat_interleave(group, dim=0),
+        position.repeat_interleave(group, dim=0),
+        cache,
+        config,
+        eos_ids,
+        pad_token_id,
+        uniforms,
+    )
+    return completion_ids, prefill_s, timer.lap()
+
+
+def _static_rollout(model, batch, video_embeds, config, eos_ids, pad_token_id, uniforms, timer) -> tuple:
+    """The static path (medgrpo.train.decode): prefill into a static cache, then the (compiled) steps."""
+    run = static_decoder(model, compile=config.compile).prepare(
+        model,
+        batch.attention_mask,
+        config,
+        eos_ids=eos_ids,
+        banned=vision_placeholder_ids(model, eos_ids.device),
+        pad_token_id=pad_token_id,
+    )
+    with layout_attention(model):
+        mask = layout_mask(run.prefill_layout(batch.attention_mask))
+        logits, position = _prefill(model, batch, video_embeds, mask)
+    prefill_s = timer.lap()
+    completion_ids = run.decode(logits, position, uniforms)
+    return completion_ids, prefill_s, timer.lap()
 
 
 @torch.no_grad()
@@ -284,10 +307,12 @@ def generate(
         model: a ``Qwen2_5_VLForConditionalGeneration`` (put in eval mode for the call).
         batch: a :class:`~medgrpo.data.collate.VideoBatch` already moved with ``.to(device)``, prompts
             LEFT-padded (``VideoCollator(padding_side="left")``), no answers appended.
-        config: group size, length limit and sampling settings.
+        config: group size, length limit, sampling settings and the decoder (``config.decode``).
         eos_token_ids: tokens that end a completion, e.g. ``<|im_end|>`` and ``<|endoftext|>``.
         pad_token_id: the token written after a completion's EOS.
         generator: the random source of sampling (on the batch's device); None uses torch's global one.
+            A sampled rollout draws ``max_new_tokens x B*G`` uniform numbers from it up front (either
+            decoder), a greedy one none.
 
     Returns:
         A :class:`Rollout` of ``B * G`` completions, the G of prompt ``b`` in rows ``b*G .. b*G+G-1``.
@@ -296,31 +321,19 @@ def generate(
     group = config.group_size
     device = batch.input_ids.device
     eos_ids = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    rollout = _static_rollout if config.decode == "static" else _dynamic_rollout
     with eval_mode(model):
         timer = _Timer(device)
         video_embeds = qwen.encode_videos(model, batch.pixel_values_videos, batch.video_grid_thw)
         encode_s = timer.lap()
-        cache = qwen.new_cache(model)
-        logits, position = _prefill(model, batch, video_embeds, cache)
-        prefill_s = timer.lap()
-        cache.batch_repeat_interleave(group)
-        prompt_mask = batch.attention_mask.repeat_interleave(group, dim=0)
-        completion_ids = _decode(
-            model,
-            logits.repeat_interleave(group, dim=0),
-            prompt_mask,
-            position.repeat_interleave(group, dim=0),
-            cache,
-            config,
-            eos_ids,
-            pad_token_id,
-            generator,
+        uniforms = draw_uniforms(config, config.max_new_tokens, len(batch) * group, device, generator)
+        completion_ids, prefill_s, decode_s = rollout(
+            model, batch, video_embeds, config, eos_ids, pad_token_id, uniforms, timer
         )
-        decode_s = timer.lap()
     completion_mask, lengths, is_truncated = completion_masks(completion_ids, eos_ids)
     return Rollout(
         prompt_ids=batch.input_ids.repeat_interleave(group, dim=0),
-        prompt_mask=prompt_mask,
+        prompt_mask=batch.attention_mask.repeat_interleave(group, dim=0),
         completion_ids=completion_ids,
         completion_mask=completion_mask,
         completion_lengths=lengths,
@@ -344,10 +357,12 @@ def decode_text(tokenizer, rollout: Rollout) -> list[str]:
 
 
 __all__ = [
+    "DECODERS",
     "Rollout",
     "RolloutConfig",
     "completion_masks",
     "decode_text",
+    "draw_uniforms",
     "filter_logits",
     "generate",
     "sample_tokens",

@@ -111,8 +111,9 @@ def video_batch(request, tokenizer, clips) -> VideoBatch:
 
 @pytest.fixture(scope="session")
 def batch_maker(tokenizer, clips):
-    """Builds the two prompts' batch with the given padding side, as the processor returns it (not moved)."""
-    return lambda padding_side: make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], padding_side)
+    """``batch_maker(padding_side, questions=QUESTIONS)``: two prompts over the two clips, as the processor
+    returns them (not moved to a device)."""
+    return lambda padding_side, questions=QUESTIONS: make_batch(tokenizer, questions, clips, [1.0, 0.5], padding_side)
 
 
 @pytest.fixture(scope="session")
