@@ -188,10 +188,10 @@ class UpdateMetrics:
 
 def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor, out, mask: torch.Tensor) -> None:
     """Add a micro-batch's loss, token count and token-weighted metrics to ``sums`` (on the device; out of place,
-    so a float64 loss keeps its precision)."""
+    so float64 losses and metrics keep their precision)."""
     tokens = mask.sum().to(torch.float32)
     sums["loss"] = sums["loss"] + loss.detach()
-    sums["tokens"] += tokens
+    sums["tokens"] = sums["tokens"] + tokens
     parts = (
         ("kl", out.kl),
         ("clip", out.clip_fraction),
@@ -201,7 +201,7 @@ def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor, out, mask: to
     )
     for name, value in parts:
         if value is not None:
-            sums[name] += value.detach().float() * tokens
+            sums[name] = sums[name] + value.detach() * tokens
 
 
 def backward_policy_loss(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,12 +27,23 @@ import torch.nn.functional as F
 from conftest import QUESTIONS, make_batch  # tests/train/conftest.py (rootdir-relative import, as test_rollout)
 from torch import nn
 
+from medgrpo.data.collate import VideoBatch, VideoCollator
+from medgrpo.data.loader import VideoSample
+from medgrpo.data.records import VideoRecord
+from medgrpo.data.sampling import FramePlan
 from medgrpo.ops.policy_loss import MEDGRPO_LOSS, PolicyLossConfig
+from medgrpo.rewards.rewarder import Rewarder
+from medgrpo.rewards.task_rewards import RewardBatch
+from medgrpo.testing.rollouts import synthetic_rollout
 from medgrpo.testing.tolerance import assert_within_reference_error
 from medgrpo.train import qwen
+from medgrpo.train.grpo import GRPOConfig, GRPOSetup, grpo_step
 from medgrpo.train.model import vision_tower
-from medgrpo.train.rollout import Rollout, completion_masks
+from medgrpo.train.optim import OptimConfig, build_optimizer
+from medgrpo.train.rollout import Rollout, RolloutConfig
+from medgrpo.train.sampler import BalancedSampler
 from medgrpo.train.shared_prefix import GroupSpan, SharedPrefixLayout, shared_prefix_inputs
+from medgrpo.train.state import TrainState
 from medgrpo.train.update import LossOptions, backward_policy_loss, policy_inputs, sequence_logprobs
 
 STEPS = 6
@@ -80,37 +92,22 @@ def batches(tokenizer, clips):
 
 
 def make_rollout(model, batch, tokenizer, group: int) -> Rollout:
-    """G completions per prompt of the lengths in ROWS: random text tokens, then EOS (unless truncated)."""
-    num_rows = len(batch) * group
-    generator = torch.Generator().manual_seed(group)
-    first_text_id = max(tokenizer.all_special_ids) + 1
-    ids = torch.randint(first_text_id, len(tokenizer), (num_rows, STEPS), generator=generator)
-    eos, pad = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
-    for row, (length, truncated) in enumerate(ROWS[group]):
-        if not truncated:
-            ids[row, length - 1] = eos
-            ids[row, length:] = pad
-    mask, lengths, is_truncated = completion_masks(ids, torch.tensor([eos, pad]))
-    assert list(zip(lengths.tolist(), is_truncated.tolist())) == ROWS[group]
+    """The batch's prompts with G completions each, of the lengths and truncations in ROWS."""
     with torch.no_grad():
         embeds = qwen.encode_videos(model, batch.pixel_values_videos, batch.video_grid_thw)
-    return Rollout(
-        prompt_ids=batch.input_ids.repeat_interleave(group, dim=0),
-        prompt_mask=batch.attention_mask.repeat_interleave(group, dim=0),
-        completion_ids=ids,
-        completion_mask=mask,
-        completion_lengths=lengths,
-        prompt_index=torch.arange(len(batch)).repeat_interleave(group),
-        is_truncated=is_truncated,
-        video_embeds=[e.detach() for e in embeds],
-        group_size=group,
-        encode_s=0.0,
-        prefill_s=0.0,
-        decode_s=0.0,
-        prompt_tokens=int(batch.attention_mask.sum()),
-        completion_tokens=int(lengths.sum()),
-        decode_steps=STEPS,
+    rollout = synthetic_rollout(
+        batch.input_ids,
+        batch.attention_mask,
+        embeds,
+        rows=ROWS[group],
+        steps=STEPS,
+        token_range=(max(tokenizer.all_special_ids) + 1, len(tokenizer)),
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        seed=group,
     )
+    assert list(zip(rollout.completion_lengths.tolist(), rollout.is_truncated.tolist())) == ROWS[group]
+    return rollout
 
 
 def run_passes(model, inputs, loss: PolicyLossConfig, micro_batch_size: int, anchor: torch.Tensor) -> dict:
@@ -316,3 +313,67 @@ def test_cuda_flex_equals_dense(models, batches, tokenizer, trainable_vision):
         assert_within_reference_error(
             cpu(shared["grads"][name]), cpu(dense["grads"][name]), grad, factor=3.0, atol=1e-5, name=name
         )
+
+
+# ---------------------------------------------------------------------------------- whole GRPO steps
+class LengthReward:
+    """A reward that varies within a group (the rollout's text length, mod 5), so updates are not trivial."""
+
+    def __call__(self, texts: list[str], records: list) -> RewardBatch:
+        rewards = torch.tensor([len(text) % 5 / 4 for text in texts], dtype=torch.float32)
+        return RewardBatch(rewards=rewards, format_ok=torch.ones(len(texts), dtype=torch.bool), counts={})
+
+
+def grpo_batch(tokenizer, clips) -> VideoBatch:
+    """Two left-padded prompts of different lengths, with records (what the loader yields), in float64."""
+    samples = []
+    for i, (question, frames) in enumerate(zip(QUESTIONS, clips)):
+        record = VideoRecord(
+            index=i,
+            id=f"r{i}",
+            question=question,
+            answer="1.0-2.0 seconds.",
+            qa_type="tal",
+            qa_type_raw="tal",
+            data_source="Synthetic",
+            video=Path("unused.mp4"),
+            fps=1.0,
+        )
+        plan = FramePlan(tuple(range(frames.shape[0])), frames.shape[1], frames.shape[2], 1.0)
+        samples.append(VideoSample(record=record, frames=frames, plan=plan))
+    return VideoCollator(tokenizer, padding_side="left")(samples).to("cpu", torch.float64)
+
+
+def grpo_run(model, reference, tokenizer, batch, *, shared_prefix: bool, steps: int) -> list[dict]:
+    """``steps`` MedGRPO steps (two updates per rollout: old log-probs; beta > 0: reference log-probs)."""
+    model = copy.deepcopy(model).train()
+    optimizer, scheduler = build_optimizer(model, OptimConfig(lr=1e-4), steps)
+    sampler = BalancedSampler(["Synthetic/tal"], samples_per_epoch=1, seed=0)
+    state = TrainState(model, optimizer, scheduler, sampler, torch.Generator().manual_seed(11))
+    config = GRPOConfig(
+        prompts_per_step=2,
+        num_iterations=2,
+        micro_batch_size=4,
+        shared_prefix=shared_prefix,
+        rollout=RolloutConfig(group_size=4, max_new_tokens=8),
+        loss=PolicyLossConfig(epsilon_high=0.3, beta=0.04),
+    )
+    setup = GRPOSetup.build(config, tokenizer, max_grad_norm=1.0, reference=reference)
+    return [grpo_step(state, batch, Rewarder(LengthReward()), setup).metrics for _ in range(steps)]
+
+
+@pytest.mark.slow
+def test_grpo_runs_with_and_without_shared_prefix_match(models, tokenizer, clips):
+    """Same seed, float64: the same metrics step after step, with the shared-prefix passes and the dense ones."""
+    reference = copy.deepcopy(models[torch.float64]).requires_grad_(False).eval()
+    policy = copy.deepcopy(models[torch.float64])
+    vision_tower(policy).requires_grad_(False)
+    batch = grpo_batch(tokenizer, clips)
+    shared = grpo_run(policy, reference, tokenizer, batch, shared_prefix=True, steps=3)
+    dense = grpo_run(policy, reference, tokenizer, batch, shared_prefix=False, steps=3)
+    names = ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "reward_raw", "advantage_std")
+    for step, (got, expected) in enumerate(zip(shared, dense)):
+        assert got["completion_tokens"] == expected["completion_tokens"], step
+        for name in names:
+            assert_relative(torch.as_tensor(got[name]), torch.as_tensor(expected[name]), 1e-9, f"step {step} {name}")
+    assert float(dense[-1]["grad_norm"]) > 0 and float(dense[-1]["kl"]) > 0  # the policy moved: not a trivial run
