@@ -176,8 +176,12 @@ class SharedPrefixLayout:
                 completion += 1
         return torch.cat(groups), torch.cat(segments)
 
-    def block_mask(self, device: torch.device, *, compile_mask: bool | None = None):
-        """The flex-attention ``BlockMask`` of the row (built once per device)."""
+    def block_mask(self, device: torch.device):
+        """The flex-attention ``BlockMask`` of the row (built once per device).
+
+        Built eagerly: that evaluates the mask on the full (L, L) grid once (L = the packed row, a few
+        thousand tokens: megabytes), where ``_compile=True`` would compile per new row length.
+        """
         cached = self._block_masks.get(device)
         if cached is not None:
             return cached
@@ -190,10 +194,7 @@ class SharedPrefixLayout:
             visible = (segment[kv_index] < 0) | (segment[q_index] == segment[kv_index])
             return (kv_index <= q_index) & same_group & visible
 
-        compile_mask = device.type == "cuda" if compile_mask is None else compile_mask
-        cached = create_block_mask(
-            shared_prefix_mask, None, None, self.length, self.length, device=device, _compile=compile_mask
-        )
+        cached = create_block_mask(shared_prefix_mask, None, None, self.length, self.length, device=device)
         self._block_masks[device] = cached
         return cached
 
