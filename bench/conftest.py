@@ -93,6 +93,8 @@ def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[
 
     ``bytes_moved`` is the memory traffic the provider's work implies (see each bench
     file); with it, the achieved GB/s is stored and compared to ``copy_floor``.
+    ``rounds`` fixes the number of timed calls (for calls of seconds, where pytest.ini's
+    ``--benchmark-min-rounds`` would take minutes); None leaves it to pytest-benchmark.
     """
 
     def run(
@@ -103,6 +105,7 @@ def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[
         params: dict[str, Any],
         bytes_moved: Optional[int] = None,
         warmup: int = 3,
+        rounds: Optional[int] = None,
     ) -> None:
         def timed() -> None:
             fn()
@@ -115,7 +118,10 @@ def measure(benchmark, request: pytest.FixtureRequest, device: str) -> Callable[
         if provider == OURS:
             benchmark.extra_info["backend"] = medgrpo_backend(device)
         start = _cpu_seconds()
-        benchmark(timed)
+        if rounds is None:
+            benchmark(timed)
+        else:
+            benchmark.pedantic(timed, rounds=rounds, iterations=1)
         benchmark.extra_info["other_cpu_cores"] = other_cpu_cores(start)
         if benchmark.stats is not None:
             request.config.stash.setdefault(MEASURED, []).append(benchmark.stats)
