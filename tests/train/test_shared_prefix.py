@@ -215,6 +215,7 @@ def test_positions_and_tokens_are_the_dense_ones(models, batches, tokenizer):
 
 
 def test_micro_batches_are_whole_groups(models, batches, tokenizer):
+    assert GRPOConfig().shared_prefix  # on by default; grpo.shared_prefix: false is the dense reference
     model, batch = models[torch.float32], batches[torch.float32]
     shared = shared_prefix_inputs(
         model, make_rollout(model, batch, tokenizer, 8), batch.video_grid_thw, batch.second_per_grid_ts
