@@ -29,12 +29,12 @@ Peak memory: one separate call under ``medgrpo.testing.memory.PeakMemory`` (extr
 
 Knobs (environment):
 
-    MEDGRPO_BENCH_ROLLOUT           "small" (default): the demo's shape, the 12.9 M point (G 8 / 64
+    MEDGRPO_BENCH_SIZE              "small" (the default without a GPU): the demo's shape, the 12.9 M point (G 8 / 64
                                     tokens, the 152k vocabulary, G 16 / 256 tokens) and h1024x8 at
                                     G 8 / 64 tokens; "full": the issue's
                                     whole grid (3 models x 2 vocabularies x G 8, 16 x 64, 256 tokens)
     MEDGRPO_BENCH_ROLLOUT_BUDGET_S  cases that would start after this many seconds are skipped
-                                    (default 1500 on the CPU)
+                                    (default 600)
     MEDGRPO_BENCH_ROLLOUT_ROUNDS    timed rounds per provider (default 5)
     MEDGRPO_BENCH_THREADS           torch threads on the CPU (default 1: on a shared 2-core machine two
                                     threads wait on each other at every op and the timings scatter 10x)
@@ -53,15 +53,15 @@ from pathlib import Path
 import pytest
 import torch
 from bench_train_step import video_prompts
-from conftest import MEASURED, _cpu_seconds, other_cpu_cores, synchronize
+from conftest import MEASURED, _cpu_seconds, bench_size, other_cpu_cores, synchronize
 
 from medgrpo.testing.memory import PeakMemory
 from medgrpo.train.rollout import RolloutConfig, generate, vision_placeholder_ids
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-SIZE = os.environ.get("MEDGRPO_BENCH_ROLLOUT", "small")
-BUDGET_S = float(os.environ.get("MEDGRPO_BENCH_ROLLOUT_BUDGET_S", "1500"))
+SIZE = bench_size()  # MEDGRPO_BENCH_SIZE
+BUDGET_S = float(os.environ.get("MEDGRPO_BENCH_ROLLOUT_BUDGET_S", "600"))
 THREADS = int(os.environ.get("MEDGRPO_BENCH_THREADS", "1"))
 ROUNDS = int(os.environ.get("MEDGRPO_BENCH_ROLLOUT_ROUNDS", "5"))
 QWEN_VOCAB = 151_936

@@ -25,10 +25,11 @@ from medgrpo.train.distributed import gathered
 from medgrpo.train.metrics import StepResult
 from medgrpo.train.optim import optimizer_step
 from medgrpo.train.rollout import RolloutConfig, decode_text, generate
+from medgrpo.train.shared_prefix import shared_prefix_inputs
 from medgrpo.train.state import TrainState
 from medgrpo.train.update import (
     LossOptions,
-    PolicyInputs,
+    RolloutInputs,
     UpdateMetrics,
     backward_policy_loss,
     policy_inputs,
@@ -43,7 +44,10 @@ class GRPOConfig:
     Attributes:
         prompts_per_step: prompts per rank per step; each gets rollout.group_size completions.
         num_iterations: policy updates per rollout (old log-probs are taken before the first when > 1).
-        micro_batch_size: sequences per forward/backward in the update.
+        micro_batch_size: sequences per forward/backward in the log-prob and update passes; with shared_prefix,
+            whole groups: max(1, micro_batch_size // group_size) groups, packed into one row, per forward.
+        shared_prefix: run each prompt and its video once per group in the log-prob and update passes, its G
+            completions packed after it (same loss and gradients as the dense prompt + completion rows).
         scale: how advantages are scaled: "group" (by the group's std), "batch" (the batch's) or "none" (Dr. GRPO).
         k: steepness of the sigmoid of the cross-dataset reward normalization.
         norm_stats: the statistics file of medgrpo fit-norm (p25/p50/p75 per key); empty: raw rewards.
@@ -54,6 +58,7 @@ class GRPOConfig:
     prompts_per_step: int = 8
     num_iterations: int = 1
     micro_batch_size: int = 8
+    shared_prefix: bool = True
     scale: str = "group"
     k: float = 3.0
     norm_stats: str = ""
@@ -119,7 +124,8 @@ def grpo_step(state: TrainState, batch: VideoBatch, rewarder: Rewarder, setup: G
     )
     normalized = advantage.rewards  # the rewards the advantages came from: normalized when stats are given
     t_reward = time.perf_counter()
-    inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
+    build_inputs = shared_prefix_inputs if g.shared_prefix else policy_inputs
+    inputs = build_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
     logp = {"temperature": setup.loss.temperature, "micro_batch_size": setup.loss.micro_batch_size}
     ref_logp = sequence_logprobs(setup.reference, inputs, **logp) if setup.reference is not None else None
     old_logp = sequence_logprobs(model, inputs, **logp) if g.num_iterations > 1 else None
@@ -152,7 +158,7 @@ def grpo_step(state: TrainState, batch: VideoBatch, rewarder: Rewarder, setup: G
 def _updates(
     state: TrainState,
     setup: GRPOSetup,
-    inputs: PolicyInputs,
+    inputs: RolloutInputs,
     advantages: torch.Tensor,
     old_logp: torch.Tensor | None,
     ref_logp: torch.Tensor | None,

@@ -2,12 +2,17 @@
 
 The language model runs on prompt + completion; the hidden states of the completion positions go with
 the lm-head weight to :func:`medgrpo.fused_linear_policy_loss`, so the (tokens × vocab) logits never
-exist. Normalization over micro-batches and ranks, FSDP2 and host syncs: docs/design-train.md.
+exist. The passes take any :class:`RolloutInputs`: the dense layout here (:class:`PolicyInputs`, one
+prompt + completion row per sequence, the reference) or the shared-prefix packing of
+:mod:`medgrpo.train.shared_prefix` (each prompt once per group). Normalization over micro-batches and
+ranks, FSDP2 and host syncs: docs/design-train.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -24,16 +29,36 @@ from medgrpo.train.rollout import Rollout
 class LossOptions:
     """What the update passes to :func:`medgrpo.fused_linear_policy_loss`: the op's own
     :class:`~medgrpo.ops.policy_loss.PolicyLossConfig` (default: MedGRPO's eps 0.2/0.3, DAPO, beta 0),
-    the sampling temperature, and the sequences per forward/backward."""
+    the sampling temperature, and the sequences per forward/backward (rounded down to whole groups, at
+    least one, by shared-prefix inputs)."""
 
     loss: PolicyLossConfig = MEDGRPO_LOSS
     temperature: float = 1.0
     micro_batch_size: int = 8
 
 
+class RolloutInputs(Protocol):
+    """What the log-prob and update passes need of a rollout's inputs (dense or shared-prefix)."""
+
+    completion_ids: torch.Tensor  # (N, T)
+    completion_mask: torch.Tensor  # (N, T) bool
+
+    def micro_batch_rows(self, micro_batch_size: int) -> list[slice]:
+        """The row slices run per forward/backward."""
+        ...
+
+    def attention(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The block every forward and backward of ``model`` on these inputs runs in."""
+        ...
+
+    def completion_hidden(self, model: nn.Module, rows: slice) -> torch.Tensor:
+        """Final hidden states that predict each completion token of ``rows``: ``(n, T, hidden)``."""
+        ...
+
+
 @dataclass
 class PolicyInputs:
-    """Prompt + completion sequences of a rollout, ready for the language model."""
+    """Prompt + completion sequences of a rollout, ready for the language model (the dense layout)."""
 
     input_ids: torch.Tensor  # (N, P + T)
     attention_mask: torch.Tensor  # (N, P + T)
@@ -45,6 +70,18 @@ class PolicyInputs:
     pixels: list[torch.Tensor] | None = None  # per sequence: its video's patch rows (sharded models only)
     video_grid_thw: torch.Tensor | None = None  # (N, 3)
     second_per_grid_ts: torch.Tensor | None = None  # (N,)
+
+    def micro_batch_rows(self, micro_batch_size: int) -> list[slice]:
+        """Row slices of at most ``micro_batch_size`` sequences."""
+        return micro_batches(self.input_ids.shape[0], micro_batch_size)
+
+    def attention(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The model's own attention: nothing to switch."""
+        return contextlib.nullcontext()
+
+    def completion_hidden(self, model: nn.Module, rows: slice) -> torch.Tensor:
+        """:func:`completion_hidden` of ``rows``."""
+        return completion_hidden(model, self, rows)
 
 
 def video_rows(pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) -> list[torch.Tensor]:
@@ -59,10 +96,14 @@ def policy_inputs(
     video_grid_thw: torch.Tensor,
     second_per_grid_ts: torch.Tensor,
     pixel_values_videos: torch.Tensor | None = None,
+    *,
+    root_forward: bool | None = None,
 ) -> PolicyInputs:
     """Concatenate prompts and completions and compute their 3D rope positions (videos repeated G times).
 
-    ``pixel_values_videos`` (the batch's) is needed for a sharded model, whose forward re-encodes them.
+    ``root_forward``: run the model's root forward on each sequence's video patch rows (None: when the
+    model is sharded, as FSDP2 needs; ``pixel_values_videos``, the batch's, are then required). Otherwise
+    the rollout's video embeddings are reused, detached.
     """
     completion_mask = rollout.completion_mask.bool()
     input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
@@ -72,9 +113,9 @@ def policy_inputs(
     seconds = second_per_grid_ts.repeat_interleave(group, dim=0)
     position_ids, _ = qwen.rope_positions(model, input_ids, grids, seconds, attention_mask)
     pixels = None
-    if is_sharded(model):
+    if is_sharded(model) if root_forward is None else root_forward:
         if pixel_values_videos is None:
-            raise ValueError("a sharded model needs the batch's pixel_values_videos")
+            raise ValueError("the root forward needs the batch's pixel_values_videos")
         pixels = qwen.repeat_videos(video_rows(pixel_values_videos, video_grid_thw), group)
     return PolicyInputs(
         input_ids=input_ids,
@@ -119,15 +160,16 @@ def micro_batches(total: int, size: int) -> list[slice]:
 
 @torch.no_grad()
 def sequence_logprobs(
-    model: nn.Module, inputs: PolicyInputs, *, temperature: float, micro_batch_size: int
+    model: nn.Module, inputs: RolloutInputs, *, temperature: float, micro_batch_size: int
 ) -> torch.Tensor:
     """Per-token log-probs ``(N, T)`` of the completions under ``model`` (old policy or reference)."""
     out = []
-    for rows in micro_batches(inputs.input_ids.shape[0], micro_batch_size):
-        hidden = completion_hidden(model, inputs, rows)
-        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
-        logp, _ = linear_logprob(hidden, weight, inputs.completion_ids[rows], temperature=temperature)
-        out.append(logp)
+    with inputs.attention(model):
+        for rows in inputs.micro_batch_rows(micro_batch_size):
+            hidden = inputs.completion_hidden(model, rows)
+            weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
+            logp, _ = linear_logprob(hidden, weight, inputs.completion_ids[rows], temperature=temperature)
+            out.append(logp)
     return torch.cat(out)
 
 
@@ -144,59 +186,70 @@ class UpdateMetrics:
     tokens: torch.Tensor
 
 
+def _accumulate(sums: dict[str, torch.Tensor], loss: torch.Tensor, out, mask: torch.Tensor) -> None:
+    """Add a micro-batch's loss, token count and token-weighted metrics to ``sums`` (on the device; out of place,
+    so float64 losses and metrics keep their precision)."""
+    tokens = mask.sum().to(torch.float32)
+    sums["loss"] = sums["loss"] + loss.detach()
+    sums["tokens"] = sums["tokens"] + tokens
+    parts = (
+        ("kl", out.kl),
+        ("clip", out.clip_fraction),
+        ("clip_low", out.clip_fraction_low),
+        ("clip_high", out.clip_fraction_high),
+        ("entropy", out.entropy),
+    )
+    for name, value in parts:
+        if value is not None:
+            sums[name] = sums[name] + value.detach() * tokens
+
+
 def backward_policy_loss(
     model: nn.Module,
-    inputs: PolicyInputs,
+    inputs: RolloutInputs,
     advantages: torch.Tensor,
     options: LossOptions,
     *,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
 ) -> UpdateMetrics:
-    """Forward and backward of the policy loss over micro-batches; gradients accumulate in ``model``."""
-    total = inputs.input_ids.shape[0]
-    slices = micro_batches(total, options.micro_batch_size)
+    """Forward and backward of the policy loss over micro-batches; gradients accumulate in ``model``.
+
+    Each backward runs inside ``inputs.attention(model)``, as activation checkpointing recomputes the
+    forward there.
+    """
+    total = inputs.completion_ids.shape[0]
+    slices = inputs.micro_batch_rows(options.micro_batch_size)
     loss_type = options.loss.loss_type
     if loss_type == "bnpo" and len(slices) > 1:
         raise ValueError("loss_type='bnpo' normalizes per batch: set micro_batch_size >= the sequences per step")
     num_items = global_token_count(inputs.completion_mask) if loss_type == "dapo" else None
-    device = inputs.input_ids.device
+    device = inputs.completion_ids.device
     names = ("loss", "kl", "clip", "clip_low", "clip_high", "entropy", "tokens")
     sums = {name: torch.zeros((), device=device) for name in names}
-    for rows in slices:
-        hidden = completion_hidden(model, inputs, rows)
-        weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
-        mask = inputs.completion_mask[rows]
-        out = fused_linear_policy_loss(
-            hidden,
-            weight,
-            inputs.completion_ids[rows],
-            mask,
-            advantages[rows],
-            old_logp=None if old_logp is None else old_logp[rows],
-            ref_logp=None if ref_logp is None else ref_logp[rows],
-            temperature=options.temperature,
-            num_items=num_items,
-            return_entropy=True,  # logged as the update's `entropy`
-            **options.loss.options(),
-        )
-        # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its
-        # share, and by 1/world since gradients are summed over ranks.
-        loss = out.loss if loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / world_size())
-        loss.backward()
-        tokens = mask.sum().to(torch.float32)
-        sums["loss"] += loss.detach()
-        sums["tokens"] += tokens
-        parts = (
-            ("kl", out.kl),
-            ("clip", out.clip_fraction),
-            ("clip_low", out.clip_fraction_low),
-            ("clip_high", out.clip_fraction_high),
-            ("entropy", out.entropy),
-        )
-        for name, value in parts:
-            if value is not None:
-                sums[name] += value.detach().float() * tokens
+    with inputs.attention(model):
+        for rows in slices:
+            hidden = inputs.completion_hidden(model, rows)
+            weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
+            mask = inputs.completion_mask[rows]
+            out = fused_linear_policy_loss(
+                hidden,
+                weight,
+                inputs.completion_ids[rows],
+                mask,
+                advantages[rows],
+                old_logp=None if old_logp is None else old_logp[rows],
+                ref_logp=None if ref_logp is None else ref_logp[rows],
+                temperature=options.temperature,
+                num_items=num_items,
+                return_entropy=True,  # logged as the update's `entropy`
+                **options.loss.options(),
+            )
+            # dapo: num_items is global. Others are means over this rank's sequences: weight the micro-batch by its
+            # share, and by 1/world since gradients are summed over ranks.
+            loss = out.loss if loss_type == "dapo" else out.loss * ((rows.stop - rows.start) / total / world_size())
+            loss.backward()
+            _accumulate(sums, loss, out, mask)
     tokens = sums["tokens"].clamp_min(1.0)
     return UpdateMetrics(
         loss=sums["loss"],
@@ -212,6 +265,7 @@ def backward_policy_loss(
 __all__ = [
     "LossOptions",
     "PolicyInputs",
+    "RolloutInputs",
     "UpdateMetrics",
     "backward_policy_loss",
     "completion_hidden",
