@@ -110,6 +110,12 @@ def video_batch(request, tokenizer, clips) -> VideoBatch:
 
 
 @pytest.fixture(scope="session")
+def questions() -> tuple[str, str]:
+    """The two prompts' questions (one per clip)."""
+    return QUESTIONS
+
+
+@pytest.fixture(scope="session")
 def batch_maker(tokenizer, clips):
     """``batch_maker(padding_side, questions=QUESTIONS)``: two prompts over the two clips, as the processor
     returns them (not moved to a device)."""

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import QUESTIONS, make_batch  # tests/train/conftest.py (rootdir-relative import, as test_rollout)
 from torch import nn
 
 from medgrpo.data.collate import VideoBatch, VideoCollator
@@ -85,9 +84,9 @@ def models(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def batches(tokenizer, clips):
+def batches(batch_maker):
     """The two left-padded prompts (16 and 6 video tokens), patchified in each dtype."""
-    batch = make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], "left")
+    batch = batch_maker("left")
     return {dtype: batch.to("cpu", dtype) for dtype in (torch.float32, torch.float64)}
 
 
@@ -325,10 +324,10 @@ class LengthReward:
         return RewardBatch(rewards=rewards, format_ok=torch.ones(len(texts), dtype=torch.bool), counts={})
 
 
-def grpo_batch(tokenizer, clips) -> VideoBatch:
+def grpo_batch(tokenizer, questions, clips) -> VideoBatch:
     """Two left-padded prompts of different lengths, with records (what the loader yields), in float64."""
     samples = []
-    for i, (question, frames) in enumerate(zip(QUESTIONS, clips)):
+    for i, (question, frames) in enumerate(zip(questions, clips)):
         record = VideoRecord(
             index=i,
             id=f"r{i}",
@@ -364,12 +363,12 @@ def grpo_run(model, reference, tokenizer, batch, *, shared_prefix: bool, steps: 
 
 
 @pytest.mark.slow
-def test_grpo_runs_with_and_without_shared_prefix_match(models, tokenizer, clips):
+def test_grpo_runs_with_and_without_shared_prefix_match(models, tokenizer, questions, clips):
     """Same seed, float64: the same metrics step after step, with the shared-prefix passes and the dense ones."""
     reference = copy.deepcopy(models[torch.float64]).requires_grad_(False).eval()
     policy = copy.deepcopy(models[torch.float64])
     vision_tower(policy).requires_grad_(False)
-    batch = grpo_batch(tokenizer, clips)
+    batch = grpo_batch(tokenizer, questions, clips)
     shared = grpo_run(policy, reference, tokenizer, batch, shared_prefix=True, steps=3)
     dense = grpo_run(policy, reference, tokenizer, batch, shared_prefix=False, steps=3)
     names = ("loss", "kl", "clip_fraction", "entropy", "grad_norm", "reward_raw", "advantage_std")
