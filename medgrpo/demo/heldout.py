@@ -23,19 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from medgrpo.data.task_key import format_task_key
+from medgrpo.rewards.metrics import TASK_METRICS
 from medgrpo.train.evaluation import score_completions
 
-# The official metric(s) of each task, by the leaderboard's names (vs_llm needs the LLM judge).
-OFFICIAL_METRICS = {
-    "tal": ("tag_miou_03", "tag_miou_05"),
-    "stg": ("stg_miou",),
-    "next_action": ("nap_acc",),
-    "cvs_assessment": ("cvs_acc",),
-    "video_summary": ("vs_llm",),
-    "region_caption": ("rc_llm",),
-    "dense_captioning": ("dvc_f1", "dvc_llm"),
-    "skill_assessment": ("sa_acc",),
-}
 BASELINE_CANDIDATES = 32
 
 
@@ -99,7 +89,7 @@ def official_metrics(predictions: Path, records: Sequence[Any]) -> dict[str, dic
     per_key = {}
     for record in records:
         dataset = summary["per_dataset"].get(record.data_source, {})
-        per_key[key_of(record)] = {name: dataset.get(name) for name in OFFICIAL_METRICS.get(record.qa_type, ())}
+        per_key[key_of(record)] = {name: dataset.get(name) for name in TASK_METRICS.get(record.qa_type, ())}
     return per_key
 
 
@@ -164,7 +154,6 @@ def constant_answers(train: Sequence[Any], held_out: Sequence[Any], reward_fn) -
 __all__ = [
     "HeldOutScores",
     "KeyScore",
-    "OFFICIAL_METRICS",
     "constant_answers",
     "model_answers",
     "official_metrics",

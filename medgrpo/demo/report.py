@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from medgrpo.rewards.evaluate import strict_json
+
 ARM_LABELS = {"constant": "constant", "sft": "SFT", "grpo": "GRPO", "medgrpo": "MedGRPO"}
 ARM_COLORS = {"sft": "0.6", "grpo": "tab:orange", "medgrpo": "tab:blue"}
 ALL_KEYS = "all keys"
@@ -314,17 +316,6 @@ def plot_curves(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
     return path
 
 
-def _json_safe(value: Any) -> Any:
-    """``value`` with NaN and infinities as null (strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def publish(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
     """Print the tables and findings, draw the figures, write the JSON; print and return the paths."""
     seeds = len(result["seeds"])
@@ -350,7 +341,7 @@ def publish(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
         "result JSON": str(out_dir / "demo_result.json"),
     }
     result["paths"] = paths
-    (out_dir / "demo_result.json").write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    (out_dir / "demo_result.json").write_text(json.dumps(strict_json(result), indent=1, allow_nan=False) + "\n")
     timings = [run["timings"] for run in result["seeds"].values()]
     phases = {name: [t[name] for t in timings] for name in timings[0]}
     print(

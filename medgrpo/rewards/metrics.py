@@ -80,6 +80,17 @@ METRIC_KEYS = (
     "rc_llm",
 )
 LLM_METRICS = ("dvc_llm", "vs_llm", "rc_llm")
+# The metric(s) of each task in METRIC_KEYS, by the leaderboard's names (the *_llm ones need the LLM judge).
+TASK_METRICS = {
+    "tal": ("tag_miou_03", "tag_miou_05"),
+    "stg": ("stg_miou",),
+    "next_action": ("nap_acc",),
+    "cvs_assessment": ("cvs_acc",),
+    "video_summary": ("vs_llm",),
+    "region_caption": ("rc_llm",),
+    "dense_captioning": ("dvc_f1", "dvc_llm"),
+    "skill_assessment": ("sa_acc",),
+}
 UNKNOWN_SOURCE = "Unknown"
 
 Embed = Callable[[list[str]], torch.Tensor]
