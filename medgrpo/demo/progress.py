@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TextIO
 
-BAR_WIDTH = 24
+from medgrpo.train.metrics import progress_bar
 
 
 class ProgressLine:
@@ -34,10 +34,7 @@ class ProgressLine:
     def __call__(self, done: int, total: int) -> None:
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done, 1) * max(total - done, 0)
-        filled = BAR_WIDTH * min(done, total) // max(total, 1)
-        self.stream.write(
-            f"\r{self.label} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} eta {eta:4.0f}s "
-        )
+        self.stream.write(f"\r{self.label} {progress_bar(done, total)} eta {eta:4.0f}s ")
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()

@@ -80,12 +80,10 @@ class MetricsLog:
         done = step - self.start_step
         elapsed = time.perf_counter() - self.start
         eta = elapsed / max(done, 1) * (self.total - step)
-        width = 24
-        filled = int(width * step / max(self.total, 1))
         shown = " ".join(
             f"{k}={row[k]:.4g}" for k in ("loss", "reward_raw", "reward_norm") if isinstance(row.get(k), (int, float))
         )
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} {shown} eta {eta:5.0f}s ")
+        sys.stderr.write(f"\r{progress_bar(step, self.total)} {shown} eta {eta:5.0f}s ")
         if step == self.total:
             sys.stderr.write("\n")
         sys.stderr.flush()
@@ -93,6 +91,12 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def progress_bar(done: int, total: int, width: int = 24) -> str:
+    """``[#####.....] done/total``: the bar the trainer and the demo draw."""
+    filled = width * min(done, total) // max(total, 1)
+    return f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -199,6 +203,7 @@ __all__ = [
     "peak_memory",
     "per_key_means",
     "plot_reward_curves",
+    "progress_bar",
     "read_metrics",
     "reward_means",
     "truncate_metrics",
