@@ -55,11 +55,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from medgrpo.train import compat
-from medgrpo.train.distributed import barrier, is_distributed, rank, world_size
+from medgrpo.train.distributed import all_ranks, barrier, is_distributed, rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -122,15 +121,6 @@ def _save_file(obj: Any, path: Path) -> None:
 # --- integrity: manifest, verification, write errors -------------------------------------------
 
 
-def _all_ranks(value: Any) -> list[Any]:
-    """``value`` of every rank, in rank order (a collective under torch.distributed)."""
-    if not is_distributed():
-        return [value]
-    gathered: list[Any] = [None] * world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
     """The files of a checkpoint directory (POSIX paths relative to it, sorted), manifest and marker excluded."""
     root = Path(path)
@@ -171,14 +161,14 @@ def _write_json_durably(obj: Any, path: Path) -> None:
 
 def _manifest(tmp: Path) -> dict[str, Any]:
     """The manifest of a checkpoint being saved; every rank hashes its share of the files (collective)."""
-    names = _all_ranks(checkpoint_files(tmp) if rank() == 0 else None)[0]
+    names = all_ranks(checkpoint_files(tmp) if rank() == 0 else None)[0]
     error, mine = None, {}
     try:
         mine = _hash_files(tmp, names[rank() :: world_size()])
     except OSError as exc:
         error = exc
     _agree_on_failure(error, tmp)
-    files = {name: entry for part in _all_ranks(mine) for name, entry in part.items()}
+    files = {name: entry for part in all_ranks(mine) for name, entry in part.items()}
     return {"format": MANIFEST_FORMAT, "version": 1, "algorithm": "sha256", "files": files}
 
 
@@ -242,7 +232,7 @@ def verify_checkpoint(path: str | os.PathLike) -> list[str]:
     if manifest is not None:
         names = sorted(manifest["files"])
         problems = _problems_with(path, names[rank() :: world_size()], manifest)
-    return [problem for part in _all_ranks(problems) for problem in part]
+    return [problem for part in all_ranks(problems) for problem in part]
 
 
 def latest_valid_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[str]]:
@@ -311,7 +301,7 @@ def _agree_on_failure(error: BaseException | None, tmp: Path) -> None:
     path) and rank 0 removes the partial ``tmp`` directory; another error is re-raised where
     it happened and reported as a :class:`CheckpointError` on the other ranks.
     """
-    failures = _all_ranks(None if error is None else (_no_space(error), f"{type(error).__name__}: {error}"))
+    failures = all_ranks(None if error is None else (_no_space(error), f"{type(error).__name__}: {error}"))
     failed = [(index, f) for index, f in enumerate(failures) if f is not None]
     if not failed:
         return

@@ -11,6 +11,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,15 @@ def rank() -> int:
 def world_size() -> int:
     """The number of ranks (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
+
+
+def all_ranks(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (a collective under torch.distributed; ``[value]`` alone)."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def barrier() -> None:
@@ -150,6 +160,8 @@ def min_over_ranks(value: int, device: torch.device) -> int:
 
 __all__ = [
     "Runtime",
+    "all_finished",
+    "all_ranks",
     "barrier",
     "gathered",
     "global_token_count",

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from medgrpo.train import checkpoint as ckpt
-from medgrpo.train.distributed import is_distributed, rank, world_size
+from medgrpo.train.distributed import all_ranks, rank, world_size
 from medgrpo.train.sampler import BalancedSampler
 
 logger = logging.getLogger(__name__)
@@ -44,11 +43,7 @@ class TrainState:
     def state_dict(self) -> dict[str, Any]:
         """The step, the counters, and every rank's sampler and generator; every rank calls it (a gather)."""
         own = {"sampler": self.sampler.state_dict(), "generator": self.generator.get_state()}
-        ranks = [own]
-        if is_distributed():
-            ranks = [None] * world_size()
-            dist.all_gather_object(ranks, own)
-        return {"step": self.step, "skipped_steps": self.skipped_steps, "ranks": ranks}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "ranks": all_ranks(own)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         ranks = state.get("ranks") or [state]  # checkpoints of older runs hold rank 0's sampler and generator only
