@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from medgrpo.train.checkpoint import CheckpointError
     from medgrpo.train.data import NoUsableRecords
+    from medgrpo.train.distributed import shutdown_runtime
     from medgrpo.train.loop import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -46,9 +47,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = train(load_config(args.config, overrides))
     except ConfigError as error:
-        return _refuse(error.problems)
-    except (NoUsableRecords, CheckpointError) as error:
-        return _refuse([str(error)])
+        problems = error.problems
+    except (NoUsableRecords, CheckpointError) as error:  # every rank raises them together
+        problems = [str(error)]
+    else:
+        problems = None
+    shutdown_runtime()
+    if problems is not None:
+        return _refuse(problems)
     print(
         f"medgrpo train: {summary.steps} steps run (skipped steps in the run: {summary.skipped_steps}; records "
         f"skipped by kind: {summary.skipped_records or 'none'}); outputs in {summary.output_dir}, "

@@ -74,6 +74,18 @@ def init_runtime(device: str = "auto") -> Runtime:
     return Runtime(torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"), rank(), ranks)
 
 
+def shutdown_runtime() -> None:
+    """Leave the process group :func:`init_runtime` joined, every rank at once (nothing in one process).
+
+    Ranks finish a run at slightly different times; one that exits while the group's communication
+    threads are still alive is aborted at exit ("terminate called without an active exception").
+    """
+    if not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def seed_everything(seed: int, rank: int) -> None:
     """Python, NumPy and torch RNGs from ``seed`` (offset by rank: ranks sample differently)."""
     random.seed(seed + rank)
@@ -171,6 +183,7 @@ __all__ = [
     "min_over_ranks",
     "rank",
     "seed_everything",
+    "shutdown_runtime",
     "warm_up",
     "world_size",
 ]
