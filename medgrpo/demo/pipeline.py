@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -30,6 +29,7 @@ import torch
 from medgrpo.demo.progress import PhaseClock, ProgressLine, announce
 from medgrpo.demo.synthetic import DECODE_SIDE, decode_options, demo_tokenizer_corpus, generate_dataset
 from medgrpo.train.config import TrainConfig, config_from_dict
+from medgrpo.train.metrics import read_metrics
 
 ARMS = ("sft", "grpo", "medgrpo")
 RL_ARMS = ("grpo", "medgrpo")
@@ -177,11 +177,10 @@ def eval_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
     """The held-out raw reward per key at each evaluation of a run (its ``eval/reward_raw/<key>`` rows)."""
     curves: dict[str, list[tuple[int, float]]] = {}
     prefix = "eval/reward_raw/"
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(metrics_file):
         for name, value in row.items():
             if name.startswith(prefix) and value is not None:
-                curves.setdefault(name[len(prefix) :], []).append((int(row["step"]), float(value)))
+                curves.setdefault(name[len(prefix) :], []).append((row["step"], float(value)))
     return curves
 
 
