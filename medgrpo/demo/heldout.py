@@ -105,6 +105,16 @@ def score_answers(records: Sequence[Any], texts: Sequence[str], reward_fn, stats
     )
 
 
+def load_policy(model_dir: Path) -> tuple[Any, Any]:
+    """The exported model in ``model_dir`` (float32, SDPA, on the CPU, in eval mode) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from medgrpo.train.model import ModelConfig, load_model
+
+    model = load_model(ModelConfig(path=str(model_dir), dtype="float32", attention="sdpa"), "cpu").eval()
+    return model, AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
 def model_answers(
     model_dir: Path,
     files: Sequence[Path],
@@ -114,13 +124,9 @@ def model_answers(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Any], list[str]]:
     """Greedy answers of the model in ``model_dir`` to every record of ``files``, with the records."""
-    from transformers import AutoTokenizer
-
     from medgrpo.train.evaluation import rollouts
-    from medgrpo.train.model import ModelConfig, load_model
 
-    model = load_model(ModelConfig(path=str(model_dir), dtype="float32", attention="sdpa"), "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model, tokenizer = load_policy(model_dir)
     sizes = [sum(1 for line in Path(f).read_text().splitlines() if line.strip()) for f in files]
     records, texts = [], []
     for i, path in enumerate(files):
@@ -150,6 +156,7 @@ __all__ = [
     "HeldOutScores",
     "KeyScore",
     "constant_answers",
+    "load_policy",
     "model_answers",
     "official_metrics",
     "score_answers",

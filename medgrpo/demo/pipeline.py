@@ -146,14 +146,11 @@ def grpo_config(settings: DemoSettings, dataset, model_dir: Path, stats: Path | 
 
 def fit_stats(settings: DemoSettings, dataset, model_dir: Path, reward_fn) -> Path:
     """Sampled SFT rollouts on the train split → sft_rollouts.jsonl → ``medgrpo fit-norm`` → norm_stats.json."""
-    from transformers import AutoTokenizer
-
+    from medgrpo.demo.heldout import load_policy
     from medgrpo.rewards import norm_stats
     from medgrpo.train.evaluation import rollouts, write_rollout_jsonl
-    from medgrpo.train.model import ModelConfig, load_model
 
-    model = load_model(ModelConfig(path=str(model_dir), dtype="float32", attention="sdpa"), "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model, tokenizer = load_policy(model_dir)
     records, texts = rollouts(
         model,
         tokenizer,
