@@ -15,7 +15,6 @@ scores best on that key's train records, chosen among the key's most common trai
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 from medgrpo.data.task_key import format_task_key
 from medgrpo.rewards.metrics import TASK_METRICS
 from medgrpo.train.evaluation import score_completions
+from medgrpo.train.metrics import mean_finite
 
 BASELINE_CANDIDATES = 32
 
@@ -54,11 +54,6 @@ class HeldOutScores:
 
 def key_of(record) -> str:
     return format_task_key(record.data_source, record.qa_type)
-
-
-def _mean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
 
 
 def write_predictions(path: Path, records: Sequence[Any], texts: Sequence[str]) -> Path:
@@ -104,10 +99,20 @@ def score_answers(records: Sequence[Any], texts: Sequence[str], reward_fn, stats
     }
     return HeldOutScores(
         per_key,
-        _mean([s.reward_raw for s in per_key.values()]),
-        _mean([s.reward_norm for s in per_key.values()]),
+        mean_finite([s.reward_raw for s in per_key.values()]),
+        mean_finite([s.reward_norm for s in per_key.values()]),
         str(predictions),
     )
+
+
+def load_policy(model_dir: Path) -> tuple[Any, Any]:
+    """The exported model in ``model_dir`` (float32, SDPA, on the CPU, in eval mode) and its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from medgrpo.train.model import ModelConfig, load_model
+
+    model = load_model(ModelConfig(path=str(model_dir), dtype="float32", attention="sdpa"), "cpu").eval()
+    return model, AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
 
 
 def model_answers(
@@ -119,13 +124,9 @@ def model_answers(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Any], list[str]]:
     """Greedy answers of the model in ``model_dir`` to every record of ``files``, with the records."""
-    from transformers import AutoTokenizer
-
     from medgrpo.train.evaluation import rollouts
-    from medgrpo.train.model import ModelConfig, load_model
 
-    model = load_model(ModelConfig(path=str(model_dir), dtype="float32", attention="sdpa"), "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model, tokenizer = load_policy(model_dir)
     sizes = [sum(1 for line in Path(f).read_text().splitlines() if line.strip()) for f in files]
     records, texts = [], []
     for i, path in enumerate(files):
@@ -146,7 +147,7 @@ def constant_answers(train: Sequence[Any], held_out: Sequence[Any], reward_fn) -
     for key, records in by_key.items():
         common = Counter(r.answer for r in records if r.answer).most_common(BASELINE_CANDIDATES)
         candidates = sorted(answer for answer, _ in common)
-        scores = [_mean(reward_fn([answer] * len(records), records).rewards.tolist()) for answer in candidates]
+        scores = [mean_finite(reward_fn([answer] * len(records), records).rewards.tolist()) for answer in candidates]
         best[key] = candidates[max(range(len(candidates)), key=lambda i: (scores[i], -i))]
     return [best.get(key_of(record), "") for record in held_out]
 
@@ -155,6 +156,7 @@ __all__ = [
     "HeldOutScores",
     "KeyScore",
     "constant_answers",
+    "load_policy",
     "model_answers",
     "official_metrics",
     "score_answers",

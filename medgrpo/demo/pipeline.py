@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import time
@@ -30,6 +29,7 @@ import torch
 from medgrpo.demo.progress import PhaseClock, ProgressLine, announce
 from medgrpo.demo.synthetic import DECODE_SIDE, decode_options, demo_tokenizer_corpus, generate_dataset
 from medgrpo.train.config import TrainConfig, config_from_dict
+from medgrpo.train.metrics import read_metrics
 
 ARMS = ("sft", "grpo", "medgrpo")
 RL_ARMS = ("grpo", "medgrpo")
@@ -146,14 +146,11 @@ def grpo_config(settings: DemoSettings, dataset, model_dir: Path, stats: Path | 
 
 def fit_stats(settings: DemoSettings, dataset, model_dir: Path, reward_fn) -> Path:
     """Sampled SFT rollouts on the train split → sft_rollouts.jsonl → ``medgrpo fit-norm`` → norm_stats.json."""
-    from transformers import AutoTokenizer
-
+    from medgrpo.demo.heldout import load_policy
     from medgrpo.rewards import norm_stats
     from medgrpo.train.evaluation import rollouts, write_rollout_jsonl
-    from medgrpo.train.model import ModelConfig, load_model
 
-    model = load_model(ModelConfig(path=str(model_dir), dtype="float32", attention="sdpa"), "cpu").eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model, tokenizer = load_policy(model_dir)
     records, texts = rollouts(
         model,
         tokenizer,
@@ -177,11 +174,10 @@ def eval_curves(metrics_file: Path) -> dict[str, list[tuple[int, float]]]:
     """The held-out raw reward per key at each evaluation of a run (its ``eval/reward_raw/<key>`` rows)."""
     curves: dict[str, list[tuple[int, float]]] = {}
     prefix = "eval/reward_raw/"
-    for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_metrics(metrics_file):
         for name, value in row.items():
             if name.startswith(prefix) and value is not None:
-                curves.setdefault(name[len(prefix) :], []).append((int(row["step"]), float(value)))
+                curves.setdefault(name[len(prefix) :], []).append((row["step"], float(value)))
     return curves
 
 

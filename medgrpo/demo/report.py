@@ -13,14 +13,13 @@ everything is.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medgrpo.rewards.evaluate import strict_json
+from medgrpo.rewards.evaluate import write_summary
 
 ARM_LABELS = {"constant": "constant", "sft": "SFT", "grpo": "GRPO", "medgrpo": "MedGRPO"}
 ARM_COLORS = {"sft": "0.6", "grpo": "tab:orange", "medgrpo": "tab:blue"}
@@ -172,7 +171,7 @@ def findings(summary: dict[str, dict[str, dict[str, Any]]], seeds: int) -> list[
 
 def build_result(settings: Any, host: dict[str, Any], runs: Sequence[Any]) -> dict[str, Any]:
     """The JSON result of the demo (module docstring) from its settings, machine and seed runs."""
-    summary = summarize_seeds(runs)
+    summary, advantages = summarize_seeds(runs), mean_advantages(runs)
     return {
         "settings": dataclasses.asdict(settings),
         "machine": host,
@@ -188,11 +187,8 @@ def build_result(settings: Any, host: dict[str, Any], runs: Sequence[Any]) -> di
         },
         "summary": summary,
         "curves": mean_curves(runs),
-        "advantages": mean_advantages(runs),
-        "findings": [
-            *findings(summary, len(runs)),
-            advantage_finding(mean_advantages(runs), settings.scale),
-        ],
+        "advantages": advantages,
+        "findings": [*findings(summary, len(runs)), advantage_finding(advantages, settings.scale)],
     }
 
 
@@ -341,7 +337,7 @@ def publish(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
         "result JSON": str(out_dir / "demo_result.json"),
     }
     result["paths"] = paths
-    (out_dir / "demo_result.json").write_text(json.dumps(strict_json(result), indent=1, allow_nan=False) + "\n")
+    write_summary(result, out_dir / "demo_result.json")
     timings = [run["timings"] for run in result["seeds"].values()]
     phases = {name: [t[name] for t in timings] for name in timings[0]}
     print(

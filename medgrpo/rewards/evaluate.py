@@ -422,7 +422,8 @@ def strict_json(value: Any) -> Any:
 
 
 def write_summary(summary: dict[str, Any], path: str | Path) -> None:
-    """Write the metrics as strict JSON (no NaN/Infinity tokens), creating missing parent directories."""
+    """Write ``summary`` (the metrics, the demo's result) as strict JSON: NaN and infinities as null
+    (:func:`strict_json`), missing parent directories created."""
     text = json.dumps(strict_json(summary), indent=2, allow_nan=False) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ raise on a record, these raise :class:`MalformedRecord`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,17 @@ def number(value: Any, what: str) -> float:
     if isinstance(value, (int, float)):
         return value
     raise MalformedRecord(f"{what} {value!r} is not a number")
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is an int or float (not a bool) that is finite as a float (an int past the float
+    range is not)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def first_struc(struc_info: Any) -> dict | None:

@@ -48,6 +48,7 @@ from medgrpo.rewards.ground_truth import (
     MalformedRecord,
     box_iou,
     dvc_gt_events,
+    finite_number,
     first_struc,
     is_box,
     span_iou,
@@ -509,10 +510,10 @@ def dvc_llm_scores(records: Sequence[EvalRecord], judge: Judge, notes: dict[str,
     tried: dict[str, int] = defaultdict(int)
     for (ds, threshold), score in zip(where, scores):
         tried[ds] += 1
-        if _valid_score(score):
+        if finite_number(score):
             by_key[(ds, threshold)].append(float(score))  # type: ignore[arg-type]
     notes["judge_requests"] = notes.get("judge_requests", 0) + len(requests)
-    notes["judge_missing"] = notes.get("judge_missing", 0) + sum(not _valid_score(s) for s in scores)
+    notes["judge_missing"] = notes.get("judge_missing", 0) + sum(not finite_number(s) for s in scores)
     out: dict[str, float | None] = {}
     for ds in datasets:
         if tried[ds] and not any(by_key[(ds, t)] for t in DVC_THRESHOLDS):
@@ -521,10 +522,6 @@ def dvc_llm_scores(records: Sequence[EvalRecord], judge: Judge, notes: dict[str,
         means = [_mean(by_key[(ds, t)]) for t in DVC_THRESHOLDS]
         out[ds] = _mean([m for m in means if m > 0])
     return out
-
-
-def _valid_score(score: Any) -> bool:
-    return isinstance(score, (int, float)) and not isinstance(score, bool) and math.isfinite(score)
 
 
 # --- video summary / region caption ------------------------------------------------------
@@ -547,9 +544,9 @@ def caption_metrics(records: Sequence[EvalRecord], task: str, judge: Judge | Non
     scores = list(judge([JudgeRequest(r.answer, r.gnd, task) for r in pairs])) if pairs else []
     valid: dict[str, list[float]] = defaultdict(list)
     for record, score in zip(pairs, scores):
-        if _valid_score(score):
+        if finite_number(score):
             valid[record.data_source].append(float(score))
-    result.notes = {"judge_requests": len(pairs), "judge_missing": sum(not _valid_score(s) for s in scores)}
+    result.notes = {"judge_requests": len(pairs), "judge_missing": sum(not finite_number(s) for s in scores)}
     pooled = [s for values in valid.values() for s in values]
     result.evaluated = len(pooled)
     result.overall = {name: _mean(pooled) if pooled else None}

@@ -148,17 +148,7 @@ class BadReference(ValueError):
 
 
 def _finite(values: Sequence[float]) -> bool:
-    return all(_finite_number(v) for v in values)
-
-
-def _finite_number(value: Any) -> bool:
-    """An int or float (not a bool) that is finite as a float (an int past float range is not)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+    return all(ground_truth.finite_number(v) for v in values)
 
 
 def match_spans(pred: Sequence[Span], gt: Sequence[Span]) -> list[tuple[int, int, float]]:
@@ -340,7 +330,7 @@ def reference_cvs(record: RecordLike) -> dict[str, int]:
     scores = first.get("cvs_scores", {}) if first is not None else {}
     gt = {k: v for k, v in scores.items() if k in CVS_COMPONENTS} if isinstance(scores, dict) else {}
     gt = gt or cvs_components(_text(record.answer))
-    gt = {k: int(v) for k, v in gt.items() if _finite_number(v)}
+    gt = {k: int(v) for k, v in gt.items() if ground_truth.finite_number(v)}
     if not gt:
         raise BadReference("no reference cvs component")
     return gt
@@ -362,7 +352,7 @@ def reference_skill(record: RecordLike) -> dict[str, float]:
         raise BadReference(str(error)) from None
     scores = first.get("skill_scores", {}) if first is not None else {}
     scores = (scores if isinstance(scores, dict) else {}) or skill_aspects(_text(record.answer))
-    gt = {label_key(str(k)): float(v) for k, v in scores.items() if _finite_number(v)}
+    gt = {label_key(str(k)): float(v) for k, v in scores.items() if ground_truth.finite_number(v)}
     if not gt:
         raise BadReference("no reference skill score")
     return gt

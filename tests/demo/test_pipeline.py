@@ -14,6 +14,7 @@ import torch
 from medgrpo.demo import report
 from medgrpo.demo.heldout import HeldOutScores, KeyScore
 from medgrpo.demo.pipeline import DemoSettings, SeedRun, build_parser, main
+from medgrpo.ops import reference
 from medgrpo.ops.normalize_rewards import normalize_rewards
 from medgrpo.rewards.evaluate import evaluate_file, lazy_embed
 from medgrpo.rewards.norm_stats import load_norm_stats
@@ -181,7 +182,6 @@ def test_advantage_weights_match_the_ops(tmp_path):
     path = tmp_path / "rollouts.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     weights = advantage_weights(path, stats, group_size=4, scale="group")["S/stg"]
-    raw = torch.tensor(rewards, dtype=torch.float64).view(2, 4)
-    plain = (raw - raw.mean(1, keepdim=True)) / (raw.std(1, keepdim=True) + 1e-4)
+    plain = reference.group_advantages(torch.tensor(rewards, dtype=torch.float64), group_size=4).advantages
     assert weights["grpo_mean_abs"] == pytest.approx(plain.abs().mean().item(), rel=1e-6)
     assert -1.0 <= weights["correlation"] <= 1.0 and weights["medgrpo_mean_abs"] > 0
