@@ -126,11 +126,20 @@ def resolve_attention(attention: str, device: torch.device | str, dtype: torch.d
     return attention
 
 
-def _model_directory(path: str) -> str:
-    directory = Path(path)
+def _from_pretrained(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """The model at ``cfg.path`` (local files only) in ``dtype`` on ``device``, with the attention for its compute."""
+    from transformers import AutoModelForImageTextToText
+
+    attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
+    directory = Path(cfg.path)
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model at {path!r} (config.json missing); models load from disk only")
-    return str(directory)
+        raise FileNotFoundError(
+            f"no Hugging Face model at {cfg.path!r} (config.json missing); models load from disk only"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(directory), local_files_only=True, dtype=dtype, attn_implementation=attention
+    )
+    return model.to(device)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
@@ -143,14 +152,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
     Returns:
         A ``Qwen2_5_VLForConditionalGeneration`` in train mode.
     """
-    from transformers import AutoModelForImageTextToText
-
-    dtype = DTYPES[cfg.dtype]
-    attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
-    model = AutoModelForImageTextToText.from_pretrained(
-        _model_directory(cfg.path), local_files_only=True, dtype=dtype, attn_implementation=attention
-    )
-    model.to(device)
+    model = _from_pretrained(cfg, device, DTYPES[cfg.dtype])
     if cfg.freeze_vision:
         freeze_vision_tower(model)
     if cfg.activation_checkpointing:
@@ -162,17 +164,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
 
 def load_reference_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     """A frozen copy of the policy at ``cfg.path`` for the KL term (beta > 0): eval mode, no gradients."""
-    from transformers import AutoModelForImageTextToText
-
-    attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
-    model = AutoModelForImageTextToText.from_pretrained(
-        _model_directory(cfg.path),
-        local_files_only=True,
-        dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
-        attn_implementation=attention,
-    )
-    model.requires_grad_(False)
-    return model.to(device).eval()
+    model = _from_pretrained(cfg, device, DTYPES[cfg.compute_dtype or cfg.dtype])
+    return model.requires_grad_(False).eval()
 
 
 def language_model(model: nn.Module) -> nn.Module:
