@@ -120,13 +120,11 @@ def check_export(export: Path, device: str) -> dict[str, Any]:
 
 
 def prepare(work: Path) -> dict[str, Any]:
-    from medgrpo.demo.synthetic import demo_tokenizer_corpus, generate_dataset
-    from medgrpo.demo.tiny_model import build_tiny_model, build_tokenizer
+    """The demo's preparation, small (the tests' tiny run): 8 synthetic videos and a tiny model (seed 1)."""
+    from medgrpo.demo.pipeline import DemoSettings
+    from medgrpo.demo.pipeline import prepare as prepare_demo
 
-    dataset = generate_dataset(work / "data", num_videos=8, seed=1)
-    model_dir = work / "init"
-    tokenizer = build_tokenizer(model_dir, corpus=demo_tokenizer_corpus(dataset))
-    build_tiny_model(model_dir, tokenizer, seed=1)
+    dataset, model_dir = prepare_demo(DemoSettings(out_dir=str(work), num_videos=8, seed=1))
     return {"model_dir": model_dir, "train_file": Path(dataset.train)}
 
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -37,10 +38,23 @@ def _gloo_process(rank: int, world_size: int, port: int, worker: Callable, args:
         dist.destroy_process_group()
 
 
-def run_gloo(worker: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
-    """``worker(rank, *args)`` on ``world_size`` processes joined in a gloo group; the results by rank."""
+def run_gloo(worker: Callable[..., Any], *args: Any, world_size: int = 2, timeout: float | None = None) -> list[Any]:
+    """``worker(rank, *args)`` on ``world_size`` processes joined in a gloo group; the results by rank.
+
+    Raises:
+        TimeoutError: the processes still ran after ``timeout`` seconds (a rank stuck in a collective);
+            they are killed first. None: wait for as long as they run.
+    """
     results = mp.Manager().dict()
-    mp.spawn(_gloo_process, args=(world_size, free_port(), worker, args, results), nprocs=world_size, join=True)
+    context = mp.start_processes(
+        _gloo_process, args=(world_size, free_port(), worker, args, results), nprocs=world_size, join=False
+    )
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not context.join(timeout=5):
+        if deadline is not None and time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            raise TimeoutError(f"{world_size} gloo processes still running after {timeout} s")
     return [results[rank] for rank in range(world_size)]
 
 

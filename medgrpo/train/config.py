@@ -262,11 +262,6 @@ def attribute_docs(cls: type) -> dict[str, str]:
     return {name: _plain(" ".join(text)) for name, text in docs.items()}
 
 
-def _help(cls: type, name: str) -> str:
-    found = next(f for f in dataclasses.fields(cls) if f.name == name)
-    return found.metadata.get("help") or attribute_docs(cls).get(name)
-
-
 def _shown(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (str, dict)) else "null" if value is None else str(value).lower()
 
@@ -274,7 +269,7 @@ def _shown(value: Any) -> str:
 def config_fields(cls: type = TrainConfig, base: Any = None, prefix: str = "") -> Iterator[tuple[str, str, str]]:
     """``(dotted name, default, help)`` of every field of ``cls``, sections followed by their fields."""
     base = cls() if base is None and cls is TrainConfig else base
-    kinds = _field_types(cls)
+    kinds, docs = _field_types(cls), attribute_docs(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
@@ -282,10 +277,10 @@ def config_fields(cls: type = TrainConfig, base: Any = None, prefix: str = "") -
         default = getattr(base, f.name) if base is not None else _default(f)
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(kind):
-            yield name, "(section)" if default is not None else "null", _help(cls, f.name)
+            yield name, "(section)" if default is not None else "null", docs.get(f.name)
             yield from config_fields(kind, default, f"{name}.")
         else:
-            yield name, "(required)" if default is dataclasses.MISSING else _shown(default), _help(cls, f.name)
+            yield name, "(required)" if default is dataclasses.MISSING else _shown(default), docs.get(f.name)
 
 
 def _default(f: dataclasses.Field) -> Any:

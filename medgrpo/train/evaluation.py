@@ -120,15 +120,17 @@ def score_completions(records: list[Any], texts: list[str], reward_fn, stats=Non
     if stats is not None:
         rows = stats.indices([r.data_source for r in records], [r.qa_type for r in records], unknown="nan")
         normalized = normalize_rewards(rewards, rows, stats.tensor())
+    raw = rewards.tolist()  # read once; every summary below is over these host values
+    norm = None if normalized is None else normalized.tolist()
     answers = [
-        {"id": r.id, "key": k, "prediction": t, "reference": r.answer, "reward": float(v)}
-        for r, k, t, v in zip(records, keys, texts, rewards)
+        {"id": r.id, "key": k, "prediction": t, "reference": r.answer, "reward": v}
+        for r, k, t, v in zip(records, keys, texts, raw)
     ]
     return EvalResult(
-        reward_raw=mean_finite(rewards.tolist()),
-        reward_norm=None if normalized is None else mean_finite(normalized.tolist()),
-        per_key_raw=per_key_means(keys, rewards.tolist()),
-        per_key_norm={} if normalized is None else per_key_means(keys, normalized.tolist()),
+        reward_raw=mean_finite(raw),
+        reward_norm=None if norm is None else mean_finite(norm),
+        per_key_raw=per_key_means(keys, raw),
+        per_key_norm={} if norm is None else per_key_means(keys, norm),
         count=len(texts),
         missing=int(torch.isnan(rewards).sum()),
         answers=answers,

@@ -15,16 +15,16 @@ Design choices:
   each ``GradientCheckpointingLayer``), and compile is in place (``nn.Module.compile``), so no
   module is wrapped or renamed: parameter names, checkpoints and the Hugging Face export keep
   the names of the original model.
-- **Layouts.** :func:`decoder_layers`, :func:`vision_tower` and :func:`lm_head_weight` find the
-  submodules through transformers' accessors (``get_decoder``, ``get_output_embeddings``) with
-  the attribute paths of the 4.x and 5.x layouts as fallbacks. Nothing in transformers is patched.
+- **Layouts.** :func:`decoder_layers` and :func:`vision_tower` find the submodules through
+  transformers' accessors (``get_decoder``) with the attribute paths of the 4.x and 5.x layouts as
+  fallbacks. Nothing in transformers is patched.
 - **Hidden states under FSDP2.** The fused head needs the final (normed) hidden states and the
   lm-head weight, never the logits. :func:`final_hidden_states` runs the *root* forward (so FSDP2's
   root hooks run: its parameters, the lm-head among them, are gathered, and stay gathered until
   backward, as FSDP2 never reshards the root after forward), asks it for logits at no position
   (``logits_to_keep`` = an empty index tensor), and reads the language model's output with a
-  forward hook. :func:`lm_head_weight` right after it is the gathered weight, so its gradient is
-  reduce-scattered across ranks with all the others.
+  forward hook. :func:`medgrpo.train.qwen.lm_head_weight` right after it is the gathered weight, so
+  its gradient is reduce-scattered across ranks with all the others.
 """
 
 from __future__ import annotations
@@ -126,11 +126,20 @@ def resolve_attention(attention: str, device: torch.device | str, dtype: torch.d
     return attention
 
 
-def _model_directory(path: str) -> str:
-    directory = Path(path)
+def _from_pretrained(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> nn.Module:
+    """The model at ``cfg.path`` (local files only) in ``dtype`` on ``device``, with the attention for its compute."""
+    from transformers import AutoModelForImageTextToText
+
+    attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
+    directory = Path(cfg.path)
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(f"no Hugging Face model at {path!r} (config.json missing); models load from disk only")
-    return str(directory)
+        raise FileNotFoundError(
+            f"no Hugging Face model at {cfg.path!r} (config.json missing); models load from disk only"
+        )
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(directory), local_files_only=True, dtype=dtype, attn_implementation=attention
+    )
+    return model.to(device)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
@@ -143,14 +152,7 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
     Returns:
         A ``Qwen2_5_VLForConditionalGeneration`` in train mode.
     """
-    from transformers import AutoModelForImageTextToText
-
-    dtype = DTYPES[cfg.dtype]
-    attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
-    model = AutoModelForImageTextToText.from_pretrained(
-        _model_directory(cfg.path), local_files_only=True, dtype=dtype, attn_implementation=attention
-    )
-    model.to(device)
+    model = _from_pretrained(cfg, device, DTYPES[cfg.dtype])
     if cfg.freeze_vision:
         freeze_vision_tower(model)
     if cfg.activation_checkpointing:
@@ -162,17 +164,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Modul
 
 def load_reference_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> nn.Module:
     """A frozen copy of the policy at ``cfg.path`` for the KL term (beta > 0): eval mode, no gradients."""
-    from transformers import AutoModelForImageTextToText
-
-    attention = resolve_attention(cfg.attention, device, DTYPES[cfg.compute_dtype or cfg.dtype])
-    model = AutoModelForImageTextToText.from_pretrained(
-        _model_directory(cfg.path),
-        local_files_only=True,
-        dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
-        attn_implementation=attention,
-    )
-    model.requires_grad_(False)
-    return model.to(device).eval()
+    model = _from_pretrained(cfg, device, DTYPES[cfg.compute_dtype or cfg.dtype])
+    return model.requires_grad_(False).eval()
 
 
 def language_model(model: nn.Module) -> nn.Module:
@@ -200,19 +193,6 @@ def vision_tower(model: nn.Module) -> nn.Module:
         if module is not None:
             return module
     raise ValueError(f"{type(model).__name__} has no vision tower (model.visual)")
-
-
-def lm_head_weight(model: nn.Module) -> torch.Tensor:
-    """The ``(vocab, hidden)`` lm-head weight for the fused head.
-
-    Under FSDP2 it is the gathered weight right after :func:`final_hidden_states` (the root stays
-    unsharded until backward), and a DTensor shard elsewhere.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = head if head is not None else _submodule(model, "lm_head")
-    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
-        raise ValueError(f"{type(model).__name__} has no lm_head")
-    return head.weight
 
 
 def _submodule(model: nn.Module, path: str) -> nn.Module | None:
@@ -253,7 +233,7 @@ def final_hidden_states(model: nn.Module, **inputs) -> torch.Tensor:
 
     ``inputs`` are the model's keyword arguments (``VideoBatch.model_inputs()``). Running the root
     forward keeps FSDP2's root hooks in the path; ``logits_to_keep`` (an empty index tensor)
-    makes the lm-head run on no position. Feed the result and :func:`lm_head_weight` to
+    makes the lm-head run on no position. Feed the result and :func:`medgrpo.train.qwen.lm_head_weight` to
     ``medgrpo.linear_logprob`` / ``fused_linear_policy_loss``.
     """
     device = inputs["input_ids"].device
@@ -329,7 +309,6 @@ __all__ = [
     "final_hidden_states",
     "freeze_vision_tower",
     "language_model",
-    "lm_head_weight",
     "load_model",
     "load_reference_model",
     "resolve_attention",

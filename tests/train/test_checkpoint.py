@@ -7,13 +7,13 @@ import hashlib
 import json
 import random
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from medgrpo.testing.distributed import GLOO, run_gloo
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.checkpoint import (
     checkpoint_step,
@@ -286,59 +286,39 @@ def test_a_full_disk_says_so_with_the_path(tmp_path, monkeypatch, where, failure
     assert latest_checkpoint(tmp_path).name == "step_000001"
 
 
-def _two_rank_worker(rank: int, port: int, directory: str, results) -> None:
-    import os
-
+def _two_rank_worker(rank: int, directory: str) -> dict:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    root = Path(directory)
+    model, optimizer = small_trainer(0)
+    save_checkpoint(root, 1, model=model, optimizer=optimizer)
+    newest = save_checkpoint(root, 2, model=model, optimizer=optimizer)
+    shares = sorted(json.loads((newest / ckpt.MANIFEST).read_text())["files"])
+    if rank == 0:
+        flip_block(newest / shares[1])  # a file that rank 1 hashes, not rank 0
+    dist.barrier()
+    path, problems = ckpt.latest_valid_checkpoint(root)
+    outcome = {"latest": path.name if path else None, "problems": problems}
+    # A full disk on rank 1 alone: every rank raises, none waits forever in a collective.
+    real = ckpt._save_file
+    if rank == 1:
+        ckpt._save_file = lambda obj, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
     try:
-        root = Path(directory)
-        model, optimizer = small_trainer(0)
-        save_checkpoint(root, 1, model=model, optimizer=optimizer)
-        newest = save_checkpoint(root, 2, model=model, optimizer=optimizer)
-        shares = sorted(json.loads((newest / ckpt.MANIFEST).read_text())["files"])
-        if rank == 0:
-            flip_block(newest / shares[1])  # a file that rank 1 hashes, not rank 0
-        dist.barrier()
-        path, problems = ckpt.latest_valid_checkpoint(root)
-        outcome = {"latest": path.name if path else None, "problems": problems}
-        # A full disk on rank 1 alone: every rank raises, none waits forever in a collective.
-        real = ckpt._save_file
-        if rank == 1:
-            ckpt._save_file = lambda obj, p: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
-        try:
-            save_checkpoint(root, 3, model=model, optimizer=optimizer)
-        except ckpt.CheckpointWriteError as error:
-            outcome["save_error"] = error.errno
-        finally:
-            ckpt._save_file = real
-        outcome["left"] = sorted(p.name for p in root.iterdir())
-        results[rank] = outcome
+        save_checkpoint(root, 3, model=model, optimizer=optimizer)
+    except ckpt.CheckpointWriteError as error:
+        outcome["save_error"] = error.errno
     finally:
-        dist.destroy_process_group()
+        ckpt._save_file = real
+    outcome["left"] = sorted(p.name for p in root.iterdir())
+    return outcome
 
 
+@pytest.mark.skipif(not GLOO, reason="needs torch.distributed gloo")
 def test_every_rank_takes_the_same_decision(tmp_path):
-    import socket
-
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("needs torch.distributed gloo")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    results = mp.Manager().dict()
-    context = mp.start_processes(_two_rank_worker, args=(port, str(tmp_path), results), nprocs=2, join=False)
-    deadline = time.monotonic() + 240
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("a rank is stuck in a collective")
+    try:
+        results = run_gloo(_two_rank_worker, str(tmp_path), timeout=240)
+    except TimeoutError:
+        pytest.fail("a rank is stuck in a collective")
     assert results[0] == results[1]
     problem = results[0]["problems"]
     assert results[0]["latest"] == "step_000001" and len(problem) == 1 and "SHA-256 differs" in problem[0]

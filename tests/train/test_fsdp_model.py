@@ -35,7 +35,8 @@ def make_batches(dataset: VideoDataset, tokenizer) -> list[dict[str, torch.Tenso
 
 def local_loss(model, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
     """Negative answer log-likelihood through the fused head, summed, over the global token count."""
-    from medgrpo.train.model import final_hidden_states, lm_head_weight
+    from medgrpo.train.model import final_hidden_states
+    from medgrpo.train.qwen import lm_head_weight
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = final_hidden_states(model, **inputs)
@@ -90,7 +91,8 @@ def worker(rank: int, paths: dict, batches, expected) -> dict[str, float]:
     from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
     from medgrpo.train.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-    from medgrpo.train.model import decoder_layers, lm_head_weight, vision_tower
+    from medgrpo.train.model import decoder_layers, vision_tower
+    from medgrpo.train.qwen import lm_head_weight
 
     out = {}
     model = sharded_model(paths["model"])

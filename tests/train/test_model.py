@@ -14,12 +14,12 @@ from medgrpo.train.model import (
     compile_decoder_layers,
     decoder_layers,
     final_hidden_states,
-    lm_head_weight,
     load_model,
     load_reference_model,
     resolve_attention,
     vision_tower,
 )
+from medgrpo.train.qwen import lm_head_weight
 
 ANSWERS = ("1.0-2.0 seconds.", "clipping")
 
