@@ -356,11 +356,9 @@ def shared_prefix_inputs(
     spans = _group_spans(prompt_valid.sum(-1).tolist(), host[num_prompts * width :].tolist(), group)
     device = prompt_ids.device
     order = _packing_index(spans, prompt_valid, steps).to(device)
-    first_completion = prompt_mask.long().sum(-1) + deltas.reshape(-1)  # (B,) position of completion token 0
-    completion_positions = first_completion.repeat_interleave(group)[:, None] + torch.arange(steps, device=device)
-    position_source = torch.cat(
-        [positions.reshape(3, -1), completion_positions.reshape(1, -1).expand(3, -1).to(positions.dtype)], dim=1
-    )
+    first_completion = qwen.next_positions(prompt_mask, deltas).repeat_interleave(group)  # completion token 0
+    completion_positions = qwen.text_positions(first_completion, steps).reshape(3, -1).to(positions.dtype)
+    position_source = torch.cat([positions.reshape(3, -1), completion_positions], dim=1)
     root_forward = is_sharded(model) if root_forward is None else root_forward
     if root_forward and pixel_values_videos is None:
         raise ValueError("the root forward needs the batch's pixel_values_videos")
