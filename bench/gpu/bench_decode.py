@@ -39,9 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import StageResult, bench_device, copy_rate, out_of_memory, synchronize
+from timing import StageResult, bench_device, copy_rate, out_of_memory
 
-from bench_rollout import Case, make_call  # isort: skip
+from bench_rollout import Case, make_call, timed  # isort: skip
 from bench_train_step import video_prompts  # isort: skip
 
 CUDA = torch.cuda.is_available()
@@ -165,17 +165,9 @@ def decode_call(provider: str, model, tokenizer, batch, tokens: int) -> Callable
     call = make_call(provider, model, tokenizer, batch, case, times)
     if provider != "hf_generate":
         return lambda: (call(), times[-1])[1]
-    device = bench_device()
     prefill = make_call(provider, model, tokenizer, batch, case, [], new_tokens=1)
-    prefill_s = min(timed(prefill, device) for _ in range(3))  # the first warms up
-    return lambda: timed(call, device) - prefill_s
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    begin = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - begin
+    prefill_s = min(timed(prefill) for _ in range(3))  # the first warms up
+    return lambda: timed(call) - prefill_s
 
 
 def measure(provider: str, model, tokenizer, batch, rounds: int, left: Callable[[], float]) -> dict:

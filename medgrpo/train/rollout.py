@@ -4,21 +4,24 @@ A MedGRPO prompt is long (hundreds of video tokens plus the question) and its co
 so the loop shares the prefix instead of running ``model.generate`` on G copies of each prompt:
 
 1. **Encode** each video once with the vision tower (:func:`medgrpo.train.qwen.encode_videos`).
-2. **Prefill** each prompt once: the B left-padded prompts go through the language model, filling a
-   ``DynamicCache``; only the last position's hidden state goes through the lm head.
-3. **Replicate** the KV cache G times along the batch (``Cache.batch_repeat_interleave``, group-major:
-   rows ``b*G .. b*G+G-1`` are prompt ``b``'s completions), with the first-token logits, the
-   attention mask and the next mrope position. The copy costs one pass over the prompt's keys and
-   values, far less than G prefills; sharing the prompt's KV without copying would need a
-   prefix-aware attention kernel, which HF's attention path does not have.
-4. **Decode** B*G rows step by step: sample (temperature, top-k, top-p, from a ``torch.Generator``),
-   embed the token, run one cached step, and keep only the new position's logits.
+2. **Prefill** each prompt once: the B left-padded prompts go through the language model; only the
+   last position's hidden state goes through the lm head.
+3. **Decode** B*G rows (group-major: rows ``b*G .. b*G+G-1`` are prompt ``b``'s completions) step by
+   step: sample (temperature, top-k, top-p; :mod:`medgrpo.train.token_sampling`), embed the token,
+   run one cached step, and keep only the new position's logits.
 
-A row stops at any of ``eos_token_ids`` and is padded with ``pad_token_id`` afterwards; the loop
-stops at ``max_new_tokens`` or as soon as every row has stopped. That check reads one boolean from
-the device per step: the one host sync of the loop, accepted because a rollout's steps are
-sequential anyway and stopping early saves whole steps. Finished rows keep being computed (their
-outputs are discarded) so the cache stays one dense batch.
+``RolloutConfig.decode`` picks the decoder; both give the same tokens for the same generator:
+
+- ``"static"`` (:mod:`medgrpo.train.decode`): a static KV cache that stores the prompt's keys and
+  values once per group and is written in place, one (optionally compiled) step per token with no
+  host sync inside; the host reads the all-finished flag every ``check_every`` steps.
+- ``"dynamic"``, the reference loop here: the prefill fills a ``DynamicCache``, which is replicated
+  G times (``Cache.batch_repeat_interleave``); each step grows it by concatenation and reads the
+  all-finished flag (one host sync per step).
+
+A row stops at any of ``eos_token_ids`` and is padded with ``pad_token_id`` afterwards; the rollout
+stops at ``max_new_tokens`` or once every row has stopped (columns stepped past that are trimmed).
+Finished rows keep being computed (their outputs are discarded) so the cache stays one dense batch.
 
 The vision placeholders ``<|image_pad|>`` and ``<|video_pad|>`` are never sampled (their logits are
 set to ``-inf``): a completion holding one could not be fed back to the model, whose forward takes

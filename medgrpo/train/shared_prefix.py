@@ -55,9 +55,8 @@ from torch import nn
 
 from medgrpo.train import qwen
 from medgrpo.train.attention import layout_attention, layout_mask
-from medgrpo.train.distributed import is_sharded
 from medgrpo.train.rollout import Rollout
-from medgrpo.train.update import micro_batches, video_rows
+from medgrpo.train.update import micro_batches, root_forward_pixels
 
 BACKENDS = ("auto", "sdpa", "flex")
 _FLEX_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -356,14 +355,9 @@ def shared_prefix_inputs(
     spans = _group_spans(prompt_valid.sum(-1).tolist(), host[num_prompts * width :].tolist(), group)
     device = prompt_ids.device
     order = _packing_index(spans, prompt_valid, steps).to(device)
-    first_completion = prompt_mask.long().sum(-1) + deltas.reshape(-1)  # (B,) position of completion token 0
-    completion_positions = first_completion.repeat_interleave(group)[:, None] + torch.arange(steps, device=device)
-    position_source = torch.cat(
-        [positions.reshape(3, -1), completion_positions.reshape(1, -1).expand(3, -1).to(positions.dtype)], dim=1
-    )
-    root_forward = is_sharded(model) if root_forward is None else root_forward
-    if root_forward and pixel_values_videos is None:
-        raise ValueError("the root forward needs the batch's pixel_values_videos")
+    first_completion = qwen.next_positions(prompt_mask, deltas).repeat_interleave(group)  # completion token 0
+    completion_positions = qwen.text_positions(first_completion, steps).reshape(3, -1).to(positions.dtype)
+    position_source = torch.cat([positions.reshape(3, -1), completion_positions], dim=1)
     return SharedPrefixInputs(
         input_ids=torch.cat([prompt_ids.flatten(), rollout.completion_ids.flatten()])[order],
         position_ids=position_source[:, order],
@@ -375,7 +369,7 @@ def shared_prefix_inputs(
         video_embeds=[embeds.detach() for embeds in rollout.video_embeds],
         video_grid_thw=video_grid_thw,
         second_per_grid_ts=second_per_grid_ts,
-        pixels=video_rows(pixel_values_videos, video_grid_thw) if root_forward else None,
+        pixels=root_forward_pixels(model, pixel_values_videos, video_grid_thw, root_forward),
         backend=backend,
     )
 

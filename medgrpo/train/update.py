@@ -90,6 +90,23 @@ def video_rows(pixel_values_videos: torch.Tensor, video_grid_thw: torch.Tensor) 
     return list(pixel_values_videos.split(sizes))
 
 
+def root_forward_pixels(
+    model: nn.Module,
+    pixel_values_videos: torch.Tensor | None,
+    video_grid_thw: torch.Tensor,
+    root_forward: bool | None,
+) -> list[torch.Tensor] | None:
+    """Each video's patch rows when the passes run the model's root forward, else None (embeddings reused).
+
+    ``root_forward`` None: when ``model`` is sharded, as FSDP2 needs; ``pixel_values_videos`` is then required.
+    """
+    if not (is_sharded(model) if root_forward is None else root_forward):
+        return None
+    if pixel_values_videos is None:
+        raise ValueError("the root forward needs the batch's pixel_values_videos")
+    return video_rows(pixel_values_videos, video_grid_thw)
+
+
 def policy_inputs(
     model: nn.Module,
     rollout: Rollout,
@@ -112,11 +129,7 @@ def policy_inputs(
     grids = video_grid_thw.repeat_interleave(group, dim=0)
     seconds = second_per_grid_ts.repeat_interleave(group, dim=0)
     position_ids, _ = qwen.rope_positions(model, input_ids, grids, seconds, attention_mask)
-    pixels = None
-    if is_sharded(model) if root_forward is None else root_forward:
-        if pixel_values_videos is None:
-            raise ValueError("the root forward needs the batch's pixel_values_videos")
-        pixels = qwen.repeat_videos(video_rows(pixel_values_videos, video_grid_thw), group)
+    pixels = root_forward_pixels(model, pixel_values_videos, video_grid_thw, root_forward)
     return PolicyInputs(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -125,7 +138,7 @@ def policy_inputs(
         completion_ids=rollout.completion_ids,
         completion_mask=completion_mask,
         prompt_length=rollout.prompt_ids.shape[1],
-        pixels=pixels,
+        pixels=None if pixels is None else qwen.repeat_videos(pixels, group),
         video_grid_thw=grids,
         second_per_grid_ts=seconds,
     )
@@ -271,6 +284,7 @@ __all__ = [
     "completion_hidden",
     "micro_batches",
     "policy_inputs",
+    "root_forward_pixels",
     "sequence_logprobs",
     "video_rows",
 ]

@@ -126,3 +126,29 @@ def batch_maker(tokenizer, clips):
 def left_batch(tokenizer, clips) -> VideoBatch:
     """The two prompts, left-padded (what rollouts take)."""
     return make_batch(tokenizer, QUESTIONS, clips, [1.0, 0.5], "left").to("cpu")
+
+
+@pytest.fixture(scope="session")
+def rollout_maker(tokenizer):
+    """``rollout_maker(model, batch, *, rows, steps, seed=0)``: a :func:`~medgrpo.testing.rollouts.synthetic_rollout`
+    of ``batch``'s prompts and ``model``'s embeddings of its videos, with random text completions of the
+    ``(length, truncated)`` ``rows`` (group-major), ending at ``<|im_end|>``."""
+    from medgrpo.testing.rollouts import synthetic_rollout
+    from medgrpo.train import qwen
+
+    def make(model, batch: VideoBatch, *, rows, steps: int, seed: int = 0):
+        with torch.no_grad():
+            embeds = qwen.encode_videos(model, batch.pixel_values_videos, batch.video_grid_thw)
+        return synthetic_rollout(
+            batch.input_ids,
+            batch.attention_mask,
+            embeds,
+            rows=rows,
+            steps=steps,
+            token_range=(max(tokenizer.all_special_ids) + 1, len(tokenizer)),
+            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=tokenizer.pad_token_id,
+            seed=seed,
+        )
+
+    return make

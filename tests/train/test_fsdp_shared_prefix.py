@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from medgrpo.testing.distributed import GLOO, run_gloo
-from medgrpo.testing.rollouts import synthetic_rollout
-from medgrpo.train import qwen
 from medgrpo.train.rollout import Rollout
 from medgrpo.train.update import LossOptions, video_rows
 
@@ -78,24 +76,13 @@ def worker(rank: int, model_dir: str, parts: dict) -> dict[str, float]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not GLOO, reason="needs torch.distributed gloo")
-def test_fsdp2_shared_prefix_step_equals_one_dense_process(tiny_model_dir, tokenizer, left_batch):
+def test_fsdp2_shared_prefix_step_equals_one_dense_process(tiny_model_dir, rollout_maker, left_batch):
     from medgrpo.train.model import ModelConfig, load_model
     from medgrpo.train.update import policy_inputs
 
     model = load_model(ModelConfig(str(tiny_model_dir), dtype="float32"))
     batch = left_batch
-    with torch.no_grad():
-        embeds = qwen.encode_videos(model, batch.pixel_values_videos, batch.video_grid_thw)
-    rollout = synthetic_rollout(
-        batch.input_ids,
-        batch.attention_mask,
-        embeds,
-        rows=ROWS,
-        steps=STEPS,
-        token_range=(max(tokenizer.all_special_ids) + 1, len(tokenizer)),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    rollout = rollout_maker(model, batch, rows=ROWS, steps=STEPS)
     generator = torch.Generator().manual_seed(0)
     advantages = torch.randn(len(rollout), generator=generator)
     noise = 0.2 * torch.randn(rollout.completion_ids.shape, generator=generator)

@@ -33,9 +33,7 @@ from medgrpo.data.sampling import FramePlan
 from medgrpo.ops.policy_loss import MEDGRPO_LOSS, PolicyLossConfig
 from medgrpo.rewards.rewarder import Rewarder
 from medgrpo.rewards.task_rewards import RewardBatch
-from medgrpo.testing.rollouts import synthetic_rollout
 from medgrpo.testing.tolerance import assert_within_reference_error
-from medgrpo.train import qwen
 from medgrpo.train.grpo import GRPOConfig, GRPOSetup, grpo_step
 from medgrpo.train.model import vision_tower
 from medgrpo.train.optim import OptimConfig, build_optimizer
@@ -90,21 +88,9 @@ def batches(batch_maker):
     return {dtype: batch.to("cpu", dtype) for dtype in (torch.float32, torch.float64)}
 
 
-def make_rollout(model, batch, tokenizer, group: int) -> Rollout:
+def make_rollout(model, batch, rollout_maker, group: int) -> Rollout:
     """The batch's prompts with G completions each, of the lengths and truncations in ROWS."""
-    with torch.no_grad():
-        embeds = qwen.encode_videos(model, batch.pixel_values_videos, batch.video_grid_thw)
-    rollout = synthetic_rollout(
-        batch.input_ids,
-        batch.attention_mask,
-        embeds,
-        rows=ROWS[group],
-        steps=STEPS,
-        token_range=(max(tokenizer.all_special_ids) + 1, len(tokenizer)),
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        pad_token_id=tokenizer.pad_token_id,
-        seed=group,
-    )
+    rollout = rollout_maker(model, batch, rows=ROWS[group], steps=STEPS, seed=group)
     assert list(zip(rollout.completion_lengths.tolist(), rollout.is_truncated.tolist())) == ROWS[group]
     return rollout
 
@@ -158,9 +144,9 @@ def assert_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: float, n
 
 
 @pytest.mark.parametrize(("group", "per_row", "trainable_vision", "loss"), CASES)
-def test_float64_equals_dense(models, batches, tokenizer, group, per_row, trainable_vision, loss):
+def test_float64_equals_dense(models, batches, rollout_maker, group, per_row, trainable_vision, loss):
     model, batch = models[torch.float64], batches[torch.float64]
-    rollout = make_rollout(model, batch, tokenizer, group)
+    rollout = make_rollout(model, batch, rollout_maker, group)
     dense, shared = both_layouts(
         model, batch, rollout, trainable_vision=trainable_vision, loss=LOSSES[loss], micro_batch_size=per_row * group
     )
@@ -176,13 +162,13 @@ def test_float64_equals_dense(models, batches, tokenizer, group, per_row, traina
 
 
 @pytest.mark.parametrize(("group", "trainable_vision"), [(1, False), (8, False), (8, True)])
-def test_float32_within_tolerance(models, batches, tokenizer, group, trainable_vision):
+def test_float32_within_tolerance(models, batches, rollout_maker, group, trainable_vision):
     """Float32 shared-prefix error against the float64 dense result: at most the float32 dense path's (x2, x3)."""
     options = {"trainable_vision": trainable_vision, "loss": MEDGRPO_LOSS, "micro_batch_size": 2 * group}
     model64, batch64 = models[torch.float64], batches[torch.float64]
-    exact, _ = both_layouts(model64, batch64, make_rollout(model64, batch64, tokenizer, group), **options)
+    exact, _ = both_layouts(model64, batch64, make_rollout(model64, batch64, rollout_maker, group), **options)
     model32, batch32 = models[torch.float32], batches[torch.float32]
-    rollout = make_rollout(model32, batch32, tokenizer, group)
+    rollout = make_rollout(model32, batch32, rollout_maker, group)
     dense, shared = both_layouts(model32, batch32, rollout, anchor=exact["logp"], **options)
     mask = rollout.completion_mask.bool()
     assert_within_reference_error(shared["logp"][mask], dense["logp"][mask], exact["logp"][mask], name="log-probs")
@@ -192,10 +178,10 @@ def test_float32_within_tolerance(models, batches, tokenizer, group, trainable_v
         assert_within_reference_error(shared["grads"][name], dense["grads"][name], grad, factor=3.0, name=name)
 
 
-def test_positions_and_tokens_are_the_dense_ones(models, batches, tokenizer):
+def test_positions_and_tokens_are_the_dense_ones(models, batches, rollout_maker):
     """Every packed token and its 3D position is a valid token of the dense rows, in packing order."""
     model, batch = models[torch.float32], batches[torch.float32]
-    rollout = make_rollout(model, batch, tokenizer, 8)
+    rollout = make_rollout(model, batch, rollout_maker, 8)
     args = (model, rollout, batch.video_grid_thw, batch.second_per_grid_ts)
     dense, shared = policy_inputs(*args), shared_prefix_inputs(*args)
     expected_ids, expected_positions = [], []
@@ -213,11 +199,11 @@ def test_positions_and_tokens_are_the_dense_ones(models, batches, tokenizer):
     assert shared.packed_tokens() == int(batch.attention_mask.sum()) + sum(length for length, _ in ROWS[8])
 
 
-def test_micro_batches_are_whole_groups(models, batches, tokenizer):
+def test_micro_batches_are_whole_groups(models, batches, rollout_maker):
     assert GRPOConfig().shared_prefix  # on by default; grpo.shared_prefix: false is the dense reference
     model, batch = models[torch.float32], batches[torch.float32]
     shared = shared_prefix_inputs(
-        model, make_rollout(model, batch, tokenizer, 8), batch.video_grid_thw, batch.second_per_grid_ts
+        model, make_rollout(model, batch, rollout_maker, 8), batch.video_grid_thw, batch.second_per_grid_ts
     )
     assert shared.micro_batch_rows(8) == [slice(0, 8), slice(8, 16)]
     assert shared.micro_batch_rows(3) == [slice(0, 8), slice(8, 16)]  # at least one group
@@ -293,14 +279,14 @@ def test_layout_rejects_rows_of_another_length():
 # ---------------------------------------------------------------------------------- CUDA: flex attention
 @pytest.mark.gpu
 @pytest.mark.parametrize("trainable_vision", [False, True])
-def test_cuda_flex_equals_dense(models, batches, tokenizer, trainable_vision):
+def test_cuda_flex_equals_dense(models, batches, rollout_maker, trainable_vision):
     """The compiled flex-attention path on CUDA against the dense path, under the tolerance rule (float64 CPU exact)."""
     options = {"trainable_vision": trainable_vision, "loss": MEDGRPO_LOSS, "micro_batch_size": 16}
     model64, batch64 = models[torch.float64], batches[torch.float64]
-    exact, _ = both_layouts(model64, batch64, make_rollout(model64, batch64, tokenizer, 8), **options)
+    exact, _ = both_layouts(model64, batch64, make_rollout(model64, batch64, rollout_maker, 8), **options)
     model = copy.deepcopy(models[torch.float32]).cuda()
     batch = batches[torch.float32].to("cuda", torch.float32)
-    rollout = make_rollout(model, batch, tokenizer, 8)
+    rollout = make_rollout(model, batch, rollout_maker, 8)
     rollout = Rollout(**{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in vars(rollout).items()})
     dense, shared = both_layouts(model, batch, rollout, anchor=exact["logp"].cuda(), **options)
     mask = rollout.completion_mask.bool().cpu()
