@@ -7,6 +7,7 @@ is no longer supported, its branch here is what to delete.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 
@@ -18,15 +19,24 @@ LANGUAGE_MODEL_PATHS = ("model.language_model", "language_model", "model")
 VISION_TOWER_PATHS = ("model.visual", "visual")
 
 
+def _parameter_names(method: Callable) -> frozenset[str]:
+    """The names a function or bound method takes, read once per function (asked for every step)."""
+    return _function_parameter_names(getattr(method, "__func__", method))
+
+
+@functools.cache
+def _function_parameter_names(function: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(function).parameters)
+
+
 def rope_index_takes_token_types(get_rope_index: Callable) -> bool:
     """Whether Qwen2.5-VL's ``get_rope_index`` takes ``mm_token_type_ids`` (transformers 5.x on)."""
-    return "mm_token_type_ids" in inspect.signature(get_rope_index).parameters
+    return "mm_token_type_ids" in _parameter_names(get_rope_index)
 
 
 def cache_keyword(decoder: nn.Module) -> str:
     """The language model's KV-cache argument: ``past_key_values`` up to transformers 5.2x, ``cache`` after."""
-    parameters = inspect.signature(decoder.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
+    return "cache" if "cache" in _parameter_names(decoder.forward) else "past_key_values"
 
 
 def enable_activation_checkpointing(model: nn.Module, **kwargs) -> None:
