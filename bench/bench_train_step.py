@@ -6,8 +6,10 @@ CPU (here): the tiny random Qwen2.5-VL of the demo, 16 frames at 56x56 per promp
 256 new tokens, bf16, 2 prompts per GPU (set ``MEDGRPO_BENCH_PROMPTS``).
 
 Each stage is timed on its own (``time_<stage>_s`` in the results, median over rounds), and
-the whole step; samples/s = prompts x G / step time. ``num_iterations = 2`` so the old
-log-prob pass is part of the step, as in a multi-epoch GRPO run.
+the whole step; samples/s = prompts x G / step time. The step is the trainer's default
+(``grpo_step`` with ``shared_prefix`` on): the log-prob and update passes run each prompt and
+its video once per group. The old log-prob pass is part of the step, as in a run with
+``num_iterations = 2``; one update is timed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from medgrpo.data.sampling import FramePlan
 from medgrpo.demo.tiny_model import build_tokenizer
 from medgrpo.train.optim import optimizer_step
 from medgrpo.train.rollout import RolloutConfig, decode_text, generate
-from medgrpo.train.update import LossOptions, backward_policy_loss, policy_inputs, sequence_logprobs
+from medgrpo.train.shared_prefix import shared_prefix_inputs
+from medgrpo.train.update import LossOptions, backward_policy_loss, sequence_logprobs
 
 CUDA = torch.cuda.is_available()
 PROMPTS = int(os.environ.get("MEDGRPO_BENCH_PROMPTS", "2"))
@@ -121,7 +124,9 @@ def _step(model, tokenizer, reward_fn, batch, optimizer, params) -> dict[str, fl
     _sync()
     times["reward"] = time.perf_counter() - mark
     mark = time.perf_counter()
-    inputs = policy_inputs(model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos)
+    inputs = shared_prefix_inputs(
+        model, rollout, batch.video_grid_thw, batch.second_per_grid_ts, batch.pixel_values_videos
+    )
     old_logp = sequence_logprobs(model, inputs, temperature=1.0, micro_batch_size=G)
     _sync()
     times["logprobs"] = time.perf_counter() - mark
