@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from medgrpo.testing.corrupt import write_undecodable_frames
 from medgrpo.testing.distributed import torchrun
 
 
@@ -58,11 +59,7 @@ def corrupt_records(dataset, count: int) -> list[str]:
     first = json.loads(Path(dataset.train).read_text().splitlines()[0])
     lines = []
     for n in range(count):
-        folder = Path(dataset.train).parent / "frames" / f"corrupt_two_ranks_{n}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(2):
-            (folder / f"{i:06d}.jpg").write_bytes(b"not a jpeg")
-        frames = [f"frames/corrupt_two_ranks_{n}/{i:06d}.jpg" for i in range(2)]
+        frames = write_undecodable_frames(Path(dataset.train).parent, f"frames/corrupt_two_ranks_{n}")
         lines.append(json.dumps({**first, "id": f"corrupt_{n}", "video": frames}))
     return lines
 

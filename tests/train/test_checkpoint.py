@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from medgrpo.testing.corrupt import flip_middle_bytes
 from medgrpo.testing.distributed import GLOO, run_gloo
 from medgrpo.train import checkpoint as ckpt
 from medgrpo.train.checkpoint import (
@@ -163,14 +164,6 @@ def small_trainer(seed: int = 0):
     return model, optimizer
 
 
-def flip_block(path, size: int = 4096) -> None:
-    """Overwrite ``size`` bytes in the middle of a file with other bytes: same size, other content."""
-    data = bytearray(path.read_bytes())
-    start = max(0, len(data) // 2 - size // 2)
-    data[start : start + size] = bytes((b ^ 0xFF) for b in data[start : start + size])
-    path.write_bytes(bytes(data))
-
-
 def largest_shard(path):
     return max(path.glob("*.distcp"), key=lambda p: p.stat().st_size)
 
@@ -195,7 +188,7 @@ def test_a_corrupted_shard_is_named_and_resume_falls_back(tmp_path):
     newest = save_checkpoint(tmp_path, 2, model=second, optimizer=optimizer)
     shard = largest_shard(newest)
     size = shard.stat().st_size
-    flip_block(shard)
+    flip_middle_bytes(shard)
     assert shard.stat().st_size == size and shard.stat().st_size >= 4096
     expected = f"{shard.name}: SHA-256 differs from the manifest (corrupted)"
     assert ckpt.verify_checkpoint(newest) == [expected]
@@ -236,7 +229,7 @@ def test_a_checkpoint_without_manifest_loads_unverified_and_names_a_cut_file(tmp
     with pytest.raises(ckpt.CheckpointError, match=r"checkpoint file .*trainer_state.pt cannot be read: \w+") as info:
         load_checkpoint(path, model=model, optimizer=optimizer)
     assert "\n" not in str(info.value)  # one line, not the zip reader's trace
-    flip_block(largest_shard(path))
+    flip_middle_bytes(largest_shard(path))
     state.write_bytes(b"")
     with pytest.raises(ckpt.CheckpointError, match="cannot read the model/optimizer shards|cannot be read"):
         load_checkpoint(path, model=model, optimizer=optimizer)
@@ -295,7 +288,7 @@ def _two_rank_worker(rank: int, directory: str) -> dict:
     newest = save_checkpoint(root, 2, model=model, optimizer=optimizer)
     shares = sorted(json.loads((newest / ckpt.MANIFEST).read_text())["files"])
     if rank == 0:
-        flip_block(newest / shares[1])  # a file that rank 1 hashes, not rank 0
+        flip_middle_bytes(newest / shares[1])  # a file that rank 1 hashes, not rank 0
     dist.barrier()
     path, problems = ckpt.latest_valid_checkpoint(root)
     outcome = {"latest": path.name if path else None, "problems": problems}

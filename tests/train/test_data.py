@@ -11,6 +11,7 @@ import torch
 
 from medgrpo.data.loader import DecodeOptions
 from medgrpo.data.records import RecordDataset
+from medgrpo.testing.corrupt import write_undecodable_frames
 from medgrpo.testing.video_fixtures import write_jpeg_folder
 from medgrpo.train.data import DataConfig, NoUsableRecords, build_loader, screen_records
 from medgrpo.train.distributed import Runtime
@@ -38,14 +39,6 @@ def clip(root: Path, name: str, frames: int = 4) -> list[str]:
     return [f"{name}/{Path(p).name}" for p in write_jpeg_folder(root / name, frames, (SIDE, SIDE))]
 
 
-def corrupt_clip(root: Path, name: str) -> list[str]:
-    """Frames that exist but are not images: only decoding finds them unusable."""
-    (root / name).mkdir(parents=True)
-    for i in range(4):
-        (root / name / f"{i:06d}.jpg").write_bytes(b"not a jpeg")
-    return [f"{name}/{i:06d}.jpg" for i in range(4)]
-
-
 def write_records(path: Path, lines: list) -> Path:
     path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
     return path
@@ -55,7 +48,7 @@ def write_records(path: Path, lines: list) -> Path:
 def mixed_file(tmp_path) -> Path:
     """Six good records over two keys, one line that is not JSON, two records whose frames do not decode."""
     good = [record(clip(tmp_path, f"good{i}"), source="AVOS" if i < 3 else "NurViD") for i in range(6)]
-    corrupt = [record(corrupt_clip(tmp_path, f"corrupt{i}")) for i in range(2)]
+    corrupt = [record(write_undecodable_frames(tmp_path, f"corrupt{i}", 4)) for i in range(2)]
     return write_records(tmp_path / "train.jsonl", [*good[:3], "{not json", corrupt[0], *good[3:], corrupt[1]])
 
 
@@ -160,7 +153,8 @@ def test_batches_are_full_skips_counted_once_and_resume_is_exact(mixed_file, tok
 
 
 def test_records_that_never_decode_end_in_an_empty_batch(tmp_path, tokenizer):
-    path = write_records(tmp_path / "train.jsonl", [record(corrupt_clip(tmp_path, f"c{i}")) for i in range(3)])
+    records = [record(write_undecodable_frames(tmp_path, f"c{i}", 4)) for i in range(3)]
+    path = write_records(tmp_path / "train.jsonl", records)
     data = loader_for(path, tokenizer, batch_size=2)
     batch = next(iter(data))
     assert len(batch) == 0 and data.sampler.exhausted

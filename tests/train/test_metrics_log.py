@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from medgrpo.testing.corrupt import write_undecodable_frames
 from medgrpo.train import loop
 from medgrpo.train.config import config_from_dict
 from medgrpo.train.loop import train
@@ -51,12 +52,8 @@ def scalars(directory: Path, tag: str) -> list[tuple[int, float]]:
 
 def corrupt_record(dataset) -> dict:
     """A record of the dataset whose frames exist but do not decode (found only when drawn)."""
-    folder = Path(dataset.train).parent / "frames" / "corrupt_for_resume"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(2):
-        (folder / f"{i:06d}.jpg").write_bytes(b"not a jpeg")
     first = json.loads(Path(dataset.train).read_text().splitlines()[0])
-    return {**first, "video": [f"frames/corrupt_for_resume/{i:06d}.jpg" for i in range(2)]}
+    return {**first, "video": write_undecodable_frames(Path(dataset.train).parent, "frames/corrupt_for_resume")}
 
 
 def grpo_config(tiny_run, train_file: Path, out: Path, steps: int, **extra):

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from medgrpo.cli import main
+from medgrpo.testing.corrupt import flip_middle_bytes, write_undecodable_frames
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -276,11 +277,7 @@ def test_bad_records_of_every_kind_are_counted_and_sft_trains_on_the_rest(run_di
     long_answer = {**good[0], "conversations": [good[0]["conversations"][0], {"from": "gpt", "value": "x " * 50_000}]}
     many_frames = {**good[1], "video": [f"frames/none/{i:06d}.jpg" for i in range(10_000)]}
     missing = {**good[2], "video": ["frames/none/000000.jpg", "frames/none/000001.jpg"]}
-    corrupt_dir = Path(dataset.train).parent / "frames" / "corrupt"
-    corrupt_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(2):
-        (corrupt_dir / f"{i:06d}.jpg").write_bytes(b"not a jpeg")
-    corrupt = {**good[3], "video": ["frames/corrupt/000000.jpg", "frames/corrupt/000001.jpg"]}
+    corrupt = {**good[3], "video": write_undecodable_frames(Path(dataset.train).parent, "frames/corrupt")}
     path = Path(dataset.train).parent / "train_bad_kinds.jsonl"
     lines = [*map(json.dumps, good), "{not json", *map(json.dumps, [long_answer, many_frames, missing, corrupt])]
     path.write_text("\n".join(lines) + "\n")
@@ -308,10 +305,7 @@ def write_sft(run_dir, changes: dict) -> Path:
 def corrupt_largest_shard(checkpoint: Path) -> str:
     """Flip 4 KiB in the middle of the checkpoint's largest DCP shard (same size); its file name."""
     shard = max(checkpoint.glob("*.distcp"), key=lambda p: p.stat().st_size)
-    data = bytearray(shard.read_bytes())
-    middle = len(data) // 2
-    data[middle - 2048 : middle + 2048] = bytes(b ^ 0xFF for b in data[middle - 2048 : middle + 2048])
-    shard.write_bytes(bytes(data))
+    flip_middle_bytes(shard)
     return shard.name
 
 
