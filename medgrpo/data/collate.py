@@ -174,16 +174,10 @@ class VideoCollator:
         self.with_answers = with_answers
         self.padding_side = padding_side
         self.max_length = max_length
-        self.video_pad_id = self._token_id(VIDEO_PAD)
-        self.end_of_turn_id = self._token_id(END_OF_TURN)
+        self.video_pad_id = special_token_id(self.tokenizer, VIDEO_PAD)
+        self.end_of_turn_id = special_token_id(self.tokenizer, END_OF_TURN)
         pad_id = tokenizer.pad_token_id
-        self.pad_id = self._token_id("<|endoftext|>") if pad_id is None else pad_id
-
-    def _token_id(self, token: str) -> int:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        if token_id is None or token_id == self.tokenizer.unk_token_id:
-            raise ValueError(f"the tokenizer has no {token} token: is it a Qwen2.5-VL tokenizer?")
-        return token_id
+        self.pad_id = special_token_id(self.tokenizer, "<|endoftext|>") if pad_id is None else pad_id
 
     def prompt_text(self, question: str) -> str:
         """The chat-templated prompt of one question, with one (unexpanded) video placeholder."""
@@ -262,6 +256,14 @@ class VideoCollator:
         )
 
 
+def special_token_id(tokenizer, token: str) -> int:
+    """The id of one of Qwen2.5-VL's special tokens; ValueError when the tokenizer lacks it."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {token} token: is it a Qwen2.5-VL tokenizer?")
+    return token_id
+
+
 def eos_ids(tokenizer) -> list[int]:
     """Tokens that end a completion: ``<|im_end|>`` and the pad/end-of-text token."""
     ids = [tokenizer.convert_tokens_to_ids(END_OF_TURN)]
@@ -277,6 +279,7 @@ __all__ = [
     "VideoBatch",
     "VideoCollator",
     "eos_ids",
+    "special_token_id",
     "video_grid",
     "video_token_count",
 ]

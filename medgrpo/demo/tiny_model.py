@@ -111,13 +111,6 @@ def build_tokenizer(directory: str | os.PathLike, *, vocab_size: int = 512, corp
     return tokenizer
 
 
-def _token_id(tokenizer, token: str) -> int:
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if token_id is None or token_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {token} token: build it with build_tokenizer")
-    return token_id
-
-
 def _mrope_section(head_dim: int) -> list[int]:
     """Split ``head_dim / 2`` rotary frequencies into (time, height, width) in Qwen2.5-VL's 16:24:24 ratio."""
     half = head_dim // 2
@@ -162,9 +155,11 @@ def build_tiny_model(
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+    from medgrpo.data.collate import special_token_id
+
     if hidden_size % heads or heads % kv_heads or vision_hidden % vision_heads:
         raise ValueError("hidden sizes must divide by the head counts, and heads by kv_heads")
-    end_of_text, end_of_turn = _token_id(tokenizer, "<|endoftext|>"), _token_id(tokenizer, "<|im_end|>")
+    end_of_text, end_of_turn = special_token_id(tokenizer, "<|endoftext|>"), special_token_id(tokenizer, "<|im_end|>")
     fullatt = sorted({i for i in range(vision_depth) if i % 4 == 3} | {vision_depth - 1})
     config = Qwen2_5_VLConfig(
         text_config={
@@ -199,10 +194,10 @@ def build_tiny_model(
             "fullatt_block_indexes": fullatt,
             "tokens_per_second": 2,
         },
-        image_token_id=_token_id(tokenizer, "<|image_pad|>"),
-        video_token_id=_token_id(tokenizer, "<|video_pad|>"),
-        vision_start_token_id=_token_id(tokenizer, "<|vision_start|>"),
-        vision_end_token_id=_token_id(tokenizer, "<|vision_end|>"),
+        image_token_id=special_token_id(tokenizer, "<|image_pad|>"),
+        video_token_id=special_token_id(tokenizer, "<|video_pad|>"),
+        vision_start_token_id=special_token_id(tokenizer, "<|vision_start|>"),
+        vision_end_token_id=special_token_id(tokenizer, "<|vision_end|>"),
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
