@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
 
 def seconds(value: float) -> str:
     """A duration with its natural unit: 27.9 µs, 3.46 ms, 5.02 s."""
@@ -68,15 +66,13 @@ def tables(results: dict[str, Any], patterns: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("patterns", nargs="*", help="regular expressions selecting groups (default: all)")
-    parser.add_argument(
-        "--results", help="a results file (default: the only one, or cpu-<N>cores.json of this machine)"
-    )
+    parser.add_argument("--results", help="a results file (default: this machine's, bench/results/<device_name>.json)")
     args = parser.parse_args(argv)
     if args.results:
         path = Path(args.results)
-    else:
-        sys.path.insert(0, str(RESULTS_DIR.parent))
-        from conftest import device_name
+    else:  # bench/conftest.py names this machine's file (imported only here: it loads torch and medgrpo)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from conftest import RESULTS_DIR, device_name
 
         path = RESULTS_DIR / f"{device_name()}.json"
     try:

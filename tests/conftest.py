@@ -3,7 +3,9 @@ Qwen2.5-VL the trainer, distributed and data tests share (built once per session
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +49,22 @@ def triton_device() -> str:
     if not triton_available():
         pytest.skip("triton is not installed")
     return "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture
+def head_chunks(request: pytest.FixtureRequest) -> Callable[[str], tuple[contextlib.AbstractContextManager, str]]:
+    """``head_chunks(backend)`` -> (context, device) that run the lm head's row kernels of ``backend``:
+    "torch" on CPU tensors; "triton" on CUDA, or on CPU tensors through the interpreter (skipped without triton)."""
+
+    def select(backend: str) -> tuple[contextlib.AbstractContextManager, str]:
+        if backend != "triton":
+            return contextlib.nullcontext(), "cpu"
+        from medgrpo.ops.linear_logprob import triton_chunks_on_cpu
+
+        device = request.getfixturevalue("triton_device")
+        return (triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()), device
+
+    return select
 
 
 @pytest.fixture

@@ -360,12 +360,17 @@ def compile_all(specialized: list[Specialized], target: GPUTarget, jobs: int) ->
 
 # ------------------------------------------------------------------------------ report
 def failures(specialized: list[Specialized], max_spill_bytes: int) -> list[tuple[Specialized, str]]:
+    """The launches that fail the gate (compile error or spill), with why; each result records its ``failure``."""
     bad = []
     for s in specialized:
+        why = None
         if not s.result["ok"]:
-            bad.append((s, s.result["error"].splitlines()[-1]))
+            why = s.result["error"].splitlines()[-1]
         elif (s.result["spill_bytes"] or 0) > max_spill_bytes:
-            bad.append((s, f"spills {s.result['spill_bytes']} bytes > {max_spill_bytes}"))
+            why = f"spills {s.result['spill_bytes']} bytes > {max_spill_bytes}"
+        s.result["failure"] = why
+        if why:
+            bad.append((s, why))
     return bad
 
 

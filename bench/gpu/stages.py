@@ -9,7 +9,7 @@ it imports can break before the first stage has recorded). Every stage is a chil
                       background while the stages up to the first that needs it run; those run
                       with MEDGRPO_DISABLE_EXTENSION=1, so none imports a half-written medgrpo._C);
                       else `setup.py build_ext --inplace`; else MEDGRPO_SKIP_EXTENSION=1: "fallback"
-    aot               bench/gpu/aot_compile.py, the ahead-of-time Triton compile gate ("missing" if absent)
+    aot               bench/gpu/aot_compile.py, the ahead-of-time Triton compile gate
     ceilings          copy bandwidth and bf16 GEMM rate (ceilings.py)
     bench_advantages  group advantages vs eager and the launch-latency floor (bench_loss_ops.py)
     bench_policy_loss policy loss vs eager and the copy-bandwidth floor (bench_loss_ops.py)
@@ -304,8 +304,6 @@ def run_text(argv: list[str]) -> str:
 
 def stage_aot(run: Run, timeout: float) -> dict:
     script = GPU_DIR / "aot_compile.py"
-    if not script.exists():
-        return {"status": "missing", "error": "bench/gpu/aot_compile.py is not in this tree"}
     arch = str(run.stage_result("env").get("gpu", {}).get("arch") or 90)
     jobs = max(1, run.cores - 4) if run.running("build") else run.cores
     out_json = run.out / "aot.json"
@@ -318,16 +316,13 @@ def stage_aot(run: Run, timeout: float) -> dict:
 
 
 def summarize_aot(data: Any) -> dict:
-    """Counts from the AOT gate's JSON, whatever its layout: the first list of per-launch records found."""
+    """aot.json in short: the gate's summary, and its launches that failed (a compile error or a spill)."""
     if data is None:
         return {"launches": None}
-    records = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
-    records = [r for r in records if isinstance(r, dict)]
-    failed = [r for r in records if r.get("error") or r.get("status") not in (None, "ok", "compiled")]
-    summary = {"launches": len(records), "failed": len(failed), "failures": failed[:10]}
-    if isinstance(data, dict):
-        summary["summary"] = {k: v for k, v in data.items() if not isinstance(v, (list, dict))}
-    return summary
+    records = data["launches"]
+    failed = [r for r in records if r.get("failure")]
+    summary = {k: v for k, v in data.items() if k != "launches"}
+    return {"launches": len(records), "failed": len(failed), "failures": failed[:10], "summary": summary}
 
 
 def stage_ceilings(run: Run, timeout: float) -> dict:

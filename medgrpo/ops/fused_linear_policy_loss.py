@@ -149,14 +149,17 @@ def _two_pass(
     grads,
     with_entropy,
 ):
-    """Sequence-level IS: all log-probs first, the (B, T) policy gradient, then the head's gradient."""
+    """Sequence-level IS: all log-probs first, the (B, T) policy loss and gradient, then the head's gradient.
+
+    Returns (loss, metrics, entropy): its one policy-loss forward gives the row weights and the op's loss.
+    """
     kernels = chunk_kernels_for(hidden)
     packed_hidden, packed_targets = tokens.take(hidden), tokens.take(targets)
     logp, lse, entropy = head_forward(
         packed_hidden, weight, packed_targets, bias, temperature, chunk_rows, kernels, with_entropy
     )
     full_logp = tokens.scatter(logp, tuple(mask.shape))
-    _, _, row_weight = torch.ops.medgrpo.policy_loss_forward(
+    loss, metrics, row_weight = torch.ops.medgrpo.policy_loss_forward(
         full_logp, advantages, mask, old_logp, ref_logp, num_items, hparams, modes
     )
     grad_full = torch.ops.medgrpo.policy_loss_backward(
@@ -184,7 +187,7 @@ def _two_pass(
         kernels,
         grads,
     )
-    return logp, entropy
+    return loss, metrics, entropy
 
 
 def _fused_impl(
@@ -223,11 +226,11 @@ def _fused_impl(
             dtype=accumulation_dtype(hidden.dtype),
         )
         logp, entropy = _single_pass(*common, row_weight, hparams, modes, grads, with_entropy)
+        loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(
+            tokens.scatter(logp, tuple(mask.shape)), advantages, mask, old_logp, ref_logp, num_items, hparams, modes
+        )
     else:
-        logp, entropy = _two_pass(*common, num_items, hparams, modes, grads, with_entropy)
-    loss, metrics, _ = torch.ops.medgrpo.policy_loss_forward(
-        tokens.scatter(logp, tuple(mask.shape)), advantages, mask, old_logp, ref_logp, num_items, hparams, modes
-    )
+        loss, metrics, entropy = _two_pass(*common, num_items, hparams, modes, grads, with_entropy)
     mean_entropy = loss.new_zeros(1)
     if with_entropy:
         token_weight = tokens.take(mask).to(entropy.dtype)

@@ -281,7 +281,12 @@ def loss_row_weights(
         return (1.0 / weight.sum().clamp(min=1.0)).expand(batch)
     if loss_type == "dr_grpo":
         return torch.full((batch,), 1.0 / (batch * max_completion_length), dtype=acc, device=mask.device)
-    normalizer = weight.sum() if num_items is None else torch.as_tensor(num_items, dtype=acc, device=mask.device)
+    if num_items is None:
+        normalizer = weight.sum()
+    elif isinstance(num_items, Tensor):
+        normalizer = num_items.to(device=mask.device, dtype=acc)
+    else:  # filled on the device: torch.as_tensor of a number copies it from the host, a sync on CUDA
+        normalizer = torch.full((), num_items, dtype=acc, device=mask.device)
     return (1.0 / normalizer.clamp(min=1.0)).expand(batch)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 
@@ -12,7 +11,6 @@ import torch
 import medgrpo
 from medgrpo.nn import FusedLinearGRPOLoss
 from medgrpo.ops import reference
-from medgrpo.ops.linear_logprob import triton_chunks_on_cpu
 from medgrpo.testing.memory import PeakMemory
 from medgrpo.testing.tolerance import assert_within_reference_error
 
@@ -91,11 +89,8 @@ def test_matches_reference_in_fp64(loss_type, importance_sampling, beta, dual_cl
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
-def test_tolerance_rule_in_low_precision(backend, dtype, importance_sampling, request):
-    context, device = contextlib.nullcontext(), "cpu"
-    if backend == "triton":
-        device = request.getfixturevalue("triton_device")
-        context = triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()
+def test_tolerance_rule_in_low_precision(backend, dtype, importance_sampling, head_chunks):
+    context, device = head_chunks(backend)
     batch = make_batch(batch=4, length=11, hidden=24, vocab=300, seed=2)
     options = dict(loss_type="dapo", epsilon_high=0.3, beta=0.04, importance_sampling=importance_sampling)
     rounded = {k: (v.to(dtype).double() if v.is_floating_point() else v) for k, v in batch.items()}
@@ -243,11 +238,8 @@ def float_batch(**kwargs) -> dict:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("importance_sampling", ["token", "sequence"])
-def test_entropy_only_when_asked(backend, importance_sampling, request):
-    context, device = contextlib.nullcontext(), "cpu"
-    if backend == "triton":
-        device = request.getfixturevalue("triton_device")
-        context = triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()
+def test_entropy_only_when_asked(backend, importance_sampling, head_chunks):
+    context, device = head_chunks(backend)
     batch = {k: v.to(device) for k, v in float_batch(seed=10).items()}
     args = [batch[k] for k in ("hidden", "weight", "targets", "mask", "advantages")]
     options = dict(old_logp=batch["old_logp"], importance_sampling=importance_sampling)

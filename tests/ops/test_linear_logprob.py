@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 import medgrpo
 from medgrpo.ops import reference
-from medgrpo.ops.linear_logprob import GEMM_ROWS, MIN_CHUNK_ROWS, default_chunk_rows, triton_chunks_on_cpu
+from medgrpo.ops.linear_logprob import GEMM_ROWS, MIN_CHUNK_ROWS, default_chunk_rows
 from medgrpo.testing.tolerance import assert_within_reference_error
 
 # (M, H, V); V=4099 spans two vocab tiles; 97 rows of V=1025 take seconds per case under the Triton interpreter
@@ -51,14 +49,6 @@ def run_head(fn, inputs: dict, dtype: torch.dtype, temperature: float, device: s
     return [logp.detach().cpu(), entropy.detach().cpu(), *grads]
 
 
-def chunk_backend(backend: str, request) -> tuple[contextlib.AbstractContextManager, str]:
-    """(context, device) that run the head's row kernels of ``backend``: Triton on CUDA, or interpreted on CPU."""
-    if backend == "triton":
-        device = request.getfixturevalue("triton_device")
-        return (triton_chunks_on_cpu() if device == "cpu" else contextlib.nullcontext()), device
-    return contextlib.nullcontext(), "cpu"
-
-
 def medgrpo_head(chunk_rows: int):
     return lambda *args, **kwargs: medgrpo.linear_logprob(*args, chunk_rows=chunk_rows, **kwargs)
 
@@ -70,12 +60,12 @@ NAMES = ["logp", "entropy", "grad_hidden", "grad_weight", "grad_bias"]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_matches_full_logits_reference(backend, dtype, shape, temperature, request):
+def test_matches_full_logits_reference(backend, dtype, shape, temperature, head_chunks):
     inputs = make_head(*shape, seed=sum(shape))
     rounded = {k: (v.to(dtype).double() if v is not None and v.is_floating_point() else v) for k, v in inputs.items()}
     exact = run_head(reference.linear_logprob, rounded, torch.float64, temperature)
     same = run_head(reference.linear_logprob, inputs, dtype, temperature)
-    context, device = chunk_backend(backend, request)
+    context, device = head_chunks(backend)
     with context:
         actual = run_head(medgrpo_head(chunk_rows=3), inputs, dtype, temperature, device)
     for i, name in enumerate(NAMES):
@@ -84,11 +74,11 @@ def test_matches_full_logits_reference(backend, dtype, shape, temperature, reque
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_extreme_logits(backend, request):
+def test_extreme_logits(backend, head_chunks):
     inputs = make_head(6, 8, 300, seed=1, logit_scale=3e3)  # logits of order +-1e4 after scaling
     exact = run_head(reference.linear_logprob, inputs, torch.float64, 0.5)
     same = run_head(reference.linear_logprob, inputs, torch.float32, 0.5)
-    context, device = chunk_backend(backend, request)
+    context, device = head_chunks(backend)
     with context:
         actual = run_head(medgrpo_head(chunk_rows=4), inputs, torch.float32, 0.5, device)
     assert all(torch.isfinite(t).all() for t in actual if t is not None)
