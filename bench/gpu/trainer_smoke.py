@@ -3,7 +3,8 @@
 ``python bench/gpu/trainer_smoke.py --json PATH [--work DIR]``. Runs on CUDA when a GPU is
 visible (the CPU in the dry run). Each phase is asserted, timed and recorded:
 
-    data         the demo's synthetic dataset (8 videos), a BPE tokenizer trained on it, a random tiny model
+    data         the demo's synthetic dataset (8 videos) without its caption records (their similarity reward
+                 needs MiniLM weights, absent on the device), a BPE tokenizer trained on it, a random tiny model
     sft          2 SFT steps: metrics per step, a checkpoint at step 2, a Hugging Face export
     sft_resume   the same run to step 3 with resume: it starts from the step-2 checkpoint and runs 1 step
     grpo         2 MedGRPO steps from the SFT export: rollout, rewards, group advantages, the fused head + loss
@@ -125,7 +126,21 @@ def prepare(work: Path) -> dict[str, Any]:
     from medgrpo.demo.pipeline import prepare as prepare_demo
 
     dataset, model_dir = prepare_demo(DemoSettings(out_dir=str(work), num_videos=8, seed=1))
-    return {"model_dir": model_dir, "train_file": Path(dataset.train)}
+    return {"model_dir": model_dir, "train_file": without_captions(Path(dataset.train))}
+
+
+def without_captions(train_file: Path) -> Path:
+    """The train records minus the caption tasks', beside ``train_file``: their similarity reward needs the
+    MiniLM weights, which do not travel to the device (stage 2); every other reward runs as in training."""
+    from medgrpo.data.task_key import task_of
+    from medgrpo.rewards.task_rewards import CAPTION_TASKS
+
+    lines = [line for line in train_file.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if task_of(json.loads(line).get("qa_type")) not in CAPTION_TASKS]
+    check(0 < len(kept) < len(lines), f"{len(kept)} of {len(lines)} train records are not captions")
+    path = train_file.with_name("train_no_captions.jsonl")
+    path.write_text("\n".join(kept) + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
