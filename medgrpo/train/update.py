@@ -154,10 +154,10 @@ def completion_hidden(model: nn.Module, inputs: PolicyInputs, rows: slice) -> to
             model,
             input_ids=ids,
             attention_mask=inputs.attention_mask[rows],
+            position_ids=inputs.position_ids[:, rows],  # computed once per step; HF's own would sync per row
             pixel_values_videos=torch.cat(inputs.pixels[rows]),
             video_grid_thw=inputs.video_grid_thw[rows],
             second_per_grid_ts=inputs.second_per_grid_ts[rows],
-            mm_token_type_ids=qwen.mm_token_type_ids(model, ids),
         )
     else:
         embeds = qwen.build_inputs_embeds(model, ids, inputs.video_embeds[rows])
