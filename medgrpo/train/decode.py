@@ -121,8 +121,8 @@ def decode_step(model: nn.Module, cache: StaticKVCache, state: DecodeState, sett
     rows = state.tokens.shape[0]
     step = state.step
     token = state.tokens.index_select(1, step.reshape(1))
-    positions = (state.position + step).reshape(1, rows, 1).expand(3, rows, 1)
     embeds = model.get_input_embeddings()(token)
+    positions = qwen.text_positions(state.position + step, 1)
     hidden = qwen.hidden_states(model, embeds, positions, layout_mask(DecodeLayout(cache, step)))
     logits = qwen.logits(model, hidden[:, -1])
     following = (step + 1).reshape(1)
