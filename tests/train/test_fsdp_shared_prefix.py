@@ -35,14 +35,12 @@ def group_rollout(rollout: Rollout, index: int) -> Rollout:
 
 def update(model, inputs, advantages, noise) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Old-policy log-probs, then one DAPO update against them (perturbed); log-probs and full gradients."""
+    from medgrpo.train.compat import full_tensor
     from medgrpo.train.update import backward_policy_loss, sequence_logprobs
 
     logp = sequence_logprobs(model, inputs, temperature=1.0, micro_batch_size=GROUP)
     backward_policy_loss(model, inputs, advantages, LossOptions(micro_batch_size=GROUP), old_logp=logp + noise)
-    grads = {}
-    for name, param in model.named_parameters():
-        if param.grad is not None:
-            grads[name] = param.grad.full_tensor() if hasattr(param.grad, "full_tensor") else param.grad
+    grads = {name: full_tensor(param.grad) for name, param in model.named_parameters() if param.grad is not None}
     return logp, grads
 
 
