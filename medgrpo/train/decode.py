@@ -216,8 +216,6 @@ class StaticRun:
 
     def prefill_layout(self, attention_mask: torch.Tensor) -> PrefillLayout:
         """The layout that prefills the prompts into the cache (pass ``layout_mask`` of it to the decoder)."""
-        valid = self.shape.cache.prompt_valid
-        valid[attention_mask.shape[0] :] = True  # a bucket's padding prompts: finite, unread attention
         return PrefillLayout(self.shape.cache, attention_mask)
 
     def _call_step(self) -> None:

@@ -113,7 +113,8 @@ class PrefillLayout:
     """Causal attention over left-padded prompts that stores each layer's keys and values in the cache.
 
     The prompts' ``L`` positions go to the last ``L`` of the cache's ``P`` (right-aligned), and
-    ``prompt_valid`` gets their padding mask; the first ``P - L`` stay padding.
+    ``prompt_valid`` gets their padding mask; the first ``P - L`` stay padding. A bucket's prompts
+    beyond the batch's are all valid: their rows' attention stays finite (and is never read).
     """
 
     def __init__(self, cache: StaticKVCache, attention_mask: torch.Tensor):
@@ -126,6 +127,7 @@ class PrefillLayout:
         self.mask = prefill_mask(attention_mask)
         cache.prompt_valid[:prompts].zero_()
         cache.prompt_valid[:prompts, -length:] = attention_mask.bool()
+        cache.prompt_valid[prompts:] = True
 
     def attend(
         self, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float
