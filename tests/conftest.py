@@ -104,3 +104,38 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_run")
     dataset, model_dir = prepare(DemoSettings(out_dir=str(root), num_videos=8, seed=1))
     return root, dataset, model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run_config(tiny_run) -> Callable[..., dict]:
+    """``make(out, **changes)``: the config, as plain data (what a YAML file holds), of a short GRPO run on the CPU
+    over ``tiny_run``'s records and model, writing to ``out``: 2 steps, saved at the last only, one prompt of 4
+    completions of up to 8 tokens per step, 56×56 frames decoded in this process. ``changes`` set fields by
+    dotted name (``make(out, steps=4, **{"grpo.rollout.group_size": 1})``); a section's name sets all of it."""
+    _, dataset, model_dir = tiny_run
+
+    def make(out: Path, **changes) -> dict:
+        config = {
+            "mode": "grpo",
+            "output_dir": str(out),
+            "steps": 2,
+            "save_every": 0,
+            "device": "cpu",
+            "model": {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "freeze_vision": True},
+            "data": {
+                "train_file": str(dataset.train),
+                "num_workers": 0,
+                "decode": {"min_pixels": 3136, "max_pixels": 3136},
+            },
+            "grpo": {"prompts_per_step": 1, "micro_batch_size": 4, "rollout": {"group_size": 4, "max_new_tokens": 8}},
+            "optim": {"lr": 1e-3},
+        }
+        for dotted, value in changes.items():
+            *sections, name = dotted.split(".")
+            target = config
+            for section in sections:
+                target = target.setdefault(section, {})
+            target[name] = value
+        return config
+
+    return make

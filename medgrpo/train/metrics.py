@@ -38,6 +38,19 @@ def as_number(value: Any) -> Any:
     return value
 
 
+def as_numbers(metrics: dict[str, Any]) -> dict[str, Any]:
+    """:func:`as_number` of every value, the tensors read in one transfer per device (not one sync each)."""
+    names_on: dict[torch.device, list[str]] = {}
+    for name, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            names_on.setdefault(value.device, []).append(name)
+    values = dict(metrics)
+    for names in names_on.values():
+        read = torch.stack([metrics[name].detach().float().reshape(()) for name in names]).tolist()
+        values.update(zip(names, read))
+    return {name: as_number(value) for name, value in values.items()}
+
+
 class MetricsLog:
     """Per-step JSONL metrics, TensorBoard scalars when available, and a progress line with ETA.
 
@@ -64,7 +77,7 @@ class MetricsLog:
                 logger.info("tensorboard is not installed: metrics go to %s only", self.path)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        row = {"step": step, **{k: as_number(v) for k, v in metrics.items()}}
+        row = {"step": step, **as_numbers(metrics)}
         if not self.enabled:
             return row
         with open(self.path, "a") as handle:
@@ -177,7 +190,8 @@ def reward_means(rows: tuple[list[str], torch.Tensor, torch.Tensor]) -> dict[str
     """``reward_raw/<key>`` and ``reward_norm/<key>`` means of a step's rewards (keys without a finite
     reward left out); read on the host, so only on logged steps."""
     keys, raw, normalized = rows
-    columns = {"reward_raw": per_key_means(keys, raw.tolist()), "reward_norm": per_key_means(keys, normalized.tolist())}
+    raw, normalized = torch.stack([raw.float(), normalized.float()]).tolist()  # one read of both
+    columns = {"reward_raw": per_key_means(keys, raw), "reward_norm": per_key_means(keys, normalized)}
     means = {}
     for key in columns["reward_raw"]:
         for name, column in columns.items():
@@ -199,6 +213,7 @@ __all__ = [
     "MetricsLog",
     "StepResult",
     "as_number",
+    "as_numbers",
     "mean_finite",
     "peak_memory",
     "per_key_means",

@@ -79,26 +79,27 @@ def sft_backward(
     """Backward of the answer-token NLL of ``batch`` (on its device, with labels); returns ``(loss, tokens)``."""
     if batch.labels is None:
         raise ValueError("SFT needs labels: collate with VideoCollator(with_answers=True)")
-    targets_all = batch.labels[:, 1:]
-    num_items = global_token_count(targets_all != IGNORE_INDEX)
+    targets = batch.labels[:, 1:]
+    selected = targets != IGNORE_INDEX
+    num_items = global_token_count(selected)
     loss_sum = torch.zeros((), device=batch.input_ids.device)
-    tokens = torch.zeros((), device=batch.input_ids.device)
     positions = None
     if not is_sharded(model):  # one host round trip for the whole batch, not one per micro-batch
         positions, _ = qwen.rope_positions(
             model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
         )
-    for rows in micro_batches(len(batch), micro_batch_size):
+    slices = micro_batches(len(batch), micro_batch_size)
+    # Each micro-batch's answer positions (a host sync each), read before any forward is queued, so
+    # that no read waits for a forward or backward to finish (boolean indexing in the loop did, twice).
+    answers = [selected[rows].nonzero(as_tuple=True) for rows in slices]
+    for rows, where in zip(slices, answers):
         hidden = batch_hidden(model, batch, rows, train_vision=train_vision, positions=positions)[:, :-1]
         weight = qwen.lm_head_weight(model)  # after the forward: gathered under FSDP2
-        targets = targets_all[rows]
-        selected = targets != IGNORE_INDEX
-        logp, _ = linear_logprob(hidden[selected], weight, targets[selected])
+        logp, _ = linear_logprob(hidden[where], weight, targets[rows][where])
         loss = -logp.sum() / num_items
         loss.backward()
         loss_sum += loss.detach()
-        tokens += selected.sum()
-    return loss_sum, tokens
+    return loss_sum, selected.sum()
 
 
 def sft_step(

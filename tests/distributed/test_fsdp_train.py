@@ -14,38 +14,23 @@ from medgrpo.testing.corrupt import write_undecodable_frames
 from medgrpo.testing.distributed import torchrun
 
 
-def write_config(path, out, dataset, model_dir, mode: str) -> None:
-    config = {
-        "mode": mode,
-        "output_dir": str(out),
-        "steps": 3,
-        "save_every": 2,
-        "device": "cpu",
-        "model": {
-            "path": str(model_dir),
-            "dtype": "float32",
-            "attention": "sdpa",
-            "activation_checkpointing": True,
-            "freeze_vision": True,
-        },
-        "data": {
-            "train_file": str(dataset.train),
-            "num_workers": 0,
-            "decode": {"min_pixels": 3136, "max_pixels": 3136},
-        },
-        "sft": {"batch_size": 2, "micro_batch_size": 2},
-        "grpo": {"prompts_per_step": 1, "micro_batch_size": 2, "rollout": {"group_size": 4, "max_new_tokens": 8}},
-        "optim": {"lr": 1e-3},
+def write_config(tiny_run_config, path: Path, out: Path, mode: str) -> None:
+    """The tiny run's config (``tiny_run_config``) for two ranks: 3 steps, saved at step 2, 2 sequences per pass."""
+    changes = {
+        "model.activation_checkpointing": True,
+        "sft.batch_size": 2,
+        "sft.micro_batch_size": 2,
+        "grpo.micro_batch_size": 2,
     }
+    config = tiny_run_config(out, mode=mode, steps=3, save_every=2, **changes)
     path.write_text(yaml.safe_dump(config))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "grpo"])
-def test_two_rank_fsdp_run(tiny_run, tmp_path, mode):
-    _, dataset, model_dir = tiny_run
+def test_two_rank_fsdp_run(tiny_run_config, tmp_path, mode):
     out = tmp_path / "run"
-    write_config(tmp_path / "config.yaml", out, dataset, model_dir, mode)
+    write_config(tiny_run_config, tmp_path / "config.yaml", out, mode)
     result = torchrun(["-m", "medgrpo", "train", "--config", str(tmp_path / "config.yaml")])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -65,14 +50,14 @@ def corrupt_records(dataset, count: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_ranks_refill_their_batches_from_good_records(tiny_run, tmp_path):
+def test_two_ranks_refill_their_batches_from_good_records(tiny_run, tiny_run_config, tmp_path):
     """Ranks skip different records while drawing, refill their batches, and step together; each rank's data
     position and skips are checkpointed."""
-    _, dataset, model_dir = tiny_run
+    _, dataset, _ = tiny_run
     mixed = Path(dataset.train).parent / "train_two_ranks_mixed.jsonl"
     mixed.write_text("\n".join(Path(dataset.train).read_text().splitlines() + corrupt_records(dataset, 6)) + "\n")
     out = tmp_path / "run"
-    write_config(tmp_path / "config.yaml", out, dataset, model_dir, "grpo")
+    write_config(tiny_run_config, tmp_path / "config.yaml", out, "grpo")
     result = torchrun(
         ["-m", "medgrpo", "train", "--config", str(tmp_path / "config.yaml"), f"data.train_file={mixed}", "steps=4"]
     )
@@ -86,13 +71,13 @@ def test_two_ranks_refill_their_batches_from_good_records(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_without_a_usable_record_stop_together(tiny_run, tmp_path):
+def test_two_ranks_without_a_usable_record_stop_together(tiny_run, tiny_run_config, tmp_path):
     """Every record passes the screen but none decodes: both ranks stop at the first step, with one line."""
-    _, dataset, model_dir = tiny_run
+    _, dataset, _ = tiny_run
     broken = Path(dataset.train).parent / "train_two_ranks_broken.jsonl"
     broken.write_text("\n".join(corrupt_records(dataset, 3)) + "\n")
     out = tmp_path / "run"
-    write_config(tmp_path / "config.yaml", out, dataset, model_dir, "grpo")
+    write_config(tiny_run_config, tmp_path / "config.yaml", out, "grpo")
     result = torchrun(
         ["-m", "medgrpo", "train", "--config", str(tmp_path / "config.yaml"), f"data.train_file={broken}"]
     )

@@ -15,20 +15,19 @@ from medgrpo.train.loop import train
 from medgrpo.train.optim import optimizer_step
 from medgrpo.train.sampler import BalancedSampler
 
-SIDE = 56
 
-
-def config(tiny_run, out: Path, mode: str, steps: int, **overrides) -> TrainConfig:
-    _, dataset, model_dir = tiny_run
-    model = {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "activation_checkpointing": False}
-    decode = {"min_pixels": SIDE * SIDE, "max_pixels": SIDE * SIDE}
-    data = {"train_file": str(overrides.pop("train_file", dataset.train)), "num_workers": 0, "decode": decode}
-    grpo = {"prompts_per_step": 2, "micro_batch_size": 4, "rollout": {"group_size": 4, "max_new_tokens": 12}}
-    raw = {"mode": mode, "output_dir": str(out), "seed": 3, "steps": steps, "save_every": 0, "device": "cpu"}
-    sections = {"optim": {"lr": 1e-3}, "sft": {"batch_size": 4, "micro_batch_size": 4}, "grpo": grpo}
-    return config_from_dict(
-        {**raw, "model": {**model, "freeze_vision": mode == "grpo"}, "data": data, **sections, **overrides}
-    )
+def config(tiny_run_config, out: Path, mode: str, steps: int, **overrides) -> TrainConfig:
+    changes = {
+        "model.activation_checkpointing": False,
+        "model.freeze_vision": mode == "grpo",
+        "grpo.prompts_per_step": 2,
+        "grpo.rollout.max_new_tokens": 12,
+        "sft.batch_size": 4,
+        "sft.micro_batch_size": 4,
+    }
+    if "train_file" in overrides:
+        changes["data.train_file"] = str(overrides.pop("train_file"))
+    return config_from_dict(tiny_run_config(out, mode=mode, seed=3, steps=steps, **changes, **overrides))
 
 
 def metrics(out: Path) -> list[dict]:
@@ -36,12 +35,12 @@ def metrics(out: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_sft_then_grpo_run_and_export(tiny_run, tmp_path):
-    sft = train(config(tiny_run, tmp_path / "sft", "sft", 3))
+def test_sft_then_grpo_run_and_export(tiny_run_config, tmp_path):
+    sft = train(config(tiny_run_config, tmp_path / "sft", "sft", 3))
     rows = metrics(tmp_path / "sft")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     assert (sft.export_dir / "model.safetensors").exists()  # the tiny model fits one safetensors file
-    grpo_config = config(tiny_run, tmp_path / "grpo", "grpo", 2)
+    grpo_config = config(tiny_run_config, tmp_path / "grpo", "grpo", 2)
     grpo_config.model.path = str(sft.export_dir)
     train(grpo_config)
     rows = metrics(tmp_path / "grpo")
@@ -65,13 +64,13 @@ def test_sft_then_grpo_run_and_export(tiny_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "grpo"])
-def test_resume_continues_exactly(tiny_run, tmp_path, mode):
+def test_resume_continues_exactly(tiny_run_config, tmp_path, mode):
     straight = tmp_path / "straight"
-    train(config(tiny_run, straight, mode, 4, save_every=2))
+    train(config(tiny_run_config, straight, mode, 4, save_every=2))
     resumed = tmp_path / "resumed"
-    train(config(tiny_run, resumed, mode, 2, save_every=2))
+    train(config(tiny_run_config, resumed, mode, 2, save_every=2))
     shutil.rmtree(resumed / "checkpoints" / "step_000002.tmp", ignore_errors=True)
-    train(config(tiny_run, resumed, mode, 4, save_every=2, resume=True))
+    train(config(tiny_run_config, resumed, mode, 4, save_every=2, resume=True))
     keys = ("loss", "grad_norm", "reward_raw", "entropy")
     expected = [{k: r.get(k) for k in keys} for r in metrics(straight)[2:]]
     got = [{k: r.get(k) for k in keys} for r in metrics(resumed)[2:]]
@@ -94,14 +93,14 @@ def test_nonfinite_step_is_skipped_and_weights_untouched():
 
 
 @pytest.mark.slow
-def test_bad_records_are_skipped_and_counted(tiny_run, tmp_path):
+def test_bad_records_are_skipped_and_counted(tiny_run, tiny_run_config, tmp_path):
     _, dataset, _ = tiny_run
     lines = Path(dataset.train).read_text().splitlines()
     broken = json.loads(lines[0])
     broken["video"] = ["frames/missing/000000.jpg", "frames/missing/000001.jpg"]
     bad_file = Path(dataset.train).parent / "train_with_bad.jsonl"
     bad_file.write_text("\n".join(lines + [json.dumps(broken), "{not json"] * 3) + "\n")
-    summary = train(config(tiny_run, tmp_path / "bad", "sft", 6, train_file=bad_file))
+    summary = train(config(tiny_run_config, tmp_path / "bad", "sft", 6, train_file=bad_file))
     assert summary.steps == 6
     assert summary.skipped_records.get("unreadable_video", 0) + summary.skipped_records.get("bad_record", 0) > 0
     assert metrics(tmp_path / "bad")[-1]["skipped_records"] == sum(summary.skipped_records.values())
@@ -125,7 +124,7 @@ def test_balanced_sampler_is_balanced_and_resumable():
 
 
 @pytest.mark.slow
-def test_judge_down_and_unparseable_answers_are_counted_not_fatal(tiny_run, tmp_path):
+def test_judge_down_and_unparseable_answers_are_counted_not_fatal(tiny_run, tiny_run_config, tmp_path):
     """Caption records with the judge unreachable: NaN rewards, counted; training and eval go on."""
     _, dataset, _ = tiny_run
     lines = Path(dataset.train).read_text().splitlines()
@@ -136,7 +135,9 @@ def test_judge_down_and_unparseable_answers_are_counted_not_fatal(tiny_run, tmp_
     mixed = Path(dataset.train).parent / "train_with_captions.jsonl"
     mixed.write_text("\n".join(lines[:3] + [json.dumps(caption)] * 3) + "\n")
     judge = {"base_url": "http://127.0.0.1:9/v1", "model": "judge"}  # discard port: nothing listens
-    run = config(tiny_run, tmp_path / "judge_down", "grpo", 2, train_file=mixed, eval_every=2, rewards={"judge": judge})
+    run = config(
+        tiny_run_config, tmp_path / "judge_down", "grpo", 2, train_file=mixed, eval_every=2, rewards={"judge": judge}
+    )
     run.data.eval_file = str(mixed)
     summary = train(run)
     rows = metrics(tmp_path / "judge_down")
@@ -150,10 +151,10 @@ def test_judge_down_and_unparseable_answers_are_counted_not_fatal(tiny_run, tmp_
 
 
 @pytest.mark.slow
-def test_dali_backend_trains(tiny_run, tmp_path):
+def test_dali_backend_trains(tiny_run_config, tmp_path):
     """`data.loader: dali` runs the same loop with DALI decoding (its CPU operators here)."""
     pytest.importorskip("nvidia.dali")
-    run = config(tiny_run, tmp_path / "dali", "sft", 2)
+    run = config(tiny_run_config, tmp_path / "dali", "sft", 2)
     run.data.loader = "dali"
     summary = train(run)
     rows = metrics(tmp_path / "dali")

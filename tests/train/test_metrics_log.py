@@ -56,31 +56,14 @@ def corrupt_record(dataset) -> dict:
     return {**first, "video": write_undecodable_frames(Path(dataset.train).parent, "frames/corrupt_for_resume")}
 
 
-def grpo_config(tiny_run, train_file: Path, out: Path, steps: int, **extra):
-    _, _, model_dir = tiny_run
-    return config_from_dict(
-        {
-            "mode": "grpo",
-            "output_dir": str(out),
-            "seed": 4,
-            "steps": steps,
-            "save_every": 2,
-            "device": "cpu",
-            "model": {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "freeze_vision": True},
-            "data": {
-                "train_file": str(train_file),
-                "num_workers": 0,
-                "decode": {"min_pixels": 3136, "max_pixels": 3136},
-            },
-            "grpo": {"prompts_per_step": 2, "micro_batch_size": 8, "rollout": {"group_size": 4, "max_new_tokens": 8}},
-            "optim": {"lr": 1e-3},
-            **extra,
-        }
-    )
+def grpo_config(tiny_run_config, train_file: Path, out: Path, steps: int, **extra):
+    sizes = {"grpo.prompts_per_step": 2, "grpo.micro_batch_size": 8}
+    changes = {"seed": 4, "steps": steps, "save_every": 2, "data.train_file": str(train_file), **sizes, **extra}
+    return config_from_dict(tiny_run_config(out, **changes))
 
 
 @pytest.mark.slow
-def test_reports_after_a_resume_are_those_of_an_uninterrupted_run(tiny_run, tmp_path, monkeypatch):
+def test_reports_after_a_resume_are_those_of_an_uninterrupted_run(tiny_run, tiny_run_config, tmp_path, monkeypatch):
     _, dataset, _ = tiny_run
     train_file = Path(dataset.train).parent / "train_resume_reports.jsonl"  # paths are relative to its folder
     bad = ["{not json", json.dumps(corrupt_record(dataset))]
@@ -94,11 +77,11 @@ def test_reports_after_a_resume_are_those_of_an_uninterrupted_run(tiny_run, tmp_
     monkeypatch.setattr(loop, "plot_reward_curves", capture)
 
     straight = tmp_path / "straight"
-    train(grpo_config(tiny_run, train_file, straight, 5))
+    train(grpo_config(tiny_run_config, train_file, straight, 5))
     resumed = tmp_path / "resumed"
-    train(grpo_config(tiny_run, train_file, resumed, 3))  # checkpoints at steps 2 and 3, rows 1-3
+    train(grpo_config(tiny_run_config, train_file, resumed, 3))  # checkpoints at steps 2 and 3, rows 1-3
     shutil.rmtree(resumed / "checkpoints" / "step_000003")  # as if killed after step 3's row, before its save
-    summary = train(grpo_config(tiny_run, train_file, resumed, 5, resume=True))
+    summary = train(grpo_config(tiny_run_config, train_file, resumed, 5, resume=True))
 
     keys = ("step", "loss", "grad_norm", "reward_raw", "skipped_steps", "skipped_records")
     expected = [{k: r.get(k) for k in keys} for r in read_metrics(straight / "metrics.jsonl")]

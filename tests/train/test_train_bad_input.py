@@ -37,36 +37,15 @@ def no_model_load(monkeypatch):
 
 
 @pytest.fixture
-def run_dir(tiny_run, tmp_path):
-    """``(write, out)``: ``write(**changes)`` writes a config of a GRPO run on the tiny model (changed by the
-    dotted ``changes``, e.g. ``{"grpo.rollout.group_size": 1}``) and returns its path; ``out``: its output_dir."""
-    _, dataset, model_dir = tiny_run
+def run_dir(tiny_run_config, tmp_path):
+    """``(write, out)``: ``write(**changes)`` writes the config of a GRPO run on the tiny model (``tiny_run_config``,
+    changed by the dotted ``changes``, e.g. ``{"grpo.rollout.group_size": 1}``) and returns its path; ``out``: its
+    output_dir."""
     out = tmp_path / "run"
 
     def write(**changes) -> Path:
-        config = {
-            "mode": "grpo",
-            "output_dir": str(out),
-            "steps": 2,
-            "save_every": 0,
-            "device": "cpu",
-            "model": {"path": str(model_dir), "dtype": "float32", "attention": "sdpa", "freeze_vision": True},
-            "data": {
-                "train_file": str(dataset.train),
-                "num_workers": 0,
-                "decode": {"min_pixels": 3136, "max_pixels": 3136},
-            },
-            "grpo": {"prompts_per_step": 1, "micro_batch_size": 4, "rollout": {"group_size": 4, "max_new_tokens": 8}},
-            "optim": {"lr": 1e-3},
-        }
-        for dotted, value in changes.items():
-            *sections, name = dotted.split(".")
-            target = config
-            for section in sections:
-                target = target.setdefault(section, {})
-            target[name] = value
         path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(tiny_run_config(out, **changes)))
         return path
 
     return write, out
