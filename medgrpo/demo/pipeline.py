@@ -28,6 +28,7 @@ import torch
 
 from medgrpo.demo.progress import PhaseClock, ProgressLine, announce
 from medgrpo.demo.synthetic import DECODE_SIDE, decode_options, demo_tokenizer_corpus, generate_dataset
+from medgrpo.ops.reference import ADVANTAGE_SCALES
 from medgrpo.train.config import TrainConfig, config_from_dict
 from medgrpo.train.metrics import read_metrics
 
@@ -302,7 +303,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     for option in dataclasses.fields(DemoSettings):
         name = f"--{option.name.replace('_', '-')}"
         kind = type(option.default)
-        choices = ("group", "batch", "none") if option.name == "scale" else None
+        choices = ADVANTAGE_SCALES if option.name == "scale" else None
         parser.add_argument(name, type=kind, default=option.default, choices=choices, help=option.metadata["help"])
     return parser
 
