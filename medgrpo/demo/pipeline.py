@@ -32,7 +32,6 @@ from medgrpo.ops.reference import ADVANTAGE_SCALES
 from medgrpo.train.config import TrainConfig, config_from_dict
 from medgrpo.train.metrics import read_metrics
 
-ARMS = ("sft", "grpo", "medgrpo")
 RL_ARMS = ("grpo", "medgrpo")
 # One torch thread, measured (load average 4-9 from other work on this 2-core machine; wall / CPU seconds,
 # threads 1 vs 2): a 16x64 @ 64x128 linear 0.016 / 0.008 ms vs 1.4 / 0.56 ms; 20 SFT steps 5.1 / 2.6 s vs
@@ -330,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "ARMS",
     "DemoSettings",
     "SeedRun",
     "build_parser",
