@@ -28,10 +28,10 @@ import torch
 
 from medgrpo.demo.progress import PhaseClock, ProgressLine, announce
 from medgrpo.demo.synthetic import DECODE_SIDE, decode_options, demo_tokenizer_corpus, generate_dataset
+from medgrpo.ops.reference import ADVANTAGE_SCALES
 from medgrpo.train.config import TrainConfig, config_from_dict
 from medgrpo.train.metrics import read_metrics
 
-ARMS = ("sft", "grpo", "medgrpo")
 RL_ARMS = ("grpo", "medgrpo")
 # One torch thread, measured (load average 4-9 from other work on this 2-core machine; wall / CPU seconds,
 # threads 1 vs 2): a 16x64 @ 64x128 linear 0.016 / 0.008 ms vs 1.4 / 0.56 ms; 20 SFT steps 5.1 / 2.6 s vs
@@ -302,7 +302,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     for option in dataclasses.fields(DemoSettings):
         name = f"--{option.name.replace('_', '-')}"
         kind = type(option.default)
-        choices = ("group", "batch", "none") if option.name == "scale" else None
+        choices = ADVANTAGE_SCALES if option.name == "scale" else None
         parser.add_argument(name, type=kind, default=option.default, choices=choices, help=option.metadata["help"])
     return parser
 
@@ -329,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 __all__ = [
-    "ARMS",
     "DemoSettings",
     "SeedRun",
     "build_parser",

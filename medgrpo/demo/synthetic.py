@@ -522,12 +522,12 @@ def generate_dataset(
 
     Video ``i`` belongs to ``PROCEDURES[i % 2]`` (SynthCholec, SynthNurse); videos are split
     per data source by ``split_fractions`` (train, val, test). With the defaults: 40 videos
-    of 8 frames at 112x112, 1 fps, 95 train / 21 val / 13 test records, generated in well
+    of 8 frames at 112x112, 1 fps, 55 train / 20 val / 20 test records, generated in well
     under a second.
 
     Args:
         root: output directory (created; frames and records are written inside it).
-        num_videos: number of videos (each gives 3-4 records).
+        num_videos: number of videos (each gives 2-3 records).
         seed: everything random derives from it; equal arguments give identical files.
         frame_size: (width, height) of the stored frames.
         frames_per_video: frames per video (one window of its procedure).

@@ -68,30 +68,19 @@ from medgrpo.rewards.parsers import (
 )
 
 DVC_THRESHOLDS = (0.3, 0.5, 0.7)
-METRIC_KEYS = (
-    "cvs_acc",
-    "nap_acc",
-    "sa_acc",
-    "stg_miou",
-    "tag_miou_03",
-    "tag_miou_05",
-    "dvc_f1",
-    "dvc_llm",
-    "vs_llm",
-    "rc_llm",
-)
-LLM_METRICS = ("dvc_llm", "vs_llm", "rc_llm")
-# The metric(s) of each task in METRIC_KEYS, by the leaderboard's names (the *_llm ones need the LLM judge).
+# The metric(s) of each task, by the leaderboard's names (the *_llm ones need the LLM judge).
 TASK_METRICS = {
-    "tal": ("tag_miou_03", "tag_miou_05"),
-    "stg": ("stg_miou",),
-    "next_action": ("nap_acc",),
     "cvs_assessment": ("cvs_acc",),
+    "next_action": ("nap_acc",),
+    "skill_assessment": ("sa_acc",),
+    "stg": ("stg_miou",),
+    "tal": ("tag_miou_03", "tag_miou_05"),
+    "dense_captioning": ("dvc_f1", "dvc_llm"),
     "video_summary": ("vs_llm",),
     "region_caption": ("rc_llm",),
-    "dense_captioning": ("dvc_f1", "dvc_llm"),
-    "skill_assessment": ("sa_acc",),
 }
+METRIC_KEYS = tuple(metric for metrics in TASK_METRICS.values() for metric in metrics)  # the output's order
+LLM_METRICS = ("dvc_llm", "vs_llm", "rc_llm")
 UNKNOWN_SOURCE = "Unknown"
 
 Embed = Callable[[list[str]], torch.Tensor]
