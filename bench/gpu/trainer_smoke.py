@@ -70,10 +70,6 @@ def smoke_config(mode: str, out: Path, model_dir: Path, train_file: Path, device
     )
 
 
-def metrics_rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise AssertionError(message)
@@ -83,12 +79,13 @@ def run_training(mode: str, out: Path, setup: dict, device: str, steps: int, res
     """One train() call; asserts the steps it ran, finite losses, the checkpoint and the export."""
     from medgrpo.train.checkpoint import checkpoint_step, latest_checkpoint
     from medgrpo.train.loop import train
+    from medgrpo.train.metrics import read_metrics
 
     config = smoke_config(mode, out, setup["model_dir"], setup["train_file"], device, steps, resume)
     first = steps - 1 if resume else 0
     summary = train(config)
     check(summary.steps == steps - first, f"{mode}: ran {summary.steps} steps, expected {steps - first}")
-    rows = [r for r in metrics_rows(out) if "loss" in r]
+    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     check([r["step"] for r in rows][-(steps - first) :] == list(range(first + 1, steps + 1)), f"{mode}: steps {rows}")
     check(all(math.isfinite(r["loss"]) for r in rows), f"{mode}: non-finite loss in {[r['loss'] for r in rows]}")
     latest = latest_checkpoint(out / "checkpoints")

@@ -375,7 +375,7 @@ def fused_linear_policy_loss(
     config.validate(has_ref=ref_logp is not None)
     items_tensor, items_value = split_num_items(num_items)
     packed_rows = hidden.shape[0] * hidden.shape[1]  # an upper bound of the masked-in tokens (no host sync here)
-    rows = chunk_rows or default_chunk_rows(packed_rows, weight.shape[0], weight.shape[1], hidden.dtype, hidden.device)
+    rows = chunk_rows or default_chunk_rows(packed_rows, weight.shape[1], hidden.dtype, hidden.device)
     grad_mode = torch.is_grad_enabled()
     needs = [grad_mode and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     loss, metrics, *_ = torch.ops.medgrpo.fused_linear_policy_loss(

@@ -134,13 +134,14 @@ GEMM_ROWS = {"cuda": 4096, "cpu": 1024}
 MIN_CHUNK_ROWS = 256
 
 
-def default_chunk_rows(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk for an (rows x hidden) @ (hidden x vocab) head: all rows if few, else a multiple of 64.
+def default_chunk_rows(rows: int, hidden: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk for an (rows x hidden) @ (hidden x V) head: all rows if few, else a multiple of 64.
 
     min(rows, GEMM_ROWS of the device, max(MIN_CHUNK_ROWS, rows whose logits fit the fp32 weight gradient)).
+    The last bound does not depend on V: rows * V * itemsize <= V * hidden * 4 is rows <= 4 hidden / itemsize.
     """
     itemsize = torch.finfo(dtype).bits // 8
-    by_memory = max(MIN_CHUNK_ROWS, (vocab * hidden * 4) // max(vocab * itemsize, 1))
+    by_memory = max(MIN_CHUNK_ROWS, hidden * 4 // itemsize)
     chunk = min(GEMM_ROWS["cuda" if device.type == "cuda" else "cpu"], by_memory) // 64 * 64
     return max(1, min(rows, chunk))
 
@@ -445,7 +446,7 @@ def linear_logprob(
     check_head_inputs(hidden, weight, targets, bias, temperature)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     rows = chunk_rows or default_chunk_rows(
-        flat_hidden.shape[0], weight.shape[0], weight.shape[1], flat_hidden.dtype, flat_hidden.device
+        flat_hidden.shape[0], weight.shape[1], flat_hidden.dtype, flat_hidden.device
     )
     logp, _, entropy = torch.ops.medgrpo.linear_logprob_forward(
         flat_hidden, weight, targets.reshape(-1), bias, float(temperature), int(rows), bool(return_entropy)

@@ -103,12 +103,12 @@ def test_shapes_single_token_and_default_chunking():
 )
 def test_default_chunk_rows_follow_the_shape(device, hidden, vocab, dtype):
     itemsize = torch.finfo(dtype).bits // 8
-    rows = default_chunk_rows(10**6, vocab, hidden, dtype, torch.device(device))
+    rows = default_chunk_rows(10**6, hidden, dtype, torch.device(device))
     # a multiple of 64, at most the device's GEMM rows; logits within the fp32 weight gradient unless at the floor
     assert rows % 64 == 0 and MIN_CHUNK_ROWS <= rows <= GEMM_ROWS[device]
     assert rows == MIN_CHUNK_ROWS or rows * vocab * itemsize <= vocab * hidden * 4
-    assert default_chunk_rows(100, vocab, hidden, dtype, torch.device(device)) == 100  # few rows: one chunk
-    assert default_chunk_rows(10**6, 151936, 2048, torch.float32, torch.device("cpu")) == 1024
+    assert default_chunk_rows(100, hidden, dtype, torch.device(device)) == 100  # few rows: one chunk
+    assert default_chunk_rows(10**6, 2048, torch.float32, torch.device("cpu")) == 1024
 
 
 def test_gradcheck_fp64():
