@@ -2,7 +2,7 @@
 
 Used after SFT and after GRPO (``medgrpo demo`` prints both), and to collect the SFT
 rollouts that ``medgrpo fit-norm`` turns into normalization statistics
-(:func:`collect_rollouts` writes its JSONL input).
+(:func:`write_rollout_jsonl` writes its JSONL input).
 """
 
 from __future__ import annotations
