@@ -42,7 +42,7 @@ def batch_hidden(
     """Final hidden states ``(n, L, hidden)`` of ``rows`` of a collated batch (one video per row).
 
     A sharded (FSDP2) model runs its root forward (see :mod:`medgrpo.train.update`); others run the
-    stages of :mod:`medgrpo.train.qwen`, with the batch's 3D ``positions`` when given (computed
+    stages of :mod:`medgrpo.train.qwen`. Both use the batch's 3D ``positions`` when given (computed
     here otherwise: Hugging Face computes them on the host, so compute them once per batch).
     """
     grids = batch.video_grid_thw[rows]
@@ -50,6 +50,11 @@ def batch_hidden(
     start = sum(sizes[: rows.start])
     pixels = batch.pixel_values_videos[start : start + sum(sizes[rows])]
     ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
+    if positions is None:
+        positions, _ = qwen.rope_positions(
+            model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
+        )
+    positions = positions[:, rows]
     if is_sharded(model):
         from medgrpo.train.model import final_hidden_states
 
@@ -60,15 +65,10 @@ def batch_hidden(
             pixel_values_videos=pixels,
             video_grid_thw=grids,
             second_per_grid_ts=batch.second_per_grid_ts[rows],
-            mm_token_type_ids=qwen.mm_token_type_ids(model, ids),
+            position_ids=positions,
         )
     with torch.set_grad_enabled(train_vision and torch.is_grad_enabled()):
         videos = qwen.encode_videos(model, pixels, grids)
-    if positions is None:
-        positions, _ = qwen.rope_positions(
-            model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
-        )
-    positions = positions[:, rows]
     embeds = qwen.build_inputs_embeds(model, ids, videos)
     return qwen.hidden_states(model, embeds, positions, mask)
 
@@ -83,11 +83,10 @@ def sft_backward(
     selected = targets != IGNORE_INDEX
     num_items = global_token_count(selected)
     loss_sum = torch.zeros((), device=batch.input_ids.device)
-    positions = None
-    if not is_sharded(model):  # one host round trip for the whole batch, not one per micro-batch
-        positions, _ = qwen.rope_positions(
-            model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
-        )
+    # One host round trip for the whole batch, not one per micro-batch (sharded or not).
+    positions, _ = qwen.rope_positions(
+        model, batch.input_ids, batch.video_grid_thw, batch.second_per_grid_ts, batch.attention_mask
+    )
     slices = micro_batches(len(batch), micro_batch_size)
     # Each micro-batch's answer positions (a host sync each), read before any forward is queued, so
     # that no read waits for a forward or backward to finish (boolean indexing in the loop did, twice).
