@@ -112,6 +112,8 @@ def tiny_run_config(tiny_run) -> Callable[..., dict]:
     over ``tiny_run``'s records and model, writing to ``out``: 2 steps, saved at the last only, one prompt of 4
     completions of up to 8 tokens per step, 56×56 frames decoded in this process. ``changes`` set fields by
     dotted name (``make(out, steps=4, **{"grpo.rollout.group_size": 1})``); a section's name sets all of it."""
+    from medgrpo.train.config import set_dotted
+
     _, dataset, model_dir = tiny_run
 
     def make(out: Path, **changes) -> dict:
@@ -131,11 +133,7 @@ def tiny_run_config(tiny_run) -> Callable[..., dict]:
             "optim": {"lr": 1e-3},
         }
         for dotted, value in changes.items():
-            *sections, name = dotted.split(".")
-            target = config
-            for section in sections:
-                target = target.setdefault(section, {})
-            target[name] = value
+            set_dotted(config, dotted, value)
         return config
 
     return make

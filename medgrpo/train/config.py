@@ -168,6 +168,15 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: malformed YAML value: {_yaml_problem(error)}") from None
+    try:
+        set_dotted(raw, dotted, value)
+    except ConfigError as error:
+        raise ConfigError(f"override {override!r}: {error}") from None
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``raw``'s field ``dotted`` (``"grpo.rollout.group_size"``) to ``value`` in place, creating missing
+    sections; a name without a dot sets a top-level field or a whole section."""
     *sections, name = dotted.strip().split(".")
     target = raw
     for section in sections:
@@ -175,7 +184,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             target[section] = {}
         target = target[section]
         if not isinstance(target, dict):
-            raise ConfigError(f"override {override!r}: {section} is not a section")
+            raise ConfigError(f"{section} is not a section")
     target[name] = value
 
 
@@ -306,4 +315,5 @@ __all__ = [
     "config_to_dict",
     "describe_fields",
     "load_config",
+    "set_dotted",
 ]
